@@ -1,0 +1,1 @@
+"""Stage one: teachers, data mix, views and the cache builder."""

@@ -1,0 +1,434 @@
+"""Dataset sources: an ordered list of images with stable keys, decoded to uint8 RGB tensors.
+
+Three kinds, all behind one `ImageSource` interface:
+- `folder`: every image file under `root`, recursively (extensions `IMAGE_EXTENSIONS`, any case;
+  names starting with "." are ignored; symlinked folders are followed once), keyed by its POSIX
+  path relative to `root` and sorted by key, so the order is the same on every machine.
+- `list`: the paths in `list_file` (one per line, relative to `root`, blank lines ignored), in
+  the file's order; a duplicate or absolute path is refused.
+- `hdf5`: one HDF5 file (`root`) with a 1-D dataset `hdf5_key` whose rows hold whole encoded
+  image files (variable-length uint8, variable-length bytes, or opaque). If a dataset named
+  `<hdf5_key>_keys` of the same length exists (strings), its rows are the keys; otherwise the
+  keys are the zero-padded row numbers. Rows keep the file's order. The file is opened lazily in
+  each process (and again after a fork), so the source pickles to DataLoader and dask workers.
+
+`max_images` keeps the first images in that order. `describe()` gives the dataset fingerprint;
+its `keys_sha256` is the SHA-256 of the keys in order, each encoded as UTF-8 and followed by one
+NUL byte.
+
+Decoding follows the reference loader (`Image.open(path).convert("RGB")`, no EXIF rotation) but
+refuses what it would silently mangle: bad images raise `BadImageError` whose `reason` is one of
+`SKIP_REASONS`. Images that are neither 8-bit RGB nor 8-bit L (CMYK, 16-bit, palette, alpha, ...)
+are `unsupported_mode` by default; with `unusual_modes="convert"` they are converted to RGB
+(16-bit values divided by 257, alpha dropped, CMYK by Pillow's conversion as in the reference,
+float images still refused: they have no defined range). The pixel limit is read from the header
+before any decoding, and Pillow's decompression-bomb warnings are kept from leaking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from cache_format.errors import BadImageError, ConfigError
+
+SOURCE_KINDS: tuple[str, ...] = ("folder", "list", "hdf5")
+SKIP_REASONS: tuple[str, ...] = (
+    "zero_bytes",
+    "truncated",
+    "not_an_image",
+    "unsupported_mode",
+    "too_large",
+    "unreadable",
+)
+UNUSUAL_MODES: tuple[str, ...] = ("skip", "convert")
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm",
+)  # fmt: skip
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetConfig:
+    """One dataset of the data mix (keyword arguments only, so that no field can be swapped).
+
+    `root`: the folder (folder, list) or the HDF5 file (hdf5). `list_file`: required for "list"
+    (a path as given, relative to the working directory when not absolute). `hdf5_key`: required
+    for "hdf5". `domain`: the teacher domain the images belong to (data-sharing strategies use it).
+    `max_images`: keep only the first N images.
+    """
+
+    name: str
+    kind: str
+    root: str
+    domain: str
+    list_file: str | None = None
+    hdf5_key: str | None = None
+    max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("name", "domain"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not _NAME_RE.match(value):
+                raise ConfigError(
+                    f"DatasetConfig.{field}: expected a name of letters, digits, '_', '.', '-' "
+                    f"(it names cache groups), found {value!r}"
+                )
+        where = f"dataset {self.name!r}: DatasetConfig"
+        if self.kind not in SOURCE_KINDS:
+            raise ConfigError(
+                f"{where}.kind: expected one of {', '.join(SOURCE_KINDS)}, found {self.kind!r}"
+            )
+        if not isinstance(self.root, str) or not self.root:
+            raise ConfigError(f"{where}.root: expected a path, found {self.root!r}")
+        for field, kind in (("list_file", "list"), ("hdf5_key", "hdf5")):
+            value = getattr(self, field)
+            if self.kind == kind and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{where}.{field}: required for kind {kind!r}, found {value!r}")
+            if self.kind != kind and value is not None:
+                raise ConfigError(
+                    f"{where}.{field}: only used by kind {kind!r}, but kind is {self.kind!r} "
+                    f"(remove {field})"
+                )
+        n = self.max_images
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"{where}.max_images: expected a positive int or None, found {n!r}")
+
+
+def keys_sha256(keys: list[str]) -> str:
+    """SHA-256 of the ordered keys (UTF-8, each followed by a NUL byte): the dataset fingerprint."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _bad(path: str, reason: str, what: str) -> BadImageError:
+    return BadImageError(f"{path}: {what}", reason=reason, path=path)
+
+
+def _is_16bit(img: Image.Image) -> bool:
+    """Whether the file stores 16-bit samples (Pillow decodes 48-bit PNGs to 8-bit RGB silently)."""
+    if img.mode.startswith("I;16"):
+        return True
+    for tile in img.tile:
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args if isinstance(args, str) else args[0] if isinstance(args, tuple) else ""
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
+
+
+def _convert_unusual(img: Image.Image, path: str) -> np.ndarray:
+    """An unusual mode converted to an RGB [H, W, 3] or gray [H, W] uint8 array."""
+    mode = img.mode
+    if mode == "F":
+        raise _bad(path, "unsupported_mode", "mode F (float samples) has no defined range")
+    if mode.startswith("I"):  # 16-bit (or 32-bit int) gray, taken as 16-bit
+        values = np.asarray(img).astype(np.float64)
+        return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    if mode == "PA" or (mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")  # avoids Pillow's warning on transparent palettes
+    try:
+        return np.array(img.convert("RGB"))
+    except (ValueError, OSError) as exc:
+        what = f"mode {mode} cannot be converted to RGB ({exc})"
+        raise _bad(path, "unsupported_mode", what) from None
+
+
+def decode_image(
+    data: bytes,
+    path: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    unusual_modes: str = "skip",
+) -> torch.Tensor:
+    """Decode an encoded image file to uint8 RGB [3, H, W]; `path` names it in errors."""
+    if len(data) == 0:
+        raise _bad(path, "zero_bytes", "the file is empty (0 bytes); re-download or remove it")
+    # Pillow warns (and above twice its limit refuses) on huge headers; we apply our own limit
+    # from the header, so its warning is noise here. (catch_warnings is process-wide state:
+    # decode in worker processes, not in many threads of one process.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise _bad(path, "too_large", f"more pixels than Pillow allows ({exc})") from None
+        except Exception as exc:  # Pillow's plugins raise many types on foreign data
+            what = "no image format recognised" if isinstance(exc, UnidentifiedImageError) else exc
+            raise _bad(
+                path, "not_an_image", f"not a readable image ({what}; starts with {data[:12]!r})"
+            ) from None
+        width, height = img.size
+        if width * height > max_pixels:
+            raise _bad(
+                path,
+                "too_large",
+                f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels} "
+                "(raise max_pixels to accept it)",
+            )
+        sixteen = _is_16bit(img)
+        usual = img.mode in ("RGB", "L") and not sixteen
+        if not usual and unusual_modes != "convert":
+            what = f"16-bit {img.mode}" if sixteen else f"mode {img.mode}"
+            raise _bad(
+                path,
+                "unsupported_mode",
+                f"{what} is not 8-bit RGB or gray (set unusual_modes='convert' to convert it)",
+            )
+        try:
+            img.load()
+        except Image.DecompressionBombError as exc:
+            raise _bad(path, "too_large", f"more pixels than Pillow allows ({exc})") from None
+        except Exception as exc:  # truncated data: OSError, SyntaxError, zlib.error, ...
+            raise _bad(
+                path,
+                "truncated",
+                f"truncated or corrupt image data ({type(exc).__name__}: {exc})",
+            ) from None
+        array = np.array(img) if usual else _convert_unusual(img, path)
+    if array.ndim == 2:
+        return torch.from_numpy(np.ascontiguousarray(array)).unsqueeze(0).repeat(3, 1, 1)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageSource:
+    """An ordered, picklable list of images: `keys()`, `load(i)`, `read_bytes(i)`, `describe()`."""
+
+    def __init__(
+        self, cfg: DatasetConfig, keys: list[str], max_pixels: int, unusual_modes: str
+    ) -> None:
+        self.cfg = cfg
+        self._keys = tuple(keys)
+        self.max_pixels = max_pixels
+        self.unusual_modes = unusual_modes
+        self.keys_sha256 = keys_sha256(keys)
+
+    def keys(self) -> list[str]:
+        """The image keys in source order (the sample order of the cache)."""
+        return list(self._keys)
+
+    def key(self, i: int) -> str:
+        """The key of image i (without copying the whole list)."""
+        return self._keys[i]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def location(self, i: int) -> str:
+        """A human-readable place of image i, for messages."""
+        raise NotImplementedError
+
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded file of image i; an I/O failure is BadImageError(reason="unreadable")."""
+        raise NotImplementedError
+
+    def load(self, i: int) -> torch.Tensor:
+        """Image i as uint8 RGB [3, H, W]; a bad image raises BadImageError with its reason."""
+        return decode_image(
+            self.read_bytes(i),
+            self.location(i),
+            max_pixels=self.max_pixels,
+            unusual_modes=self.unusual_modes,
+        )
+
+    def describe(self) -> dict[str, object]:
+        """The dataset fingerprint (the fields of the manifest's DatasetFingerprint)."""
+        return {
+            "name": self.cfg.name,
+            "source_kind": self.cfg.kind,
+            "root": self.cfg.root,
+            "num_images": len(self),
+            "keys_sha256": self.keys_sha256,
+            "domain": self.cfg.domain,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.cfg.name!r}, {self.cfg.root!r}, {len(self)} images)"
+
+
+class FileSource(ImageSource):
+    """Images stored as files under a root folder (the folder and list kinds)."""
+
+    def location(self, i: int) -> str:
+        return os.path.join(self.cfg.root, self._keys[i])
+
+    def read_bytes(self, i: int) -> bytes:
+        path = self.location(i)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise _bad(
+                path, "unreadable", f"cannot be read ({exc.strerror or exc}); check the file"
+            ) from None
+
+
+class HDF5Source(ImageSource):
+    """Encoded images in the rows of one HDF5 dataset, opened lazily once per process."""
+
+    def __init__(
+        self, cfg: DatasetConfig, keys: list[str], max_pixels: int, unusual_modes: str
+    ) -> None:
+        super().__init__(cfg, keys, max_pixels, unusual_modes)
+        self._file: Any = None
+        self._rows: Any = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        state = self.__dict__.copy()
+        state.update(_file=None, _rows=None, _pid=None)  # h5py handles do not travel
+        return state
+
+    def _dataset(self) -> Any:  # an h5py.Dataset (h5py is imported lazily)
+        if self._rows is None or self._pid != os.getpid():
+            import h5py
+
+            # After a fork the parent's handle is unusable here: open our own.
+            self._file = h5py.File(self.cfg.root, "r")
+            self._rows = self._file[self.cfg.hdf5_key]
+            self._pid = os.getpid()
+        return self._rows
+
+    def close(self) -> None:
+        """Close this process's handle (it reopens on the next read)."""
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = self._rows = self._pid = None
+
+    def location(self, i: int) -> str:
+        return f"{self.cfg.root}:{self.cfg.hdf5_key}[{i}] (key {self._keys[i]!r})"
+
+    def read_bytes(self, i: int) -> bytes:
+        if not 0 <= i < len(self._keys):
+            raise IndexError(f"{self.cfg.name}: image index {i} out of range [0, {len(self)})")
+        try:
+            row = self._dataset()[i]
+        except OSError as exc:
+            raise _bad(self.location(i), "unreadable", f"cannot be read ({exc})") from None
+        return row if isinstance(row, bytes) else np.asarray(row).tobytes()
+
+
+def _list_folder(root: str) -> list[str]:
+    """Image files under root, recursively, as sorted POSIX paths relative to root."""
+    keys: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop or a second link to the same folder
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                key = name if rel == "." else f"{rel}/{name}"
+                keys.append(key.replace(os.sep, "/"))
+    return sorted(keys)
+
+
+def _read_list(cfg: DatasetConfig) -> list[str]:
+    where = f"dataset {cfg.name!r}: list_file {cfg.list_file!r}"
+    try:
+        with open(cfg.list_file, encoding="utf-8") as f:  # type: ignore[arg-type]
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: cannot be read ({exc})") from None
+    keys: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        key = line.strip()
+        if not key:
+            continue
+        if os.path.isabs(key):
+            raise ConfigError(f"{where}, line {number}: {key!r} is absolute; list paths are "
+                              "relative to root")
+        if key in first_line:
+            raise ConfigError(f"{where}, line {number}: {key!r} repeats line {first_line[key]}; "
+                              "every image must be listed once")
+        first_line[key] = number
+        keys.append(key)
+    return keys
+
+
+def _hdf5_keys(cfg: DatasetConfig) -> list[str]:
+    import h5py
+
+    where = f"dataset {cfg.name!r}: hdf5 file {cfg.root!r}"
+    try:
+        with h5py.File(cfg.root, "r") as f:
+            if cfg.hdf5_key not in f or not isinstance(f[cfg.hdf5_key], h5py.Dataset):
+                found = []
+                f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
+                raise ConfigError(f"{where}: no dataset {cfg.hdf5_key!r} (field hdf5_key); its "
+                                  f"datasets are {found}")
+            rows = f[cfg.hdf5_key]
+            dtype = rows.dtype
+            if rows.ndim != 1 or not (
+                h5py.check_vlen_dtype(dtype) in (np.uint8, bytes) or dtype.kind == "V"
+            ):
+                raise ConfigError(
+                    f"{where}: dataset {cfg.hdf5_key!r} must be 1-D rows of encoded files "
+                    f"(variable-length uint8, bytes or opaque), found shape {rows.shape} {dtype}"
+                )
+            n = rows.shape[0]
+            names = f.get(f"{cfg.hdf5_key}_keys")
+            if names is None:
+                width = max(9, len(str(n - 1)))
+                return [f"{i:0{width}d}" for i in range(n)]
+            keys = [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in names[()]]
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot be opened as HDF5 ({exc})") from None
+    if len(keys) != n or len(set(keys)) != n or any("\0" in k for k in keys):
+        raise ConfigError(f"{where}: {cfg.hdf5_key}_keys must hold {n} distinct keys without "
+                          f"NUL, found {len(keys)} ({len(set(keys))} distinct)")
+    return keys
+
+
+def open_source(
+    cfg: DatasetConfig, max_pixels: int = DEFAULT_MAX_PIXELS, unusual_modes: str = "skip"
+) -> ImageSource:
+    """List a dataset's images (reads the folder / list / HDF5 keys once) and return its source."""
+    if unusual_modes not in UNUSUAL_MODES:
+        raise ConfigError(f"unusual_modes: expected one of {', '.join(UNUSUAL_MODES)}, "
+                          f"found {unusual_modes!r}")
+    if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+        raise ConfigError(f"max_pixels: expected a positive int, found {max_pixels!r}")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is not None and max_pixels >= 2 * pil_limit:
+        raise ConfigError(
+            f"max_pixels: {max_pixels} is beyond Pillow's hard limit of {2 * pil_limit} pixels; "
+            "set PIL.Image.MAX_IMAGE_PIXELS = None (or higher) before building to allow it"
+        )
+    where = f"dataset {cfg.name!r}: root {cfg.root!r}"
+    if cfg.kind == "hdf5":
+        if not os.path.isfile(cfg.root):
+            raise ConfigError(f"{where}: expected an HDF5 file, found nothing there")
+        keys, source_cls = _hdf5_keys(cfg), HDF5Source
+    else:
+        if not os.path.isdir(cfg.root):
+            raise ConfigError(f"{where}: expected an existing folder")
+        keys = _list_folder(cfg.root) if cfg.kind == "folder" else _read_list(cfg)
+        source_cls = FileSource
+    if not keys:
+        raise ConfigError(
+            f"{where}: no images found (kind {cfg.kind!r}; folder extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)})"
+        )
+    if cfg.max_images is not None:
+        keys = keys[: cfg.max_images]
+    return source_cls(cfg, keys, max_pixels, unusual_modes)
