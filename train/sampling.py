@@ -1,0 +1,232 @@
+"""Epoch samplers over a cache: one cached view per image per epoch, sharded across ranks.
+
+A cache holds `views_per_image` views of every image. An epoch draws, for every image, one of
+its usable views (deterministic from the seed and the epoch), then orders the images:
+
+- `uniform`: one random permutation of all images of the mix;
+- `teacher_balanced`: the reference's scheme: each domain (the teacher a dataset belongs to)
+  gets an equal share. Positions cycle through the domains round-robin (d0, d1, d2, d0, ...),
+  each domain reading its own shuffled stream of images; a smaller domain's stream starts a
+  fresh permutation when it runs out ("cycled"), so the default epoch is
+  `n_domains x largest domain` samples and every image of the largest domain is seen once.
+
+The global sequence of an epoch is cut into blocks of `batch_size` consecutive positions and
+the blocks are dealt to the ranks in turn, so that at every step the ranks' batches, put side by
+side in rank order, are exactly the batch one process would draw with `batch_size x world_size`
+(the DDP-equivalence guarantee). Without `batch_size` the block is 1 (`uniform`) or the number
+of domains (`teacher_balanced`: every rank still sees the domains in equal share). The epoch is
+padded at its end, by continuing the sequence, to a whole number of blocks per rank so that all
+ranks take the same number of steps.
+
+Resuming: `state_dict(consumed)` records the epoch and how many samples this rank has consumed
+in it; after `load_state_dict`, iteration restarts at exactly the next sample of the same
+sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from cache_format.errors import ConfigError
+
+SamplingMode = Literal["uniform", "teacher_balanced"]
+SAMPLING_MODES: tuple[str, ...] = ("uniform", "teacher_balanced")
+
+
+class ViewGroups(Protocol):
+    """What a sampler needs from a dataset: its items grouped by image.
+
+    The items of one image (its usable views) are the contiguous range
+    `image_first[i] : image_first[i] + image_count[i]` of dataset indices.
+    """
+
+    image_first: np.ndarray  # int64 [num_images]
+    image_count: np.ndarray  # int64 [num_images], >= 1
+    image_domain: np.ndarray  # int64 [num_images], in [0, num_domains)
+
+
+def _pick_views(groups: ViewGroups, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Dataset indices of one view chosen uniformly among the usable views of each image."""
+    counts = groups.image_count[images]
+    offsets = np.floor(rng.random(len(images)) * counts).astype(np.int64)
+    return groups.image_first[images] + np.minimum(offsets, counts - 1)
+
+
+def _stream(
+    groups: ViewGroups, images: np.ndarray, length: int, seed: int, epoch: int, tag: int
+) -> np.ndarray:
+    """`length` dataset indices: passes over `images`, each a fresh permutation and view draw."""
+    parts: list[np.ndarray] = []
+    have = 0
+    pass_index = 0
+    while have < length:
+        rng = np.random.default_rng([seed, epoch, pass_index, tag])
+        order = images[rng.permutation(len(images))]
+        parts.append(_pick_views(groups, order, rng))
+        have += len(order)
+        pass_index += 1
+    return np.concatenate(parts)[:length] if parts else np.zeros(0, dtype=np.int64)
+
+
+class ViewEpochSampler(Sampler[int]):
+    """Yields this rank's dataset indices for one epoch (see the module docstring).
+
+    `epoch_size` counts samples over all ranks; None means one pass over the mix (`uniform`:
+    every image once; `teacher_balanced`: number of domains x largest domain).
+    `len(sampler)` is the number of indices the next iteration yields (less than a full
+    epoch right after resuming mid-epoch); `samples_per_rank` is a full epoch's share.
+    """
+
+    def __init__(
+        self,
+        data: ViewGroups,
+        seed: int,
+        mode: SamplingMode = "uniform",
+        epoch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int | None = None,
+    ) -> None:
+        if mode not in SAMPLING_MODES:
+            raise ConfigError(f"sampling mode: expected one of {SAMPLING_MODES}, found {mode!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(
+                f"rank/world_size: expected 0 <= rank < world_size, found rank={rank}, "
+                f"world_size={world_size}"
+            )
+        if epoch_size is not None and epoch_size < 1:
+            raise ConfigError(f"epoch_size: expected a positive count or None, found {epoch_size}")
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size: expected a positive count or None, found {batch_size}")
+        if seed < 0:
+            raise ConfigError(f"seed: expected a non-negative integer, found {seed}")
+        self.groups = data
+        self.seed = int(seed)
+        self.mode: SamplingMode = mode
+        self.rank = rank
+        self.world_size = world_size
+        num_images = len(data.image_first)
+        if num_images == 0:
+            raise ConfigError("sampler: the dataset has no usable image (every sample skipped?)")
+        domains = np.asarray(data.image_domain, dtype=np.int64)
+        # Domains with at least one image, in id order; empty domains take no share.
+        self._domain_images = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+        if mode == "uniform":
+            default_size = num_images
+            default_block = 1
+        else:
+            default_size = len(self._domain_images) * max(len(g) for g in self._domain_images)
+            default_block = len(self._domain_images)
+        self.epoch_size = int(epoch_size) if epoch_size is not None else default_size
+        self.batch_size = batch_size
+        self.block = int(batch_size) if batch_size is not None else default_block
+        per_round = self.block * world_size
+        self.padded_size = -(-self.epoch_size // per_round) * per_round
+        self.samples_per_rank = self.padded_size // world_size
+        self.epoch = 0
+        self.start_index = 0
+        self._yielded = 0
+        self._resume_base = 0
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    # -- the sequence -------------------------------------------------------------------------
+    def global_sequence(self, epoch: int) -> np.ndarray:
+        """All ranks' dataset indices of `epoch`, in the order one process would read them."""
+        length = self.padded_size
+        if self.mode == "uniform":
+            every = np.arange(len(self.groups.image_first), dtype=np.int64)
+            return _stream(self.groups, every, length, self.seed, epoch, tag=0)
+        n_domains = len(self._domain_images)
+        per_domain = -(-length // n_domains)
+        streams = [
+            _stream(self.groups, images, per_domain, self.seed, epoch, tag=1 + slot)
+            for slot, images in enumerate(self._domain_images)
+        ]
+        # Round-robin: position k reads domain k % n_domains, element k // n_domains of it.
+        return np.stack(streams, axis=1).reshape(-1)[:length]
+
+    def rank_sequence(self, epoch: int) -> np.ndarray:
+        """This rank's dataset indices for `epoch`: its blocks of the global sequence."""
+        if self._cached is not None and self._cached[0] == epoch:
+            return self._cached[1]
+        blocks = self.global_sequence(epoch).reshape(-1, self.world_size, self.block)
+        mine = np.ascontiguousarray(blocks[:, self.rank, :].reshape(-1))
+        self._cached = (epoch, mine)
+        return mine
+
+    # -- the Sampler protocol -----------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields; a new epoch starts at its beginning.
+
+        Setting the epoch that `load_state_dict` restored keeps the restored position, so
+        the usual `load_state_dict(...)` then `for e in ...: set_epoch(e)` resumes exactly.
+        """
+        if epoch != self.epoch:
+            self.start_index = 0
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        sequence = self.rank_sequence(self.epoch)
+        start = self.start_index
+        self._yielded = 0
+        self._resume_base = start
+        # A later iteration of the same epoch starts from its beginning again.
+        self.start_index = 0
+        for index in sequence[start:].tolist():
+            self._yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.samples_per_rank - self.start_index
+
+    # -- resume -------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "mode": self.mode,
+            "epoch_size": self.epoch_size,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "block": self.block,
+            "num_images": int(len(self.groups.image_first)),
+        }
+
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """The position to resume from: the epoch and the samples this rank consumed in it.
+
+        With a DataLoader, the sampler runs ahead of the training step (prefetching), so
+        pass `consumed` = samples this rank has actually trained on since the epoch began
+        (steps x batch size); without it, the count of indices yielded so far is used.
+        """
+        if consumed is None:
+            consumed = self._resume_base + self._yielded
+        if not 0 <= consumed <= self.samples_per_rank:
+            raise ConfigError(
+                f"sampler state: consumed must be in [0, {self.samples_per_rank}], found {consumed}"
+            )
+        return {"epoch": self.epoch, "start_index": int(consumed), **self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by `state_dict`; the sampler's settings must be the same."""
+        expected = self._fingerprint()
+        for field, value in expected.items():
+            if state.get(field) != value:
+                raise ConfigError(
+                    f"sampler state.{field}: the saved run used {state.get(field)!r}, this run "
+                    f"has {value!r}; resume with the same data, seed, sampling mode, epoch "
+                    f"size, batch size and world size"
+                )
+        start = int(state["start_index"])
+        if not 0 <= start <= self.samples_per_rank:
+            raise ConfigError(
+                f"sampler state.start_index: expected in [0, {self.samples_per_rank}], "
+                f"found {start}"
+            )
+        self.epoch = int(state["epoch"])
+        self.start_index = start
+        self._yielded = 0
+        self._resume_base = start
