@@ -1,0 +1,134 @@
+"""`TeacherConfig`: which teacher to run, with which weights, under which name in the cache."""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cache_format.errors import ConfigError
+from precompute.teachers.registry import check_kind, get_teacher_spec, split_kind
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# A teacher's name becomes a group name in the cache: keep it a plain path component.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher of a build.
+
+    - `name`: the teacher's name in the cache (e.g. "dinov2").
+    - `kind`: a registered name, `timm:<model>` or `factory:<module>:<function>`.
+    - `domain`: the data domain it belongs to (data-sharing strategies); "" means the kind's
+      default (`effective_domain`).
+    - `checkpoint`: a local `.pth` / `.pt` / `.bin` / `.safetensors` file; None means random
+      init (seeded with `init_seed`, so that two processes build identical weights) or, with
+      `pretrained=True`, a hub download for online users.
+    - `embed_dim` / `depth` / `num_heads`: architecture overrides, for tiny random-init
+      stand-ins of the real architectures in tests and the demo.
+    """
+
+    name: str
+    kind: str
+    domain: str = ""
+    checkpoint: str | None = None
+    pretrained: bool = False
+    init_seed: int = 0
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"TeacherConfig({self.name!r})" if isinstance(self.name, str) else "TeacherConfig"
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"{where}.name: expected 1-64 letters, digits, '_' or '-' (a cache group name), "
+                f"found {self.name!r}"
+            )
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ConfigError(f"{where}.kind: expected a teacher kind, found {self.kind!r}")
+        self._check_kind(where)
+        if not isinstance(self.domain, str):
+            raise ConfigError(f"{where}.domain: expected a string, found {self.domain!r}")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, str) or not self.checkpoint:
+                raise ConfigError(
+                    f"{where}.checkpoint: expected a file path or None, found {self.checkpoint!r}"
+                )
+            if Path(self.checkpoint).suffix.lower() not in CHECKPOINT_SUFFIXES:
+                raise ConfigError(
+                    f"{where}.checkpoint: expected a file ending in "
+                    f"{', '.join(CHECKPOINT_SUFFIXES)}, found {self.checkpoint!r}"
+                )
+        if not isinstance(self.pretrained, bool):
+            raise ConfigError(f"{where}.pretrained: expected true/false, found {self.pretrained!r}")
+        if self.pretrained and self.checkpoint is not None:
+            raise ConfigError(
+                f"{where}.pretrained: set either checkpoint (a local file) or pretrained=true "
+                f"(a hub download), not both; found checkpoint={self.checkpoint!r}"
+            )
+        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int):
+            raise ConfigError(f"{where}.init_seed: expected an int, found {self.init_seed!r}")
+        if not 0 <= self.init_seed < 2**63:
+            raise ConfigError(
+                f"{where}.init_seed: expected 0 <= seed < 2**63, found {self.init_seed}"
+            )
+        for field in ("embed_dim", "depth", "num_heads"):
+            value = getattr(self, field)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value <= 0
+            ):
+                raise ConfigError(
+                    f"{where}.{field}: expected a positive int or None, found {value!r}"
+                )
+        if (
+            self.embed_dim is not None
+            and self.num_heads is not None
+            and self.embed_dim % self.num_heads
+        ):
+            raise ConfigError(
+                f"{where}.embed_dim: expected a multiple of num_heads={self.num_heads}, "
+                f"found {self.embed_dim}"
+            )
+        if self.pretrained and self.has_overrides:
+            raise ConfigError(
+                f"{where}.pretrained: hub weights are full size and cannot fill an architecture "
+                f"with overrides (embed_dim/depth/num_heads); drop the overrides or pretrained"
+            )
+
+    def _check_kind(self, where: str) -> None:
+        prefix, rest = split_kind(self.kind)
+        if prefix == "timm" and not rest:
+            raise ConfigError(
+                f"{where}.kind: expected 'timm:<timm model name>', found {self.kind!r}"
+            )
+        check_kind(self.kind)  # RegistryError listing the valid kinds
+        if prefix == "factory":
+            module, sep, function = rest.rpartition(":")
+            if (
+                not sep
+                or not _DOTTED_RE.match(module)
+                or not function.isidentifier()
+                or keyword.iskeyword(function)
+            ):
+                raise ConfigError(
+                    f"{where}.kind: expected 'factory:<dotted.module>:<function>', "
+                    f"found {self.kind!r}"
+                )
+
+    @property
+    def has_overrides(self) -> bool:
+        """True when any of embed_dim / depth / num_heads is set."""
+        return any(v is not None for v in (self.embed_dim, self.depth, self.num_heads))
+
+    @property
+    def where(self) -> str:
+        """How error messages name this config."""
+        return f"TeacherConfig({self.name!r})"
+
+    def effective_domain(self) -> str:
+        """`domain`, or the kind's default domain when left empty."""
+        return self.domain or get_teacher_spec(self.kind).domain
