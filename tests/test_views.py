@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 from cache_format.errors import CacheCorruptionError, CacheMismatchError, ConfigError
 from cache_format.serde import from_dict, to_dict
+from precompute.render import _adjust_hue  # private, checked against torchvision
 from precompute.views import (
     NUM_VIEW_PARAMS,
     VIEW_PARAM_NAMES,
     ViewConfig,
     ViewParams,
-    _adjust_hue,  # private, checked against torchvision
     check_replay,
     derived_blur_kernel,
     normalize,
