@@ -56,7 +56,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if args and len(args) == len(value):
-            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
         return tuple(value)
     if origin is dict and isinstance(value, dict) and len(args) == 2:
         return {k: _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}

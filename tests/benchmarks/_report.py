@@ -55,5 +55,8 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     block = f"{start}\n{body.rstrip()}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)

@@ -1,0 +1,196 @@
+"""Token encodings of a cache: fp16, bf16 (stored as uint16 bit patterns) and int8.
+
+`int8` first standardizes each channel with calibration statistics (mean/std per channel from a
+calibration sample, stored in the cache), then scales each token by its absolute maximum to
+[-127, 127] and keeps that scale (float32) beside the token. Standardizing first matters:
+pretrained transformers carry a few channels 50-200x larger than the median, and a plain
+per-token absmax would spend the whole int8 range on them.
+
+Decoding exists twice with the same formula: `decode_tokens` (numpy, CPU) and
+`decode_tokens_torch` (runs on the tensors' device, so a trainer can ship int8 to the GPU).
+Decoding by hand with plain numpy is documented in docs/cache-format.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache_format.errors import ConfigError, InvalidTokensError
+
+ENCODING_NAMES = ("fp16", "bf16", "int8")
+CODEC_NAMES = ("none", "zstd", "blosc")
+#: numpy dtype each encoding stores its token values in.
+STORED_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "int8": np.dtype("i1")}
+INT8_MAX = 127
+#: Floor of a stored calibration std, as a fraction of the median channel std: a channel that is
+#: (nearly) constant on the calibration sample must not blow up every later token's absmax.
+CALIB_STD_FLOOR_FRACTION = 1e-3
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    """How a cache stores tokens: value encoding `name` plus a lossless byte `codec`.
+
+    `level` is the zstd level (1-22) or the blosc clevel (0-9); it is ignored for codec "none".
+    """
+
+    name: str = "int8"
+    codec: str = "none"
+    level: int = 3
+
+    def __post_init__(self) -> None:
+        if self.name not in ENCODING_NAMES:
+            raise ConfigError(
+                f"encoding.name: expected one of {', '.join(ENCODING_NAMES)}, found {self.name!r}"
+            )
+        if self.codec not in CODEC_NAMES:
+            raise ConfigError(
+                f"encoding.codec: expected one of {', '.join(CODEC_NAMES)}, found {self.codec!r}"
+            )
+        if self.codec == "zstd" and not 1 <= self.level <= 22:
+            raise ConfigError(f"encoding.level: zstd levels are 1..22, found {self.level}")
+        if self.codec == "blosc" and not 0 <= self.level <= 9:
+            raise ConfigError(f"encoding.level: blosc levels are 0..9, found {self.level}")
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The numpy dtype of the stored token values (uint16 bit patterns for bf16)."""
+        return STORED_DTYPES[self.name]
+
+    @property
+    def has_scale(self) -> bool:
+        """Whether tokens carry a per-token float32 scale (int8 only)."""
+        return self.name == "int8"
+
+
+def fit_calibration(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (mean, std) of `x[..., D]` for int8 standardization, as float32 [D].
+
+    The std is floored at CALIB_STD_FLOOR_FRACTION x the median std (and a tiny absolute value)
+    so that nearly constant channels do not turn into huge standardized values later.
+    """
+    flat = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    if flat.shape[0] == 0:
+        raise InvalidTokensError("fit_calibration: the calibration sample is empty")
+    if not np.isfinite(flat).all():
+        raise InvalidTokensError("fit_calibration: the calibration sample holds NaN or Inf")
+    mean = flat.mean(axis=0, dtype=np.float64)
+    std = flat.std(axis=0, dtype=np.float64)
+    floor = max(float(np.median(std)) * CALIB_STD_FLOOR_FRACTION, 1e-12)
+    return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
+
+
+def _check_calibration(calib_mean: object, calib_std: object, dim: int) -> None:
+    if calib_mean is None or calib_std is None:
+        raise ConfigError("int8 encoding needs calib_mean and calib_std (per-channel, shape [D])")
+    shapes = (tuple(calib_mean.shape), tuple(calib_std.shape))  # type: ignore[attr-defined]
+    if shapes != ((dim,), (dim,)):
+        raise ConfigError(f"int8 calibration: expected mean/std of shape ({dim},), found {shapes}")
+
+
+def bf16_bits_from_float32(x: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (round to nearest even) and return the uint16 bit patterns."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def float32_from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32: the bits become the high half of a float32."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_tokens(
+    x: np.ndarray,
+    spec: EncodingSpec,
+    calib_mean: np.ndarray | None = None,
+    calib_std: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encode finite float tokens `x[..., D]`; returns (values, scale[...] or None).
+
+    Raises InvalidTokensError when a value does not fit the encoding (fp16 overflow above 65504,
+    bf16 overflow). Callers reject NaN/Inf before (the writer does, naming the sample).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if spec.name == "fp16":
+        if x.size and float(np.abs(x).max()) > FP16_MAX:
+            raise InvalidTokensError(
+                f"fp16 encoding: a value of magnitude {float(np.abs(x).max()):.4g} exceeds the "
+                f"float16 range ({FP16_MAX:g})",
+                hint="use the bf16 or int8 encoding for this teacher",
+            )
+        return x.astype(np.float16), None
+    if spec.name == "bf16":
+        bits = bf16_bits_from_float32(x)
+        if x.size and bool(((bits & 0x7F80) == 0x7F80).any()):
+            raise InvalidTokensError("bf16 encoding: a value overflows bfloat16 (or is NaN/Inf)")
+        return bits, None
+    _check_calibration(calib_mean, calib_std, x.shape[-1])
+    z = (x - np.asarray(calib_mean, dtype=np.float32)) / np.asarray(calib_std, dtype=np.float32)
+    absmax = np.abs(z).max(axis=-1) if z.shape[-1] else np.zeros(z.shape[:-1], np.float32)
+    scale = (absmax / np.float32(INT8_MAX)).astype(np.float32)
+    # A token equal to the mean everywhere has scale 0; divide by 1 instead (its values are 0).
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    z /= safe[..., None]
+    np.rint(z, out=z)
+    np.clip(z, -INT8_MAX, INT8_MAX, out=z)
+    return z.astype(np.int8), scale
+
+
+def decode_tokens(
+    values: np.ndarray,
+    scale: np.ndarray | None,
+    spec: EncodingSpec,
+    calib_mean: np.ndarray | None = None,
+    calib_std: np.ndarray | None = None,
+) -> np.ndarray:
+    """Decode stored values back to float32 (numpy, CPU). int8: q * scale * std + mean."""
+    if spec.name == "fp16":
+        return np.asarray(values).astype(np.float32)
+    if spec.name == "bf16":
+        return float32_from_bf16_bits(values)
+    values = np.asarray(values)
+    _check_calibration(calib_mean, calib_std, values.shape[-1])
+    if scale is None:
+        raise ConfigError("int8 decoding needs the per-token scale")
+    out = np.empty(values.shape, dtype=np.float32)
+    # One pass casts and scales per token, then per-channel std and mean, all in place.
+    np.multiply(values, np.asarray(scale, dtype=np.float32)[..., None], out=out)
+    out *= np.asarray(calib_std, dtype=np.float32)
+    out += np.asarray(calib_mean, dtype=np.float32)
+    return out
+
+
+def decode_tokens_torch(
+    values: torch.Tensor,
+    scale: torch.Tensor | None,
+    spec: EncodingSpec,
+    calib_mean: torch.Tensor | None = None,
+    calib_std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode stored values to float32 on the tensors' device (same formula as decode_tokens).
+
+    bf16 values may come as uint16 / int16 bit patterns or already as torch.bfloat16.
+    """
+    if spec.name == "fp16":
+        return values.float()
+    if spec.name == "bf16":
+        if values.dtype in (torch.uint16, torch.int16):
+            values = values.view(torch.bfloat16)
+        return values.float()
+    _check_calibration(calib_mean, calib_std, values.shape[-1])
+    if scale is None:
+        raise ConfigError("int8 decoding needs the per-token scale")
+    device = values.device
+    std = calib_std.to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
+    mean = calib_mean.to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
+    # Same operations in the same order as decode_tokens (no fused multiply-add), so CPU, GPU
+    # and numpy decoding agree bit for bit and the stored statistics describe exactly this.
+    out = values.float() * scale.to(device=device, dtype=torch.float32).unsqueeze(-1)
+    out *= std
+    out += mean
+    return out

@@ -1,0 +1,279 @@
+"""The cache manifest: what a cache holds, stored as the root attribute "dune_cache".
+
+A trainer compares the manifest with its own config before step 0 (`Manifest.check_against`)
+so that a cache built for another grid, teacher checkpoint or data list is refused with a message
+naming the field, not discovered as bad numbers hours later.
+
+Versioning rule: FORMAT_VERSION grows whenever a reader of the previous version could misread a
+cache of the new one. A reader refuses a cache whose version is newer than its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cache_format.encodings import EncodingSpec
+from cache_format.errors import CacheMismatchError, CacheVersionError, ConfigError
+from cache_format.serde import from_dict, to_dict
+
+FORMAT_VERSION = 1
+ROOT_ATTR = "dune_cache"
+TOKEN_TYPES = ("cls", "patch")
+
+#: Per-sample status codes stored in each dataset's `status` array (uint8).
+STATUS_CODES: dict[str, str] = {
+    "0": "pending",
+    "1": "ok",
+    "2": "zero_bytes",
+    "3": "truncated",
+    "4": "not_an_image",
+    "5": "unsupported_mode",
+    "6": "too_large",
+    "7": "unreadable",
+}
+STATUS_OK = 1
+STATUS_PENDING = 0
+
+# Dataset and teacher names become zarr node names, so they keep to a portable character set.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def status_name(code: int) -> str:
+    """The name of status code `code` ("ok", "truncated", ...)."""
+    try:
+        return STATUS_CODES[str(int(code))]
+    except KeyError:
+        raise ConfigError(f"status code {code} is unknown; known: {STATUS_CODES}") from None
+
+
+def status_code(name: str) -> int:
+    """The uint8 code of status `name`."""
+    for code, known in STATUS_CODES.items():
+        if known == name:
+            return int(code)
+    raise ConfigError(
+        f"status {name!r} is unknown; expected one of {', '.join(STATUS_CODES.values())}"
+    )
+
+
+def check_node_name(name: str, what: str) -> None:
+    """Refuse a dataset / teacher name that is not a portable zarr node name."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{what}: {name!r} is not a valid name; use letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)"
+        )
+
+
+def keys_sha256(keys: Iterable[str]) -> str:
+    """SHA-256 (hex) of an ordered key list: each key's UTF-8 bytes followed by a NUL byte."""
+    digest = hashlib.sha256()
+    for key in keys:
+        digest.update(key.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TeacherFingerprint:
+    """What identifies a teacher's outputs: a cache built with another one is not reusable.
+
+    `input_size` is (height, width) in pixels, `mean`/`std` the input normalization, `token_types`
+    the stored token types ("patch", plus "cls" when the teacher has one), `dim` the output width.
+    """
+
+    name: str
+    arch: str
+    checkpoint_sha256: str
+    input_size: tuple[int, int]
+    patch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    token_types: tuple[str, ...]
+    dim: int
+
+    def __post_init__(self) -> None:
+        check_node_name(self.name, "teacher name")
+        if "patch" not in self.token_types or not set(self.token_types) <= set(TOKEN_TYPES):
+            raise ConfigError(
+                f"teacher {self.name}: token_types must hold 'patch' and optionally 'cls', "
+                f"found {self.token_types}"
+            )
+        if self.dim <= 0 or self.patch_size <= 0 or min(self.input_size) <= 0:
+            raise ConfigError(
+                f"teacher {self.name}: dim, patch_size and input_size must be positive, found "
+                f"dim={self.dim}, patch_size={self.patch_size}, input_size={self.input_size}"
+            )
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"teacher {self.name}: mean and std differ in length")
+
+    @property
+    def has_cls(self) -> bool:
+        """Whether this teacher stores a cls token."""
+        return "cls" in self.token_types
+
+
+@dataclass(frozen=True)
+class DatasetFingerprint:
+    """What identifies a dataset's ordered image list (`keys_sha256` from `keys_sha256()`)."""
+
+    name: str
+    source_kind: str
+    root: str
+    num_images: int
+    keys_sha256: str
+    domain: str = ""
+
+    def __post_init__(self) -> None:
+        check_node_name(self.name, "dataset name")
+        if self.num_images <= 0:
+            raise ConfigError(
+                f"dataset {self.name}: num_images must be > 0, found {self.num_images}")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.keys_sha256):
+            raise ConfigError(
+                f"dataset {self.name}: keys_sha256 must be 64 lowercase hex digits "
+                f"(cache_format.manifest.keys_sha256(keys)), found {self.keys_sha256!r}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything a cache promises about its contents (root attribute "dune_cache")."""
+
+    format_version: int = FORMAT_VERSION
+    grid: tuple[int, int]
+    student_patch: int
+    views_per_image: int
+    view_mode: str
+    seed: int
+    samples_per_shard: int
+    encoding: EncodingSpec
+    teachers: dict[str, TeacherFingerprint] = field(default_factory=dict)
+    datasets: dict[str, DatasetFingerprint] = field(default_factory=dict)
+    assignment: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    view_param_names: tuple[str, ...] = ()
+    status_codes: dict[str, str] = field(default_factory=lambda: dict(STATUS_CODES))
+    build_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.grid) != 2 or min(self.grid) <= 0:
+            raise ConfigError(f"manifest.grid: expected two positive ints, found {self.grid}")
+        if self.student_patch <= 0 or self.views_per_image <= 0:
+            raise ConfigError(
+                "manifest.student_patch and manifest.views_per_image must be positive, found "
+                f"{self.student_patch} and {self.views_per_image}"
+            )
+        if self.samples_per_shard <= 0 or self.samples_per_shard % self.views_per_image:
+            raise ConfigError(
+                f"manifest.samples_per_shard: expected a positive multiple of views_per_image "
+                f"({self.views_per_image}), found {self.samples_per_shard}"
+            )
+        for teacher, names in self.assignment.items():
+            if teacher not in self.teachers:
+                raise ConfigError(f"manifest.assignment: teacher {teacher!r} has no fingerprint")
+            missing = [d for d in names if d not in self.datasets]
+            if missing:
+                raise ConfigError(
+                    f"manifest.assignment.{teacher}: datasets {missing} have no fingerprint"
+                )
+        for name, fp in [*self.teachers.items(), *self.datasets.items()]:
+            if fp.name != name:
+                raise ConfigError(f"manifest: entry {name!r} holds a fingerprint named {fp.name!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens per sample (gh * gw)."""
+        return self.grid[0] * self.grid[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (what is stored in the root attributes)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, where: str = "cache") -> Manifest:
+        """Parse a stored manifest; a newer format version raises CacheVersionError."""
+        if not isinstance(data, Mapping) or "format_version" not in data:
+            raise CacheVersionError(
+                f"{where}: the root attribute {ROOT_ATTR!r} has no format_version; "
+                "this is not a dune-distill cache (or a damaged one)"
+            )
+        found = data["format_version"]
+        if not isinstance(found, int) or found < 1:
+            raise CacheVersionError(f"{where}: unknown cache format_version {found!r}")
+        if found > FORMAT_VERSION:
+            raise CacheVersionError(
+                f"{where}: the cache was written with format version {found}, but this "
+                f"dune-distill reads format versions up to {FORMAT_VERSION}",
+                hint="upgrade dune-distill (pip install -U dune-distill) to read this cache",
+            )
+        return from_dict(cls, dict(data), where="manifest")
+
+    def check_against(self, **expected: Any) -> None:
+        """Raise CacheMismatchError naming the first field that differs from `expected`.
+
+        Keyword names are manifest fields. `teachers` / `datasets` take a mapping (or an
+        iterable) of fingerprints: each named entry must exist and match field by field; entries
+        of the cache that are not named are fine (a trainer may use a subset). `assignment`
+        compares the named teachers only. Other fields compare by value (tuples and lists alike).
+        """
+        known = {f.name for f in fields(self)}
+        for name, value in expected.items():
+            if name not in known:
+                raise ConfigError(
+                    f"check_against: {name!r} is not a manifest field; known: {sorted(known)}"
+                )
+            found = getattr(self, name)
+            if name in ("teachers", "datasets"):
+                entries = value.values() if isinstance(value, Mapping) else value
+                for fp in entries:
+                    if fp.name not in found:
+                        raise CacheMismatchError(
+                            f"cache manifest {name}.{fp.name}: expected present, found absent "
+                            f"(the cache has {sorted(found)})",
+                            hint="build the missing part into the cache, or use another cache",
+                        )
+                    _compare(f"{name}.{fp.name}", to_dict(fp), to_dict(found[fp.name]))
+            elif name == "assignment":
+                for teacher, datasets in dict(value).items():
+                    _compare(f"assignment.{teacher}", sorted(datasets),
+                             sorted(found.get(teacher, ())))
+            else:
+                _compare(name, to_dict(value), to_dict(found))
+
+
+def _compare(path: str, expected: Any, found: Any) -> None:
+    """Recursive equality of JSON-like values; the error names the innermost differing key."""
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for key in sorted(set(expected) | set(found)):
+            if key not in found or key not in expected:
+                _mismatch(f"{path}.{key}", expected.get(key, "<absent>"),
+                          found.get(key, "<absent>"))
+            _compare(f"{path}.{key}", expected[key], found[key])
+        return
+    if isinstance(expected, list | tuple) and isinstance(found, list | tuple):
+        if len(expected) == len(found) and all(
+            _equal(a, b) for a, b in zip(expected, found, strict=True)
+        ):
+            return
+        _mismatch(path, list(expected), list(found))
+    if not _equal(expected, found):
+        _mismatch(path, expected, found)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _mismatch(path: str, expected: Any, found: Any) -> None:
+    raise CacheMismatchError(
+        f"cache manifest field {path}: expected {expected!r}, found {found!r}",
+        hint="rebuild the cache with this config, or point the config at a matching cache",
+    )

@@ -1,0 +1,403 @@
+"""CacheWriter: the only code that writes a cache (used by precompute/).
+
+Structure changes (create, add_dataset, add_teacher, finalize_stats) come from one process; the
+shard writes (write_index_shard, write_shard) may come from many processes at once, each owning
+different shards. Every shard is written whole in one zarr write (after deleting any earlier
+attempt, so zarr never reads back a shard) and only then gets its done mark, in its own store
+object: a crash leaves a shard without a mark, and a rerun rewrites it entirely.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from cache_format import layout
+from cache_format.encodings import decode_tokens, encode_tokens
+from cache_format.errors import (
+    CacheNotFoundError,
+    ConfigError,
+    InvalidTokensError,
+)
+from cache_format.manifest import (
+    ROOT_ATTR,
+    STATUS_CODES,
+    DatasetFingerprint,
+    Manifest,
+    TeacherFingerprint,
+    keys_sha256,
+)
+from cache_format.serde import to_dict
+from cache_format.stats import ChannelStats, merge, merge_all
+
+#: Samples encoded at once inside write_shard (bounds the float32 temporaries).
+_ENCODE_BLOCK = 8
+Calibration = Mapping[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _location(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
+class CacheWriter:
+    """Create or extend a cache and write its shards. Use `create` or `open`, not the class."""
+
+    def __init__(self, group: zarr.Group, manifest: Manifest, location: str) -> None:
+        self._group = group
+        self._manifest = manifest
+        self.location = location
+        self._arrays: dict[str, zarr.Array] = {}
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], manifest: Manifest, *, exist_ok: bool = False,
+               storage_options: dict[str, Any] | None = None) -> CacheWriter:
+        """Create an empty cache at `path` (local folder or fsspec URL) with `manifest`.
+
+        The manifest must not list teachers, datasets or assignments yet: those arrive with
+        `add_dataset` / `add_teacher`, which create their arrays. With `exist_ok`, an existing
+        cache whose settings (grid, encoding, views, seed, shard size, ...) equal `manifest`'s
+        is opened instead; any difference raises CacheMismatchError naming the field.
+        """
+        location = _location(path)
+        if manifest.teachers or manifest.datasets or manifest.assignment:
+            raise ConfigError(
+                "CacheWriter.create: the manifest must have empty teachers, datasets and "
+                "assignment; add them with add_dataset() and add_teacher()"
+            )
+        try:
+            group = zarr.open_group(location, mode="w-", storage_options=storage_options)
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            if not exist_ok:
+                raise ConfigError(
+                    f"{location}: a cache (or other zarr node) already exists there",
+                    hint="use CacheWriter.open() to extend it, or pick another path",
+                ) from None
+            writer = cls.open(location, storage_options=storage_options)
+            settings = {k: v for k, v in to_dict(manifest).items()
+                        if k not in ("teachers", "datasets", "assignment", "build_config")}
+            settings["encoding"] = manifest.encoding
+            writer.manifest.check_against(**settings)
+            return writer
+        group.require_group(layout.DATASETS)
+        group.attrs[ROOT_ATTR] = manifest.to_dict()
+        return cls(group, manifest, location)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *,
+             storage_options: dict[str, Any] | None = None) -> CacheWriter:
+        """Open an existing cache for writing (shards, or new datasets and teachers)."""
+        location = _location(path)
+        try:
+            group = zarr.open_group(location, mode="r+", storage_options=storage_options)
+        except FileNotFoundError:
+            raise CacheNotFoundError(f"{location}: no cache there",
+                                     hint="create it with CacheWriter.create()") from None
+        if ROOT_ATTR not in group.attrs:
+            raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest")
+        return cls(group, Manifest.from_dict(group.attrs[ROOT_ATTR], where=location), location)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest as this writer last wrote or read it."""
+        return self._manifest
+
+    def _save_manifest(self, manifest: Manifest) -> None:
+        self._group.attrs[ROOT_ATTR] = manifest.to_dict()
+        self._manifest = manifest
+
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:
+            self._arrays[path] = self._group[path]  # type: ignore[assignment]
+        return self._arrays[path]
+
+    # -- structure ---------------------------------------------------------------------------
+    def has_dataset(self, dataset: str) -> bool:
+        """Whether `dataset` was added (its index arrays exist)."""
+        return dataset in self._manifest.datasets
+
+    def has_teacher(self, dataset: str, teacher: str) -> bool:
+        """Whether the (dataset, teacher) pair was added (its token arrays exist)."""
+        return dataset in self._manifest.assignment.get(teacher, ())
+
+    def num_samples(self, dataset: str) -> int:
+        """Samples of `dataset` (num_images * views_per_image)."""
+        return self._dataset_fp(dataset).num_images * self._manifest.views_per_image
+
+    def num_shards(self, dataset: str) -> int:
+        """Shards of `dataset` (the unit of writing; the last one may be partial)."""
+        return layout.num_shards(self.num_samples(dataset), self._manifest.samples_per_shard)
+
+    def shard_bounds(self, dataset: str, shard: int) -> tuple[int, int]:
+        """[start, stop) sample range of `shard` of `dataset`."""
+        n_shards = self.num_shards(dataset)
+        if not 0 <= shard < n_shards:
+            raise ConfigError(f"dataset {dataset}: shard {shard} is out of range [0, {n_shards})")
+        return layout.shard_bounds(shard, self.num_samples(dataset),
+                                   self._manifest.samples_per_shard)
+
+    def _dataset_fp(self, dataset: str) -> DatasetFingerprint:
+        try:
+            return self._manifest.datasets[dataset]
+        except KeyError:
+            raise CacheNotFoundError(
+                f"{self.location}: no dataset {dataset!r} (has {sorted(self._manifest.datasets)})",
+                hint="add it with add_dataset()",
+            ) from None
+
+    def _teacher_fp(self, dataset: str, teacher: str) -> TeacherFingerprint:
+        if not self.has_teacher(dataset, teacher):
+            raise CacheNotFoundError(
+                f"{self.location}: no teacher {teacher!r} for dataset {dataset!r}",
+                hint="add it with add_teacher()",
+            )
+        return self._manifest.teachers[teacher]
+
+    def add_dataset(self, fingerprint: DatasetFingerprint, keys: Sequence[str]) -> None:
+        """Add a dataset: store its ordered keys and create its (empty) index arrays.
+
+        Idempotent: adding a dataset that exists with an equal fingerprint does nothing; a
+        different fingerprint raises CacheMismatchError naming the differing field.
+        """
+        name = fingerprint.name
+        if len(keys) != fingerprint.num_images:
+            raise ConfigError(f"dataset {name}: {len(keys)} keys given, fingerprint says "
+                              f"num_images={fingerprint.num_images}")
+        if keys_sha256(keys) != fingerprint.keys_sha256:
+            raise ConfigError(f"dataset {name}: the keys' sha256 {keys_sha256(keys)} differs "
+                              f"from fingerprint.keys_sha256 {fingerprint.keys_sha256}")
+        if name in self._manifest.datasets:
+            self._manifest.check_against(datasets={name: fingerprint})
+            return
+        m = self._manifest
+        # A group without a manifest entry is a crashed earlier attempt: replace it.
+        group = self._group.require_group(layout.DATASETS).create_group(name, overwrite=True)
+        layout.create_index_arrays(group, fingerprint.num_images, m.views_per_image,
+                                   m.samples_per_shard, len(m.view_param_names))
+        key_array = group[layout.KEY]
+        for start in range(0, len(keys), layout.KEY_CHUNK):
+            key_array[start : start + layout.KEY_CHUNK] = np.asarray(
+                keys[start : start + layout.KEY_CHUNK], dtype=object)
+        self._save_manifest(replace(m, datasets={**m.datasets, name: fingerprint}))
+
+    def add_teacher(self, dataset: str, fingerprint: TeacherFingerprint,
+                    calibration: Calibration | None = None) -> None:
+        """Add a (dataset, teacher) pair: create its token arrays and store its calibration.
+
+        `calibration` maps each of the teacher's token types to (mean, std) float32 [D] (see
+        encodings.fit_calibration); int8 needs it, fp16/bf16 ignore it. Idempotent: an existing
+        pair keeps its stored calibration (the one its shards were encoded with).
+        """
+        self._dataset_fp(dataset)
+        m, teacher = self._manifest, fingerprint.name
+        if teacher in m.teachers:
+            m.check_against(teachers={teacher: fingerprint})
+        if self.has_teacher(dataset, teacher):
+            return
+        if m.encoding.has_scale:
+            _check_calibration(fingerprint, calibration)
+        teachers = self._group.require_group(f"{layout.dataset_path(dataset)}/{layout.TEACHERS}")
+        # A group without a manifest entry is a crashed earlier attempt: replace it.
+        group = teachers.create_group(teacher, overwrite=True)
+        layout.create_teacher_arrays(group, m.encoding, self.num_samples(dataset), m.num_tokens,
+                                     fingerprint.dim, fingerprint.token_types,
+                                     m.samples_per_shard)
+        if m.encoding.has_scale and calibration is not None:
+            for tok in fingerprint.token_types:
+                mean_name, std_name = layout.calib_names(tok)
+                group[mean_name][:] = np.asarray(calibration[tok][0], dtype=np.float32)
+                group[std_name][:] = np.asarray(calibration[tok][1], dtype=np.float32)
+        assignment = {**m.assignment, teacher: (*m.assignment.get(teacher, ()), dataset)}
+        self._save_manifest(replace(m, teachers={**m.teachers, teacher: fingerprint},
+                                    assignment=assignment))
+
+    # -- index shards ----------------------------------------------------------------------
+    def write_index_shard(self, dataset: str, shard: int, view_params: np.ndarray,
+                          status: np.ndarray) -> None:
+        """Write one shard of the sample index: view parameters [n, P] and status codes [n]."""
+        start, stop = self.shard_bounds(dataset, shard)
+        n, p = stop - start, len(self._manifest.view_param_names)
+        view_params = np.asarray(view_params, dtype=np.float32)
+        status = np.asarray(status)
+        if view_params.shape != (n, p) or status.shape != (n,):
+            raise ConfigError(
+                f"dataset {dataset} index shard {shard}: expected view_params ({n}, {p}) and "
+                f"status ({n},), found {view_params.shape} and {status.shape}")
+        unknown = sorted({int(c) for c in np.unique(status)} - {int(c) for c in STATUS_CODES})
+        if unknown:
+            raise ConfigError(f"dataset {dataset} index shard {shard}: unknown status codes "
+                              f"{unknown}; known: {STATUS_CODES}")
+        base = layout.dataset_path(dataset)
+        done = self._array(f"{base}/{layout.INDEX_DONE}")
+        done[shard] = 0
+        if p:
+            self._array(f"{base}/{layout.VIEW_PARAMS}")[start:stop] = view_params
+        self._array(f"{base}/{layout.STATUS}")[start:stop] = status.astype(np.uint8)
+        done[shard] = 1
+
+    def index_shard_done(self, dataset: str, shard: int) -> bool:
+        """Whether index shard `shard` of `dataset` was written completely."""
+        self.shard_bounds(dataset, shard)
+        return bool(self._array(f"{layout.dataset_path(dataset)}/{layout.INDEX_DONE}")[shard])
+
+    # -- token shards ----------------------------------------------------------------------
+    def shard_done(self, dataset: str, teacher: str, shard: int) -> bool:
+        """Whether token shard `shard` of (dataset, teacher) was written completely."""
+        self._teacher_fp(dataset, teacher)
+        self.shard_bounds(dataset, shard)
+        return bool(self._array(f"{layout.teacher_path(dataset, teacher)}/{layout.DONE}")[shard])
+
+    def calibration(self, dataset: str, teacher: str, tok: str) -> tuple[np.ndarray, np.ndarray]:
+        """The stored int8 calibration (mean, std) of a pair's token type."""
+        base = layout.teacher_path(dataset, teacher)
+        mean_name, std_name = layout.calib_names(tok)
+        return self._array(f"{base}/{mean_name}")[:], self._array(f"{base}/{std_name}")[:]
+
+    def write_shard(self, dataset: str, teacher: str, shard: int,
+                    tokens: Mapping[str, np.ndarray], valid: np.ndarray) -> None:
+        """Encode and write one whole token shard, its partial statistics, then its done mark.
+
+        `tokens` maps each token type of the teacher to float32 "patch" [n, T, D] / "cls" [n, D]
+        (n = samples in the shard); `valid[n]` marks the samples that were computed (status ok):
+        only those are checked, stored and counted in the statistics; the others are stored as
+        zeros. NaN/Inf in a valid row raises InvalidTokensError before anything is written.
+        """
+        fp = self._teacher_fp(dataset, teacher)
+        spec, m = self._manifest.encoding, self._manifest
+        start, stop = self.shard_bounds(dataset, shard)
+        n = stop - start
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != (n,):
+            raise InvalidTokensError(f"{dataset}/{teacher} shard {shard}: expected valid of shape "
+                                     f"({n},) (samples {start}..{stop - 1}), found {valid.shape}")
+        arrays = _check_tokens(dataset, teacher, shard, start, fp, tokens, valid, m.num_tokens)
+        base = layout.teacher_path(dataset, teacher)
+        encoded: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        part_stats: dict[str, ChannelStats] = {}
+        for tok, x in arrays.items():
+            calib = self.calibration(dataset, teacher, tok) if spec.has_scale else (None, None)
+            values = np.zeros(x.shape, dtype=spec.stored_dtype)
+            scale = np.zeros(x.shape[:-1], dtype=np.float32) if spec.has_scale else None
+            stats = ChannelStats.empty(fp.dim)
+            for b in range(0, n, _ENCODE_BLOCK):
+                rows = np.nonzero(valid[b : b + _ENCODE_BLOCK])[0] + b
+                if rows.size == 0:
+                    continue
+                v, s = encode_tokens(x[rows], spec, *calib)
+                values[rows] = v
+                if scale is not None:
+                    scale[rows] = s
+                # Statistics describe what a reader will see: the decoded values.
+                stats = merge(stats, ChannelStats.of(decode_tokens(v, s, spec, *calib)))
+            encoded[tok] = (values, scale)
+            part_stats[tok] = stats
+        done = self._array(f"{base}/{layout.DONE}")
+        done[shard] = 0
+        for tok, (values, scale) in encoded.items():
+            self._write_whole_shard(f"{base}/{tok}", shard, start, stop, values)
+            if scale is not None:
+                self._write_whole_shard(f"{base}/{layout.scale_name(tok)}", shard, start, stop,
+                                        scale)
+            count_name, mean_name, m2_name = layout.stats_names(tok, partial=True)
+            self._array(f"{base}/{count_name}")[shard] = part_stats[tok].count
+            self._array(f"{base}/{mean_name}")[shard] = part_stats[tok].mean
+            self._array(f"{base}/{m2_name}")[shard] = part_stats[tok].m2
+        done[shard] = 1
+
+    def _write_whole_shard(self, path: str, shard: int, start: int, stop: int,
+                           values: np.ndarray) -> None:
+        """Delete any earlier attempt of the shard object, then write the shard in one call.
+
+        Deleting first matters: zarr merges a write into an existing shard by reading it, which
+        would fail on (or keep bytes of) a damaged earlier attempt.
+        """
+        array = self._array(path)
+        key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        store_path = array.store_path
+        sync(store_path.store.delete(f"{store_path.path}/{key}" if store_path.path else key))
+        array[start:stop] = values
+
+    def finalize_stats(self, dataset: str, teacher: str, *,
+                       allow_incomplete: bool = False) -> dict[str, ChannelStats]:
+        """Merge the per-shard partial statistics into the pair's final statistics (exact).
+
+        Refuses (CacheNotFoundError listing them) while shards lack their done mark, unless
+        `allow_incomplete`, which merges the done shards only.
+        """
+        fp = self._teacher_fp(dataset, teacher)
+        base = layout.teacher_path(dataset, teacher)
+        done = self._array(f"{base}/{layout.DONE}")[:].astype(bool)
+        if not allow_incomplete and not done.all():
+            missing = np.nonzero(~done)[0]
+            raise CacheNotFoundError(
+                f"{self.location}: {dataset}/{teacher} has {missing.size} shard(s) without a "
+                f"done mark (first: {missing[:10].tolist()}); statistics would be incomplete",
+                hint="finish writing the shards, or pass allow_incomplete=True",
+            )
+        result: dict[str, ChannelStats] = {}
+        for tok in fp.token_types:
+            count_name, mean_name, m2_name = layout.stats_names(tok, partial=True)
+            counts = self._array(f"{base}/{count_name}")[:]
+            means = self._array(f"{base}/{mean_name}")[:]
+            m2s = self._array(f"{base}/{m2_name}")[:]
+            total = merge_all((ChannelStats(int(counts[i]), means[i], m2s[i])
+                               for i in np.nonzero(done)[0]), fp.dim)
+            count_name, mean_name, m2_name = layout.stats_names(tok, partial=False)
+            self._array(f"{base}/{count_name}")[:] = np.array([total.count], dtype=np.int64)
+            self._array(f"{base}/{mean_name}")[:] = total.mean
+            self._array(f"{base}/{m2_name}")[:] = total.m2
+            result[tok] = total
+        self._array(f"{base}/{layout.STATS}/{layout.FINAL}")[:] = np.array([1], dtype=np.uint8)
+        return result
+
+
+def _check_calibration(fp: TeacherFingerprint, calibration: Calibration | None) -> None:
+    """int8 needs finite (mean, std [> 0]) of shape [D] for every token type of the teacher."""
+    if calibration is None:
+        raise ConfigError(f"teacher {fp.name}: the int8 encoding needs a calibration "
+                          "{token type: (mean, std)}; see encodings.fit_calibration")
+    for tok in fp.token_types:
+        if tok not in calibration:
+            raise ConfigError(f"teacher {fp.name}: calibration lacks token type {tok!r}")
+        mean, std = (np.asarray(a, dtype=np.float32) for a in calibration[tok])
+        if mean.shape != (fp.dim,) or std.shape != (fp.dim,):
+            raise ConfigError(f"teacher {fp.name} calibration {tok}: expected mean/std of shape "
+                              f"({fp.dim},), found {mean.shape} and {std.shape}")
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise ConfigError(f"teacher {fp.name} calibration {tok}: mean/std must be finite "
+                              "and std > 0")
+
+
+def _check_tokens(dataset: str, teacher: str, shard: int, start: int, fp: TeacherFingerprint,
+                  tokens: Mapping[str, np.ndarray], valid: np.ndarray,
+                  num_tokens: int) -> dict[str, np.ndarray]:
+    """Shapes, dtypes and finiteness of one shard's tokens; returns them as float32 arrays."""
+    n = valid.shape[0]
+    where = f"{dataset}/{teacher} shard {shard}"
+    if set(tokens) != set(fp.token_types):
+        raise InvalidTokensError(f"{where}: expected token types {sorted(fp.token_types)}, "
+                                 f"found {sorted(tokens)}")
+    arrays: dict[str, np.ndarray] = {}
+    for tok in fp.token_types:
+        x = np.asarray(tokens[tok])
+        expected = (n, num_tokens, fp.dim) if tok == "patch" else (n, fp.dim)
+        if x.shape != expected or not np.issubdtype(x.dtype, np.floating):
+            raise InvalidTokensError(f"{where}: {tok} tokens must be float {expected}, found "
+                                     f"{x.dtype} {x.shape}")
+        x = np.asarray(x, dtype=np.float32)
+        finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
+        bad = np.nonzero(valid & ~finite)[0]
+        if bad.size:
+            raise InvalidTokensError(
+                f"{where}: {tok} tokens of sample(s) {(bad[:10] + start).tolist()} hold NaN or "
+                "Inf; nothing was written for this shard",
+                hint="check the teacher's precision (run it in float32) and the input image",
+            )
+        arrays[tok] = x
+    return arrays
