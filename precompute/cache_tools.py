@@ -1,0 +1,235 @@
+"""What `dune-cache info`, `verify` and `ls` do: describe, check and find caches.
+
+- `cache_info(path)`: the manifest, sizes per (dataset, teacher), statuses, completeness, as a
+  JSON-ready dict (the `--json` output; the tables print the same facts).
+- `verify_cache(path, recompute=N)`: reads every written chunk (checksums), checks counts (index
+  shards, done marks, statistics counts against the ok samples) and, with `recompute`, re-runs
+  each teacher on N random cached views and compares fresh and cached tokens per token (cosine),
+  against the encoding's fidelity floor. Any problem makes the report fail.
+- `find_caches(folder)`: every cache under a folder, one summary each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from cache_format import layout
+from cache_format.manifest import ROOT_ATTR, STATUS_PENDING, status_name
+from cache_format.reader import CacheReader, open_cache
+from cache_format.serde import to_dict
+from precompute.build import directory_bytes
+
+#: Per-token cosine (fresh vs cached, 1st percentile) each encoding must keep. int8 is the
+#: format's tested floor; fp16 / bf16 lose far less, the floor leaves room for a rerun on
+#: another device (bf16 autocast on a GPU against a CPU build).
+FIDELITY_FLOORS: dict[str, float] = {"int8": 0.9995, "fp16": 0.999, "bf16": 0.999}
+
+
+def _pair_facts(group: zarr.Group, dataset: str, teacher: str, location: str) -> dict[str, Any]:
+    base = layout.teacher_path(dataset, teacher)
+    done = np.asarray(group[f"{base}/{layout.DONE}"][:], dtype=bool)  # type: ignore[index]
+    final = bool(group[f"{base}/{layout.STATS}/{layout.FINAL}"][0])  # type: ignore[index]
+    return {
+        "teacher": teacher, "dataset": dataset, "shards_done": int(done.sum()),
+        "shards": int(done.size), "stats_final": final,
+        "bytes": directory_bytes(os.path.join(location, base)),
+        "complete": bool(done.all() and final),
+    }
+
+
+def cache_info(path: str) -> dict[str, Any]:
+    """Everything `dune-cache info` shows, as a JSON-ready dict."""
+    with open_cache(path) as reader:
+        m = reader.manifest
+        group = zarr.open_group(reader.location, mode="r")
+        datasets = []
+        for name, fp in m.datasets.items():
+            status = reader.index(name).status
+            codes, counts = np.unique(status, return_counts=True)
+            statuses = {status_name(int(c)): int(k) for c, k in zip(codes, counts, strict=True)}
+            index_done = np.asarray(
+                group[f"{layout.dataset_path(name)}/{layout.INDEX_DONE}"][:], dtype=bool)  # type: ignore[index]
+            datasets.append({
+                **to_dict(fp), "samples": int(status.size), "statuses": statuses,
+                "index_shards_done": int(index_done.sum()), "index_shards": int(index_done.size),
+                "index_complete": bool(index_done.all()),
+            })
+        pairs = [_pair_facts(group, d, t, reader.location)
+                 for t, names in m.assignment.items() for d in names]
+        return {
+            "path": reader.location,
+            "format_version": m.format_version,
+            "grid": list(m.grid),
+            "student_patch": m.student_patch,
+            "views_per_image": m.views_per_image,
+            "view_mode": m.view_mode,
+            "seed": m.seed,
+            "samples_per_shard": m.samples_per_shard,
+            "encoding": to_dict(m.encoding),
+            "teachers": [to_dict(fp) for fp in m.teachers.values()],
+            "datasets": datasets,
+            "pairs": pairs,
+            "bytes": directory_bytes(reader.location),
+            "complete": all(p["complete"] for p in pairs)
+            and all(d["index_complete"] for d in datasets),
+        }
+
+
+@dataclass
+class VerifyResult:
+    """What `verify_cache` found; `ok` is False on any problem."""
+
+    shards_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    recompute: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No damage, nothing missing, counts right, fidelity above the floor."""
+        return not self.problems
+
+
+def _check_counts(reader: CacheReader, group: zarr.Group, result: VerifyResult) -> None:
+    """Index shards all written, no pending sample, statistics counts = ok samples."""
+    m = reader.manifest
+    for dataset in reader.datasets:
+        index = reader.index(dataset)
+        marks = np.asarray(group[f"{layout.dataset_path(dataset)}/{layout.INDEX_DONE}"][:])  # type: ignore[index]
+        if not marks.all():
+            result.problems.append(f"{dataset}: {int((marks == 0).sum())} index shard(s) never "
+                                   "written (resume the build)")
+        pending = int((index.status == STATUS_PENDING).sum())
+        if pending and marks.all():
+            result.problems.append(f"{dataset}: {pending} sample(s) still pending in a complete "
+                                   "index")
+        ok = int(index.ok.sum())
+        for teacher in reader.teachers_for(dataset):
+            base = layout.teacher_path(dataset, teacher)
+            if not group[f"{base}/{layout.STATS}/{layout.FINAL}"][0]:  # type: ignore[index]
+                result.problems.append(f"{dataset}/{teacher}: statistics never finalized "
+                                       "(resume the build)")
+                continue
+            for tok in m.teachers[teacher].token_types:
+                count_path = f"{base}/{layout.stats_names(tok, partial=False)[0]}"
+                count = int(group[count_path][0])  # type: ignore[index]
+                expected = ok * (m.num_tokens if tok == "patch" else 1)
+                if count != expected:
+                    result.problems.append(
+                        f"{dataset}/{teacher} {tok}: statistics count {count}, expected "
+                        f"{expected} ({ok} ok samples)")
+
+
+def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> None:
+    """Re-run each teacher on n random ok samples (spread over its datasets) and compare."""
+    from precompute.config import CacheBuildConfig
+    from precompute.sources import open_source
+    from precompute.teachers import load_teacher
+    from precompute.units import UnitSettings, compute_tokens
+
+    m = reader.manifest
+    if not m.build_config:
+        result.problems.append("--recompute: the manifest has no build_config, so the teachers "
+                               "and images are unknown")
+        return
+    config = CacheBuildConfig.from_dict(m.build_config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = UnitSettings(config, device, torch.get_num_threads())
+    floor = FIDELITY_FLOORS[m.encoding.name]
+    rng = np.random.default_rng(seed)
+    sources = {}
+    for teacher in reader.teachers:
+        cfg = next((t for t in config.teachers if t.name == teacher), None)
+        if cfg is None:
+            result.problems.append(f"--recompute: teacher {teacher} is not in the stored "
+                                   "build config")
+            continue
+        model = load_teacher(cfg, device)
+        if model.checkpoint_sha256 != m.teachers[teacher].checkpoint_sha256:
+            result.problems.append(
+                f"--recompute: teacher {teacher}: its weights now hash to "
+                f"{model.checkpoint_sha256}, the cache was built with "
+                f"{m.teachers[teacher].checkpoint_sha256}")
+            continue
+        cosines: list[np.ndarray] = []
+        for dataset in reader.datasets_for(teacher):
+            index = reader.index(dataset)
+            ok = np.nonzero(index.ok)[0]
+            share = min(len(ok), -(-n // len(reader.datasets_for(teacher))))
+            if share == 0:
+                continue
+            chosen = np.sort(rng.choice(ok, size=share, replace=False))
+            if dataset not in sources:
+                dcfg = config.dataset(dataset)
+                sources[dataset] = open_source(dcfg, config.build.max_pixels,
+                                               config.build.unusual_modes)
+            fresh = compute_tokens(settings, model, sources[dataset], chosen.tolist(),
+                                   index.view_params[chosen])
+            cached = reader.read_encoded(dataset, chosen, [teacher])[teacher]
+            for tok, values in fresh.items():
+                a = torch.from_numpy(values).reshape(-1, values.shape[-1])
+                b = cached[tok].decode().reshape(-1, values.shape[-1])
+                cosines.append(torch.nn.functional.cosine_similarity(a, b, dim=-1).numpy())
+        if not cosines:
+            continue
+        cos = np.concatenate(cosines)
+        entry = {"teacher": teacher, "tokens": int(cos.size), "mean": float(cos.mean()),
+                 "p01": float(np.percentile(cos, 1)), "min": float(cos.min()), "floor": floor}
+        result.recompute.append(entry)
+        if entry["p01"] < floor:
+            result.problems.append(
+                f"--recompute: teacher {teacher}: 1st-percentile cosine fresh vs cached "
+                f"{entry['p01']:.6f} is below the {m.encoding.name} floor {floor}")
+
+
+def verify_cache(path: str, recompute: int = 0, seed: int = 0) -> VerifyResult:
+    """Check a cache (see the module docstring); never raises for problems found in the data."""
+    result = VerifyResult()
+    with open_cache(path) as reader:
+        report = reader.verify()
+        result.shards_checked = report.shards_checked
+        result.problems.extend(report.problems)
+        result.problems.extend(f"missing: {m}" for m in report.missing)
+        _check_counts(reader, zarr.open_group(reader.location, mode="r"), result)
+        if recompute > 0:
+            _recompute(reader, recompute, result, seed)
+    return result
+
+
+def _summary_line(path: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    datasets = manifest.get("datasets", {})
+    views = manifest.get("views_per_image", 1)
+    return {
+        "path": path,
+        "bytes": directory_bytes(path),
+        "grid": manifest.get("grid"),
+        "encoding": manifest.get("encoding", {}).get("name"),
+        "teachers": sorted(manifest.get("teachers", {})),
+        "datasets": sorted(datasets),
+        "samples": sum(d.get("num_images", 0) * views for d in datasets.values()),
+    }
+
+
+def find_caches(folder: str) -> list[dict[str, Any]]:
+    """Every cache under `folder` (not looking inside caches), sorted by path."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "zarr.json" not in files:
+            continue
+        try:
+            with open(os.path.join(root, "zarr.json"), encoding="utf-8") as f:
+                attrs = json.load(f).get("attributes", {})
+        except (OSError, ValueError):
+            continue
+        if ROOT_ATTR in attrs:
+            found.append(_summary_line(root, attrs[ROOT_ATTR]))
+            dirs[:] = []  # a cache's arrays are not caches
+    return found
+

@@ -1,0 +1,198 @@
+"""`dune-cache`: build a teacher-token cache, describe it, verify it, find caches.
+
+    dune-cache build CONFIG.toml [--cache PATH] [--scheduler ADDR] [--workers N] [--strict]
+                                 [--dry-run]
+    dune-cache info PATH [--json]
+    dune-cache verify PATH [--recompute N]
+    dune-cache ls DIR
+
+Commands parse their arguments and call one library function. `main()` turns the project's own
+errors into one red line and a hint (DUNE_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cache_format.errors import DuneError
+
+app = typer.Typer(
+    name="dune-cache",
+    help="Build and inspect DUNE teacher-token caches (stage one of DUNE distillation).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@app.command()
+def build(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="The build config (TOML).")],
+    cache: Annotated[str | None, typer.Option(
+        help="Cache path; overrides `cache` in the config.")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Run on an existing dask cluster (tcp://host:port) instead of a local one.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Local workers (default: one per GPU, or 1 on CPU); with --scheduler, wait "
+                    "for this many workers.")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Stop at the first bad image instead of skipping it.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the plan (work, sizes, free space) and touch nothing.")] = False,
+) -> None:
+    """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
+    from precompute.build import build_cache, summary_tables
+    from precompute.config import load_build_config
+    from precompute.plan import make_plan, plan_lines, plan_table
+
+    cfg = load_build_config(config, {"cache": cache})
+    plan = make_plan(cfg)
+    if dry_run:
+        out.print(plan_table(plan))
+        for line in plan_lines(plan):
+            out.print(line, soft_wrap=True)
+        out.print("dry run: nothing was written")
+        return
+    for line in plan_lines(plan):
+        err.print(line, soft_wrap=True)
+    summary = build_cache(cfg, scheduler=scheduler, workers=workers, strict=strict,
+                          console=err, plan=plan)
+    for table in summary_tables(summary):
+        out.print(table)
+    out.print(f"cache: {cfg.cache} ({_size(summary.cache_bytes)} on disk, "
+              f"{summary.seconds:.1f} s)", soft_wrap=True)
+
+
+def _info_tables(info: dict) -> list[Table]:
+    head = Table(title=f"cache {info['path']}", show_header=False)
+    enc = info["encoding"]
+    for key, value in (
+        ("format version", info["format_version"]),
+        ("grid", f"{info['grid'][0]}x{info['grid'][1]} (student patch {info['student_patch']})"),
+        ("views", f"{info['views_per_image']} per image ({info['view_mode']}), seed "
+                  f"{info['seed']}"),
+        ("encoding", f"{enc['name']}, codec {enc['codec']}"),
+        ("size", _size(info["bytes"])),
+        ("complete", "yes" if info["complete"] else "NO (resume the build)"),
+    ):
+        head.add_row(key, str(value))
+    teachers = Table(title="teachers")
+    for column in ("name", "arch", "dim", "tokens", "input", "checkpoint"):
+        teachers.add_column(column)
+    for t in info["teachers"]:
+        arch = t["arch"] if len(t["arch"]) <= 40 else t["arch"][:39] + "…"
+        teachers.add_row(t["name"], arch, str(t["dim"]), ",".join(t["token_types"]),
+                         "x".join(map(str, t["input_size"])), t["checkpoint_sha256"][:24])
+    datasets = Table(title="datasets")
+    for column in ("name", "kind", "images", "samples", "statuses", "index", "root"):
+        datasets.add_column(column)
+    for d in info["datasets"]:
+        statuses = ", ".join(f"{k} {v}" for k, v in d["statuses"].items())
+        datasets.add_row(d["name"], d["source_kind"], str(d["num_images"]), str(d["samples"]),
+                         statuses, f"{d['index_shards_done']}/{d['index_shards']}", d["root"])
+    pairs = Table(title="tokens per teacher and dataset")
+    for column in ("teacher", "dataset", "shards", "stats", "size"):
+        pairs.add_column(column)
+    for p in info["pairs"]:
+        pairs.add_row(p["teacher"], p["dataset"], f"{p['shards_done']}/{p['shards']}",
+                      "final" if p["stats_final"] else "not final", _size(p["bytes"]))
+    return [head, teachers, datasets, pairs]
+
+
+@app.command()
+def info(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="The cache (folder or URL).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the same facts as JSON.")] = False,
+) -> None:
+    """Manifest, sizes per teacher and dataset, encoding and completeness of a cache."""
+    from precompute.cache_tools import cache_info
+
+    facts = cache_info(path)
+    if as_json:
+        print(json.dumps(facts, indent=2))
+        return
+    for table in _info_tables(facts):
+        out.print(table)
+
+
+@app.command()
+def verify(
+    path: Annotated[str, typer.Argument(metavar="PATH", help="The cache (folder or URL).")],
+    recompute: Annotated[int, typer.Option(
+        min=0, help="Re-run the teachers on N random cached views and compare.")] = 0,
+) -> None:
+    """Read every chunk (checksums), check counts; exit 1 on any problem."""
+    from precompute.cache_tools import verify_cache
+
+    result = verify_cache(path, recompute=recompute)
+    out.print(f"{result.shards_checked} token shard(s) read, checksums checked")
+    for entry in result.recompute:
+        out.print(f"recompute {entry['teacher']}: {entry['tokens']} tokens, cosine mean "
+                  f"{entry['mean']:.6f}, p01 {entry['p01']:.6f}, min {entry['min']:.6f} "
+                  f"(floor {entry['floor']})", soft_wrap=True)
+    for problem in result.problems:
+        out.print(f"[red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    if not result.ok:
+        out.print(f"[red]{len(result.problems)} problem(s) found in {escape(path)}[/]")
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/]: {escape(path)}")
+
+
+@app.command(name="ls")
+def list_caches(
+    folder: Annotated[str, typer.Argument(metavar="DIR", help="A folder to search for caches.")],
+) -> None:
+    """The caches under a folder, one line each."""
+    from precompute.cache_tools import find_caches
+
+    caches = find_caches(folder)
+    for c in caches:
+        grid = "x".join(map(str, c["grid"] or []))
+        print(f"{c['path']}  {_size(c['bytes'])}  grid {grid}  {c['encoding']}  "
+              f"{c['samples']} samples  teachers {','.join(c['teachers'])}  "
+              f"datasets {','.join(c['datasets'])}")
+    if not caches:
+        err.print(f"no cache under {folder}")
+
+
+def main() -> None:
+    """Console-script entry point: run the app; our errors become one red line and a hint.
+
+    Usage errors, --help and exit codes stay typer's (standalone mode); only DuneError, which
+    typer lets through, is caught here.
+    """
+    try:
+        app()
+    except DuneError as exc:
+        if os.environ.get("DUNE_DEBUG") == "1":
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        hint = exc.hint or "set DUNE_DEBUG=1 for the traceback"
+        err.print(f"hint: {escape(hint)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted; rerun the same command to resume (finished shards are kept)")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

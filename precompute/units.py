@@ -1,0 +1,408 @@
+"""The work units of a build, as they run inside dask workers.
+
+Three kinds of unit, each a plain function of picklable arguments returning a small result:
+- `run_index_unit(settings, dataset, shard)`: decode every image of the shard, record its status
+  (ok or the skip reason), draw each view's parameters, write the index shard.
+- `run_prepare_unit(settings, teacher, dataset)`: load the teacher, return its fingerprint and,
+  for int8, the calibration (per-channel mean/std of the tokens of the dataset's first K ok
+  samples), which the driver records before any shard of the pair is written.
+- `run_teacher_unit(settings, teacher, dataset, shard)`: read the shard's view parameters and
+  statuses back from the cache, replay every ok view, run the teacher, write the token shard.
+
+Determinism: a unit's output depends only on its arguments and the cache's index. Batches are
+consecutive ok samples of the shard in sample order, `batch_size` at a time, whatever the loader
+timing; torch's thread count is fixed by the driver; views are replayed from the stored rows.
+
+Worker state: each dask worker keeps the teacher it last used (one teacher on the device at a
+time; loading another releases it) and each opened source (listing a folder once per process).
+Decoding happens in DataLoader processes forked from the worker (dask's own worker processes are
+spawned, so the fork start method is named explicitly; a daemonic worker cannot fork, and then
+images are decoded in the unit's thread).
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+from cache_format import layout
+from cache_format.encodings import fit_calibration
+from cache_format.errors import BadImageError, CacheMismatchError
+from cache_format.manifest import STATUS_OK, TeacherFingerprint, status_code, status_name
+from cache_format.writer import CacheWriter
+from precompute.config import CacheBuildConfig
+from precompute.sources import DatasetConfig, ImageSource, open_source
+from precompute.teachers import LoadedTeacher, TeacherConfig, load_teacher
+from precompute.views import (
+    NUM_VIEW_PARAMS,
+    ViewParams,
+    normalize,
+    render_view,
+    resize_for_teacher,
+    sample_view,
+)
+
+
+@dataclass(frozen=True)
+class UnitSettings:
+    """What every unit needs besides its own coordinates (resolved once by the driver)."""
+
+    config: CacheBuildConfig
+    device: str  # "cpu" or "cuda"
+    torch_threads: int
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a unit reports back: counts for the progress bars and the summary."""
+
+    teacher: str
+    dataset: str
+    shard: int
+    samples: int  # samples computed (status ok)
+    skipped: dict[str, int] = field(default_factory=dict)  # skip reason -> samples
+    bytes_written: int = 0
+    seconds: float = 0.0
+    bad_image: tuple[str, str, str] | None = None  # strict stop: (message, reason, path)
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """A teacher's fingerprint and, for int8, its calibration on one dataset."""
+
+    teacher: str
+    dataset: str
+    fingerprint: TeacherFingerprint
+    calibration: dict[str, tuple[np.ndarray, np.ndarray]] | None
+
+
+# -- worker state ----------------------------------------------------------------------------
+_LOCK = threading.Lock()
+_TEACHERS: dict[str, tuple[TeacherConfig, str, LoadedTeacher]] = {}
+_SOURCES: dict[tuple[DatasetConfig, int, str], ImageSource] = {}
+_warned_daemon = False
+
+
+def _worker_id() -> tuple[str, int]:
+    """(name, ordinal) of the dask worker running this code; ("local", 0) outside dask."""
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return "local", 0
+    return str(name), name if isinstance(name, int) else 0
+
+
+def _device(kind: str) -> torch.device:
+    """This worker's device: its ordinal picks a GPU on a multi-GPU machine."""
+    if kind != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", _worker_id()[1] % torch.cuda.device_count())
+
+
+def _setup_torch(threads: int, device: torch.device) -> None:
+    """Fixed intra-op threads and deterministic kernels, so results do not depend on workers."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def acquire_teacher(cfg: TeacherConfig, device: torch.device) -> LoadedTeacher:
+    """The worker's loaded teacher for `cfg`, loading it (and releasing the previous one)."""
+    wid = _worker_id()[0]
+    with _LOCK:
+        entry = _TEACHERS.get(wid)
+        if entry is not None and entry[0] == cfg and entry[1] == str(device):
+            return entry[2]
+        if entry is not None:
+            del _TEACHERS[wid]
+            del entry
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        teacher = load_teacher(cfg, device)
+        _TEACHERS[wid] = (cfg, str(device), teacher)
+        return teacher
+
+
+def release_teachers() -> None:
+    """Drop every teacher this process holds (run on workers at the end of a build)."""
+    with _LOCK:
+        _TEACHERS.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _source(settings: UnitSettings, dataset: str, keys_sha256: str) -> ImageSource:
+    """The dataset's source, listed once per process and checked against the cache's keys."""
+    cfg = settings.config
+    key = (cfg.dataset(dataset), cfg.build.max_pixels, cfg.build.unusual_modes)
+    with _LOCK:
+        if key not in _SOURCES:
+            _SOURCES[key] = open_source(*key)
+        source = _SOURCES[key]
+    if source.keys_sha256 != keys_sha256:
+        raise CacheMismatchError(
+            f"dataset {dataset}: the images under {source.cfg.root} changed since the cache's "
+            f"index was written (keys sha256 {source.keys_sha256}, cache has {keys_sha256})",
+            hint="restore the original images, or build a new cache",
+        )
+    return source
+
+
+def _loader(items: Dataset, workers: int) -> Iterator[object]:
+    """Iterate `items` in order, decoding in `workers` forked processes when allowed."""
+    global _warned_daemon
+    if workers and multiprocessing.current_process().daemon:
+        if not _warned_daemon:
+            warnings.warn(
+                "dask worker processes are daemonic here, so images are decoded in the unit's "
+                "thread; start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False for decoding "
+                "processes", stacklevel=2)
+            _warned_daemon = True
+        workers = 0
+    if workers == 0:
+        return iter(items[i] for i in range(len(items)))  # type: ignore[arg-type]
+    context = "fork" if sys.platform.startswith("linux") else None
+    return iter(DataLoader(items, batch_size=None, shuffle=False, num_workers=workers,
+                           multiprocessing_context=context, prefetch_factor=4))
+
+
+class _ImageProbe(Dataset):
+    """Item k: (image index, (h, w), skip reason or "", message, path) of one image."""
+
+    def __init__(self, source: ImageSource, images: Sequence[int]) -> None:
+        self.source, self.images = source, list(images)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int) -> tuple[int, tuple[int, int], str, str, str]:
+        i = self.images[k]
+        try:
+            image = self.source.load(i)
+        except BadImageError as exc:  # returned, not raised: it must cross process boundaries
+            return i, (0, 0), exc.reason, str(exc), exc.path or self.source.location(i)
+        return i, (int(image.shape[1]), int(image.shape[2])), "", "", ""
+
+
+class _ReplayedViews(Dataset):
+    """Item k: (sample indices, teacher inputs [v, 3, H, W]) of the k-th image's ok views."""
+
+    def __init__(self, source: ImageSource, views_per_image: int,
+                 samples: Sequence[int], rows: np.ndarray, student_hw: tuple[int, int],
+                 teacher_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.source, self.student_hw, self.teacher_hw = source, student_hw, teacher_hw
+        self.mean, self.std = tuple(mean), tuple(std)
+        groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for sample, row in zip(samples, rows, strict=True):
+            groups.setdefault(int(sample) // views_per_image, []).append((int(sample), row))
+        self.groups = list(groups.items())
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, k: int) -> tuple[list[int], torch.Tensor | str]:
+        image_index, views = self.groups[k]
+        try:
+            image = self.source.load(image_index)
+        except BadImageError as exc:
+            return [s for s, _ in views], f"{exc.path or self.source.location(image_index)}: {exc}"
+        rendered = torch.stack([render_view(image, ViewParams.from_array(row), self.student_hw)
+                                for _, row in views])
+        x = normalize(resize_for_teacher(rendered, self.teacher_hw), self.mean, self.std)
+        return [s for s, _ in views], x.contiguous()
+
+
+def teacher_inputs(settings: UnitSettings, teacher: LoadedTeacher, source: ImageSource,
+                   samples: Sequence[int], rows: np.ndarray) -> Iterator[tuple[list[int],
+                                                                              torch.Tensor]]:
+    """(samples, normalized teacher inputs) per image, in sample order, for the given views."""
+    cfg = settings.config
+    student_hw = (cfg.grid[0] * cfg.student_patch, cfg.grid[1] * cfg.student_patch)
+    items = _ReplayedViews(source, cfg.views_per_image, samples, rows, student_hw,
+                           teacher.input_size(cfg.grid), teacher.mean, teacher.std)
+    for item in _loader(items, cfg.runtime.loader_workers):
+        ids, x = item  # type: ignore[misc]
+        if isinstance(x, str):
+            raise CacheMismatchError(
+                f"{x}; the image was readable when the cache's index was written",
+                hint="restore the original image, or build a new cache")
+        yield list(ids), x
+
+
+def forward(teacher: LoadedTeacher, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Teacher tokens of one batch as float32 numpy: bf16 autocast on CUDA, fp32 on CPU."""
+    x = x.to(teacher.device, non_blocking=True)
+    if x.device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = teacher.forward_tokens(x)
+    else:
+        out = teacher.forward_tokens(x)
+    return {tok: t.float().cpu().numpy() for tok, t in out.items()}
+
+
+def compute_tokens(settings: UnitSettings, teacher: LoadedTeacher, source: ImageSource,
+                   samples: Sequence[int], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Tokens of `samples` (views given by `rows`), batched `batch_size` at a time in order."""
+    cfg = settings.config
+    n, tokens = len(samples), cfg.grid[0] * cfg.grid[1]
+    out = {tok: np.zeros((n, tokens, teacher.dim) if tok == "patch" else (n, teacher.dim),
+                         dtype=np.float32) for tok in teacher.token_types}
+    position = {s: k for k, s in enumerate(samples)}
+    pending_ids: list[int] = []
+    pending_x: list[torch.Tensor] = []
+
+    def run(count: int) -> None:
+        x = torch.cat(pending_x)
+        result = forward(teacher, x[:count])
+        rows_out = [position[s] for s in pending_ids[:count]]
+        for tok, values in result.items():
+            out[tok][rows_out] = values
+        rest = x[count:]
+        del pending_ids[:count]
+        pending_x[:] = [rest] if len(rest) else []
+
+    batch = cfg.build.batch_size
+    for ids, x in teacher_inputs(settings, teacher, source, samples, rows):
+        pending_ids.extend(ids)
+        pending_x.append(x)
+        while len(pending_ids) >= batch:
+            run(batch)
+    if pending_ids:
+        run(len(pending_ids))
+    return out
+
+
+def _index_rows(cache: str, dataset: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(view params, status) of samples [start, stop) as stored in the cache's index."""
+    group = zarr.open_group(cache, mode="r")[layout.dataset_path(dataset)]
+    return group[layout.VIEW_PARAMS][start:stop], group[layout.STATUS][start:stop]
+
+
+def _skip_counts(status: np.ndarray) -> dict[str, int]:
+    codes, counts = np.unique(status[status != STATUS_OK], return_counts=True)
+    return {status_name(int(c)): int(k) for c, k in zip(codes, counts, strict=True)}
+
+
+# -- the units -------------------------------------------------------------------------------
+def run_index_unit(settings: UnitSettings, dataset: str, shard: int) -> UnitResult:
+    """Decode the shard's images, draw their views, and write the index shard."""
+    began = time.perf_counter()
+    cfg = settings.config
+    _setup_torch(settings.torch_threads, torch.device("cpu"))
+    writer = CacheWriter.open(cfg.cache)
+    source = _source(settings, dataset, writer.manifest.datasets[dataset].keys_sha256)
+    start, stop = writer.shard_bounds(dataset, shard)
+    views = cfg.views_per_image
+    params = np.zeros((stop - start, NUM_VIEW_PARAMS), dtype=np.float32)
+    status = np.full(stop - start, STATUS_OK, dtype=np.uint8)
+    probe = _ImageProbe(source, range(start // views, -(-stop // views)))
+    for item in _loader(probe, cfg.runtime.loader_workers):
+        i, hw, reason, message, path = item  # type: ignore[misc]
+        rows = slice(i * views - start, (i + 1) * views - start)
+        if reason:
+            if settings.strict:
+                return UnitResult("", dataset, shard, 0, bad_image=(message, reason, path))
+            status[rows] = status_code(reason)
+            continue
+        for v in range(views):
+            view = sample_view(cfg.seed, dataset, i, v, tuple(hw), cfg.views)
+            params[i * views - start + v] = view.to_array()
+    writer.write_index_shard(dataset, shard, params, status)
+    return UnitResult("", dataset, shard, int((status == STATUS_OK).sum()),
+                      _skip_counts(status), seconds=time.perf_counter() - began)
+
+
+def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str) -> PrepareResult:
+    """Load the teacher; return its fingerprint and (int8) its calibration on `dataset`."""
+    cfg = settings.config
+    device = _device(settings.device)
+    _setup_torch(settings.torch_threads, device)
+    model = acquire_teacher(cfg.teacher(teacher), device)
+    fingerprint = TeacherFingerprint(
+        name=teacher, arch=model.arch, checkpoint_sha256=model.checkpoint_sha256,
+        input_size=model.input_size(cfg.grid), patch_size=model.patch_size,
+        mean=tuple(model.mean), std=tuple(model.std), token_types=tuple(model.token_types),
+        dim=model.dim)
+    if not cfg.encoding.has_scale:
+        return PrepareResult(teacher, dataset, fingerprint, None)
+    writer = CacheWriter.open(cfg.cache)
+    source = _source(settings, dataset, writer.manifest.datasets[dataset].keys_sha256)
+    # The calibration sample: the first K ok samples of the dataset, read shard by shard.
+    wanted = cfg.build.calibration_samples
+    samples: list[int] = []
+    rows: list[np.ndarray] = []
+    for shard in range(writer.num_shards(dataset)):
+        start, stop = writer.shard_bounds(dataset, shard)
+        params, status = _index_rows(cfg.cache, dataset, start, stop)
+        ok = np.nonzero(status == STATUS_OK)[0][: wanted - len(samples)]
+        samples.extend(int(s) + start for s in ok)
+        rows.extend(params[ok])
+        if len(samples) >= wanted:
+            break
+    if not samples:
+        raise CacheMismatchError(
+            f"dataset {dataset}: no sample has status ok, so teacher {teacher} cannot be "
+            "calibrated for int8", hint="check the dataset's images (`dune-cache info`)")
+    tokens = compute_tokens(settings, model, source, samples, np.stack(rows))
+    return PrepareResult(teacher, dataset, fingerprint,
+                         {tok: fit_calibration(x) for tok, x in tokens.items()})
+
+
+def _shard_file_bytes(cache: str, dataset: str, teacher: str, shard: int) -> int:
+    """On-disk bytes of the shard's token and scale objects (local caches; 0 otherwise)."""
+    if "://" in cache:
+        return 0
+    group = zarr.open_group(cache, mode="r")[layout.teacher_path(dataset, teacher)]
+    total = 0
+    for array in group.array_values():  # type: ignore[union-attr]
+        if array.shards is None:
+            continue
+        key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
+        path = os.path.join(cache, array.path, key)
+        total += os.path.getsize(path) if os.path.exists(path) else 0
+    return total
+
+
+def run_teacher_unit(settings: UnitSettings, teacher: str, dataset: str,
+                     shard: int) -> UnitResult:
+    """Replay the shard's stored views through the teacher and write its token shard."""
+    began = time.perf_counter()
+    cfg = settings.config
+    device = _device(settings.device)
+    _setup_torch(settings.torch_threads, device)
+    model = acquire_teacher(cfg.teacher(teacher), device)
+    writer = CacheWriter.open(cfg.cache)
+    source = _source(settings, dataset, writer.manifest.datasets[dataset].keys_sha256)
+    start, stop = writer.shard_bounds(dataset, shard)
+    params, status = _index_rows(cfg.cache, dataset, start, stop)
+    valid = status == STATUS_OK
+    ok = np.nonzero(valid)[0]
+    tokens = compute_tokens(settings, model, source, (ok + start).tolist(), params[ok])
+    if not valid.all():  # skipped samples are stored as zeros (the writer ignores them)
+        for tok, values in tokens.items():
+            full = np.zeros((stop - start, *values.shape[1:]), dtype=np.float32)
+            full[ok] = values
+            tokens[tok] = full
+    writer.write_shard(dataset, teacher, shard, tokens, valid)
+    return UnitResult(teacher, dataset, shard, int(valid.sum()), _skip_counts(status),
+                      _shard_file_bytes(cfg.cache, dataset, teacher, shard),
+                      time.perf_counter() - began)

@@ -1,0 +1,124 @@
+"""`dune-cache` commands: build (and --dry-run), info, verify, ls, and the error line of main()."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from cache_format import layout
+from precompute.cli import app, main
+from tests.build_fixtures import file_hashes, make_images, write_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, images: dict) -> tuple[Path, str]:
+    """(config path, build command output) of a cache built through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    cfg = write_config(root / "cache.toml", root / "in-config", images)
+    result = runner.invoke(app, ["build", str(cfg), "--cache", str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    return root, result.output
+
+
+def test_build_overrides_the_cache_path_and_prints_a_summary(built: tuple[Path, str]) -> None:
+    root, output = built
+    assert not (root / "in-config").exists() and (root / "cache" / "zarr.json").exists()
+    for expected in ("written this run", "images per dataset", "unsupported_mode",
+                     f"cache: {root / 'cache'}", "on disk"):
+        assert expected in output, output
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(built: tuple[Path, str], images: dict,
+                                                     tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "cache.toml", tmp_path / "new" / "cache", images)
+    result = runner.invoke(app, ["build", str(cfg), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for expected in ("build plan", "dino", "mast3r", "rooms", "web", "(new)",
+                     "estimated cache size", "free space", "nothing was written"):
+        assert expected in result.output, result.output
+    assert not (tmp_path / "new").exists()
+    root, _ = built
+    before = file_hashes(root / "cache")
+    result = runner.invoke(app, ["build", str(root / "cache.toml"), "--cache",
+                                 str(root / "cache"), "--dry-run"])
+    assert result.exit_code == 0 and "nothing to do" in result.output, result.output
+    assert file_hashes(root / "cache") == before
+
+
+def test_info_as_tables_and_as_json(built: tuple[Path, str]) -> None:
+    root, _ = built
+    facts = json.loads(runner.invoke(app, ["info", str(root / "cache"), "--json"]).output)
+    assert facts["complete"] and facts["grid"] == [2, 2] and facts["encoding"]["name"] == "int8"
+    assert {(p["teacher"], p["dataset"]) for p in facts["pairs"]} == {
+        (t, d) for t in ("dino", "mast3r") for d in ("rooms", "web")}
+    assert all(p["shards_done"] == p["shards"] and p["bytes"] > 0 for p in facts["pairs"])
+    web = next(d for d in facts["datasets"] if d["name"] == "web")
+    assert web["statuses"]["truncated"] == 2 and web["statuses"]["ok"] == 12
+    tables = runner.invoke(app, ["info", str(root / "cache")])
+    assert tables.exit_code == 0
+    for expected in ("dino", "mast3r", "rooms", "web", "int8", "complete"):
+        assert expected in tables.output
+
+
+def test_verify_passes_with_recompute_and_fails_on_damage(built: tuple[Path, str],
+                                                          tmp_path: Path) -> None:
+    root, _ = built
+    result = runner.invoke(app, ["verify", str(root / "cache"), "--recompute", "4"])
+    assert result.exit_code == 0, result.output
+    assert "recompute dino" in result.output and "recompute mast3r" in result.output
+    damaged = tmp_path / "damaged"
+    shutil.copytree(root / "cache", damaged)
+    # Flip one byte of a token shard file (shard 6 of web: two good images).
+    tokens = zarr.open_group(str(damaged), mode="r")[
+        f"{layout.teacher_path('web', 'dino')}/{layout.TOKENS}"]
+    key = tokens.metadata.encode_chunk_key((6,) + (0,) * (tokens.ndim - 1))
+    shard = damaged / tokens.path / key
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (damaged / "datasets" / "rooms" / "teachers" / "mast3r" / "done" / "c" / "1").unlink()
+    result = runner.invoke(app, ["verify", str(damaged)])
+    assert result.exit_code == 1, result.output
+    assert "problem" in result.output and "rooms/mast3r shard 1" in result.output
+
+
+def test_ls_lists_each_cache_once(built: tuple[Path, str]) -> None:
+    root, _ = built
+    result = runner.invoke(app, ["ls", str(root.parent)])
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if str(root / "cache") in line]
+    assert len(lines) == 1 and "int8" in lines[0] and "dino,mast3r" in lines[0]
+
+
+def test_main_turns_errors_into_one_red_line_with_a_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["dune-cache", "build", str(tmp_path / "missing.toml")])
+    monkeypatch.delenv("DUNE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert "error:" in err and "missing.toml: no such config file" in err and "hint:" in err
+    assert "Traceback" not in err
+    monkeypatch.setenv("DUNE_DEBUG", "1")
+    with pytest.raises(SystemExit):
+        main()
+    assert "Traceback" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["dune-cache", "verify"])  # a usage error
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and "Missing argument" in capsys.readouterr().err
