@@ -1,0 +1,143 @@
+"""`dune-train`: train a student from a cache (`fit`), export it (`export`).
+
+    dune-train fit CONFIG.toml [--cache PATH] [--out DIR] [--online] [--max-steps N]
+    dune-train export RUN_DIR OUT_DIR [--which best|last]
+
+Rerunning the same `fit` command resumes from the run folder's last checkpoint. Several
+processes: `torchrun --nproc_per_node N -m train.cli fit CONFIG.toml`. Errors of this project
+print as one line plus a hint; set DUNE_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cache_format.errors import DuneError
+from train.config import absolute_path, load_train_config, resolve_paths, with_overrides
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Stage two of DUNE distillation: train the student and projectors from a cache.",
+)
+
+
+class Which(enum.StrEnum):
+    """Which checkpoint of a run to export."""
+
+    best = "best"
+    last = "last"
+
+
+@app.command()
+def fit(
+    config: Annotated[Path, typer.Argument(help="The run's TOML config.")],
+    cache: Annotated[
+        str | None, typer.Option("--cache", help="Cache path (overrides data.cache).")
+    ] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="Run folder (overrides out_dir).")
+    ] = None,
+    online: Annotated[
+        bool, typer.Option("--online", help="Run the cache's teachers in the loop (baseline).")
+    ] = False,
+    max_steps: Annotated[
+        int | None,
+        typer.Option("--max-steps", help="Stop after N steps (the schedule is unchanged)."),
+    ] = None,
+) -> None:
+    """Train (or resume training) the student and projectors described by CONFIG."""
+    from train.trainer import Trainer  # imported here so that `--help` stays fast
+
+    cfg = load_train_config(config)
+    cfg = with_overrides(
+        cfg,
+        {
+            "data.cache": absolute_path(cache) if cache else None,
+            "out_dir": absolute_path(out) if out else None,
+            "online": True if online else None,
+            "max_steps": max_steps,
+        },
+    )
+    cfg = resolve_paths(cfg, config)
+    console = Console()
+    trainer = Trainer(cfg, progress="bar" if console.is_terminal else "lines")
+    summary = trainer.fit()
+    if trainer.dist.rank == 0:
+        print_fit_summary(summary, console)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A `fit` run folder.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the exported files.")],
+    which: Annotated[Which, typer.Option(help="Checkpoint to export.")] = Which.best,
+) -> None:
+    """Export the student (safetensors + timm config) and the full model of a run."""
+    from train.export import export_run
+
+    paths = export_run(run_dir, out_dir, which=which.value)
+    console = Console()
+    for role, path in paths.items():
+        console.print(f"{role:16s} {path}")
+    console.print(
+        "load the student with: timm.create_model(cfg['architecture'], "
+        "checkpoint_path='student.safetensors', **cfg['model_args']) where cfg = student.json"
+    )
+
+
+def first_last(rows: list[dict[str, Any]], key: str, kind: str = "train") -> tuple[float, float]:
+    """First and last logged value of a metric (NaN when never logged)."""
+    values = [r[key] for r in rows if r.get("kind") == kind and key in r]
+    return (values[0], values[-1]) if values else (float("nan"), float("nan"))
+
+
+def print_fit_summary(summary: dict[str, Any], console: Console) -> None:
+    """A table of each teacher's loss and held-out cosine at the start and the end."""
+    rows = summary["rows"]
+    table = Table(title=f"dune-train: {summary['step']} steps, {summary['images_per_s']:.1f} img/s")
+    for column in ("teacher", "loss first", "loss last", "held-out cos start", "held-out cos end"):
+        table.add_column(column)
+    for teacher in summary["teachers"]:
+        l0, l1 = first_last(rows, f"loss/{teacher}")
+        c0, c1 = first_last(rows, f"heldout/cos/{teacher}", kind="eval")
+        table.add_row(teacher, f"{l0:.4f}", f"{l1:.4f}", f"{c0:.3f}", f"{c1:.3f}")
+    console.print(table)
+    run_dir = Path(summary["run_dir"])
+    console.print(f"run folder   {run_dir}")
+    console.print(f"metrics      {run_dir / 'metrics.jsonl'}")
+    console.print(f"loss curves  {run_dir / 'curves'}")
+    console.print(f"checkpoints  {run_dir / 'checkpoints'}")
+
+
+def main() -> None:
+    """Entry point: run the app; this project's errors become one line and a hint.
+
+    Usage errors, --help and their exit codes stay typer's; DuneError, which typer lets
+    through, exits with 1 (DUNE_DEBUG=1 re-raises it with the traceback).
+    """
+    try:
+        app()
+    except DuneError as exc:
+        if os.environ.get("DUNE_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"hint: {exc.hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

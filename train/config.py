@@ -1,0 +1,315 @@
+"""`TrainConfig`: everything one `dune-train fit` run depends on, as one frozen dataclass.
+
+A run is described by a TOML file whose tables mirror the nested parts below (`[student]`,
+`[projector]`, `[norm]`, `[dropping]`, `[data]`, `[optim]`, top-level keys for the loop). The
+command line overrides a few fields (`--cache`, `--out`, `--online`, `--max-steps`) through
+`with_overrides`. The run folder stores `to_dict()` of the resolved config (absolute paths), and
+a rerun of the same command compares its own resolved config with the stored one before it
+resumes: only fields that cannot change the trajectory (`RESUME_FREE_FIELDS`) may differ.
+
+Relative paths in the TOML file are taken from the file's folder (as in `dune-cache build`
+configs), so a config works from any directory; paths given on the command line are relative
+to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cache_format.errors import ConfigError
+from cache_format.serde import from_dict, to_dict
+from train.projectors import PROJECTOR_KINDS
+from train.sampling import SAMPLING_MODES
+from train.student import StudentConfig
+from train.teacher_norm import NORM_MODES
+
+DROPPING_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
+# Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
+# where things live (moved runs and caches still resume; the cache's fingerprint is checked).
+RESUME_FREE_FIELDS = (
+    "max_steps",
+    "log_every",
+    "checkpoint_every",
+    "eval_every",
+    "out_dir",
+    "data.cache",
+    "data.num_workers",
+    "data.roots",
+)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """One projector per teacher: `tp` (Transformer Projector), `mlp` or `linear`."""
+
+    kind: str = "tp"
+    n_blocks: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROJECTOR_KINDS:
+            raise ConfigError(
+                f"projector.kind: expected one of {', '.join(PROJECTOR_KINDS)}, found {self.kind!r}"
+            )
+        if self.n_blocks < 0:
+            raise ConfigError(f"projector.n_blocks: expected >= 0, found {self.n_blocks}")
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """Teacher normalization: the cache's `exact` statistics or the reference's `batch` ones."""
+
+    mode: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.mode not in NORM_MODES:
+            raise ConfigError(
+                f"norm.mode: expected one of {', '.join(NORM_MODES)}, found {self.mode!r}"
+            )
+
+
+@dataclass(frozen=True)
+class DroppingConfig:
+    """Teacher dropping (UNIC): which teacher losses count for each image."""
+
+    strategy: str = "lowest_loss"
+    p: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.strategy not in DROPPING_STRATEGIES:
+            raise ConfigError(
+                f"dropping.strategy: expected one of {', '.join(DROPPING_STRATEGIES)}, "
+                f"found {self.strategy!r}"
+            )
+        if not 0.0 <= self.p <= 1.0:
+            raise ConfigError(f"dropping.p: expected a probability in [0, 1], found {self.p}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which cache, which of its teachers and datasets, and how batches are drawn.
+
+    `teachers` / `datasets` empty = all of the cache's. `roots` maps a dataset name to the folder
+    its source images live in now, when they moved since the cache was built.
+    `expect_checkpoint_sha256` maps a teacher to the checkpoint hash the run requires: a cache
+    built from other weights is refused before step 0. `heldout_images` images per dataset are
+    kept out of training and used for the held-out loss and cosine.
+    """
+
+    cache: str = ""
+    teachers: tuple[str, ...] = ()
+    datasets: tuple[str, ...] = ()
+    roots: dict[str, str] = field(default_factory=dict)
+    sampling: str = "teacher_balanced"
+    heldout_images: int = 8
+    num_workers: int = 2
+    expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(
+                f"data.sampling: expected one of {', '.join(SAMPLING_MODES)}, "
+                f"found {self.sampling!r}"
+            )
+        if self.heldout_images < 0:
+            raise ConfigError(f"data.heldout_images: expected >= 0, found {self.heldout_images}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: expected >= 0, found {self.num_workers}")
+        for name in ("teachers", "datasets"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"data.{name}: names repeat in {list(values)}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay; `lr` is for a global batch of 256."""
+
+    lr: float = 3e-4
+    scale_lr_with_batch: bool = True
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.03
+    warmup_fraction: float = 0.2
+    clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr: expected > 0, found {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr: expected in [0, optim.lr], found {self.min_lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas: expected two values in [0, 1), found {self.betas}")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"optim.eps / optim.weight_decay: expected eps > 0 and weight_decay >= 0, "
+                f"found {self.eps} and {self.weight_decay}"
+            )
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(
+                f"optim.warmup_fraction: expected in [0, 1), found {self.warmup_fraction}"
+            )
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad: expected >= 0 (0 = off), found {self.clip_grad}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `batch_size` is the global batch (all ranks together).
+
+    The lr schedule spans `epochs x steps_per_epoch` steps, where an epoch is `epoch_size`
+    samples (None: one pass over the mix). `max_steps` only stops the run early; it never
+    changes the schedule, so a run stopped there and rerun with a larger value continues exactly.
+    """
+
+    student: StudentConfig = field(default_factory=StudentConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    dropping: DroppingConfig = field(default_factory=DroppingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 128
+    epochs: int = 100
+    epoch_size: int | None = None
+    max_steps: int | None = None
+    log_every: int = 10
+    checkpoint_every: int = 500
+    eval_every: int = 500
+    seed: int = 0
+    deterministic: bool = False
+    compile: bool = False
+    amp: bool = True
+    online: bool = False
+    init_from: str | None = None
+    out_dir: str = ""
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "epochs", "log_every", "checkpoint_every", "eval_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"{name}: expected a positive integer, found {getattr(self, name)}"
+                )
+        if self.epoch_size is not None and self.epoch_size < self.batch_size:
+            raise ConfigError(
+                f"epoch_size: expected at least batch_size={self.batch_size} samples, "
+                f"found {self.epoch_size}"
+            )
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"max_steps: expected >= 0, found {self.max_steps}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: expected a non-negative integer, found {self.seed}")
+
+    def base_lr(self) -> float:
+        """Peak learning rate: `optim.lr` scaled by global batch / 256 (the reference's rule)."""
+        scale = self.batch_size / 256 if self.optim.scale_lr_with_batch else 1.0
+        return self.optim.lr * scale
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (what the run folder stores as config.json)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are a ConfigError naming them."""
+        return from_dict(cls, data)
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a TrainConfig from a TOML file (missing tables and keys take their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such config file", hint="pass the TOML file of the run, e.g. train.toml"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    try:
+        return TrainConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}", hint=exc.hint) from None
+
+
+def with_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Copy of `cfg` with dotted-name fields replaced, e.g. {"data.cache": "...", "online": True}.
+
+    None values are ignored, so a CLI can pass every option and only the given ones apply.
+    """
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        cfg = _replace_dotted(cfg, dotted.split("."), value, dotted)
+    return cfg
+
+
+def _replace_dotted(obj: Any, names: list[str], value: Any, dotted: str) -> Any:
+    valid = {f.name for f in dataclasses.fields(obj)}
+    if names[0] not in valid:
+        raise ConfigError(
+            f"override {dotted!r}: {names[0]!r} is not a field of {type(obj).__name__}"
+        )
+    if len(names) == 1:
+        return dataclasses.replace(obj, **{names[0]: value})
+    inner = _replace_dotted(getattr(obj, names[0]), names[1:], value, dotted)
+    return dataclasses.replace(obj, **{names[0]: inner})
+
+
+def resolve_paths(cfg: TrainConfig, config_path: str | Path | None = None) -> TrainConfig:
+    """Make every path absolute: relative paths from the TOML file are taken from the file's
+    folder (as `dune-cache build` does); a missing `out_dir` becomes runs/<config stem> under
+    the current directory. Command-line paths are made absolute by the CLI before this."""
+    if not cfg.data.cache:
+        raise ConfigError(
+            "data.cache: no cache path given",
+            hint="set [data] cache = \"path/to/cache\" in the config or pass --cache PATH",
+        )
+    base = Path(config_path).resolve().parent if config_path else Path.cwd()
+    out_dir = cfg.out_dir or str(
+        Path.cwd() / "runs" / (Path(config_path).stem if config_path else "run")
+    )
+    data = dataclasses.replace(
+        cfg.data,
+        cache=absolute_path(cfg.data.cache, base),
+        roots={name: absolute_path(root, base) for name, root in cfg.data.roots.items()},
+    )
+    return dataclasses.replace(
+        cfg,
+        data=data,
+        out_dir=absolute_path(out_dir, base),
+        init_from=absolute_path(cfg.init_from, base) if cfg.init_from else None,
+    )
+
+
+def absolute_path(path: str, base: str | Path | None = None) -> str:
+    """`path` made absolute against `base` (default: the current directory); URLs (s3://,
+    gs://, ...) pass through unchanged."""
+    if "://" in path:
+        return path
+    expanded = Path(path).expanduser()
+    if not expanded.is_absolute():
+        expanded = Path(base or Path.cwd()) / expanded
+    return str(expanded.resolve())
+
+
+def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields that differ between a stored and a current config dict,
+    leaving out `RESUME_FREE_FIELDS` (which a rerun may change)."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if prefix in RESUME_FREE_FIELDS:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            diffs.append(f"{prefix} (stored {a!r}, now {b!r})")
+
+    walk(stored, current, "")
+    return diffs

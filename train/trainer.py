@@ -1,0 +1,405 @@
+"""The Trainer: distill a student from a cache (or, `online`, from teachers run in the loop).
+
+Read `fit` top to bottom: one comment per phase. Everything a step depends on lives in
+`state_dict()` (model, optimizer, norms, sampler position, every RNG), so a run killed and
+restarted with the same command resumes from `checkpoints/last.pt` and, on CPU with
+`deterministic = true`, reproduces the uninterrupted run's losses exactly.
+
+Distributed: launched by `torchrun`, one process per device; gloo on CPU, nccl on CUDA. Each rank
+reads its own blocks of the global sequence (see `train.sampling`), batch statistics and teacher
+dropping's normalisation are reduced across ranks, so N ranks compute the gradient of one
+process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from cache_format.errors import ConfigError, TrainingError
+from train.checkpoint import (
+    BEST,
+    LAST,
+    checkpoint_dir,
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
+from train.config import TrainConfig
+from train.evaluation import evaluate_heldout
+from train.export import DistillModel
+from train.losses import TeacherDropping, masked_teacher_losses, total_loss
+from train.metrics import MetricsLog, draw_loss_curves, read_metrics
+from train.run_setup import (
+    RunContext,
+    check_resume,
+    init_model_from,
+    open_run_data,
+    setup_distributed,
+    write_run_files,
+)
+
+
+def lr_at(step: int, total_steps: int, peak: float, min_lr: float, warmup_fraction: float) -> float:
+    """Learning rate of `step` (0-based): linear warmup to `peak`, then cosine down to `min_lr`."""
+    warmup = int(round(warmup_fraction * total_steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: biases, norms, LayerScale, tokens and pos embed are exempt."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "reg_token"))
+        (no_decay if exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Trainer:
+    """One `dune-train fit` run. `Trainer(cfg).fit()`; see the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: str = "bar") -> None:
+        """`progress`: "bar" (rich), "lines" (plain text, for logs) or "off"."""
+        self.cfg = cfg
+        self.show_progress = progress
+        # -- processes and devices: torchrun's env vars, else one process ----------------------
+        self.dist = setup_distributed(cfg)
+        self.device = self.dist.device
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"batch_size: the global batch {cfg.batch_size} is not divisible by the "
+                f"{self.dist.world_size} processes; pick a multiple of the world size"
+            )
+        self.local_batch = cfg.batch_size // self.dist.world_size
+        # -- the cache, checked against the run before anything is built -----------------------
+        self.ctx: RunContext = open_run_data(cfg, self.dist)
+        self.teachers = list(self.ctx.heads)
+        self.steps_per_epoch = self.ctx.sampler.samples_per_rank // self.local_batch
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        # -- the model: same seed on every rank, so every rank starts from the same weights -----
+        torch.manual_seed(cfg.seed)
+        self.model = DistillModel(cfg, self.ctx.heads, total_steps=self.total_steps)
+        for teacher, norms in self.model.norms.items():
+            for tok, norm in norms.items():
+                norm.set_stats(*self.ctx.stats[teacher][tok])
+        if cfg.init_from:
+            init_model_from(self.model, cfg.init_from)
+        self.model.to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.optim.weight_decay),
+            lr=cfg.base_lr(),
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+        )
+        forward: torch.nn.Module = self.model
+        if self.dist.world_size > 1:
+            # Norm buffers are computed identically on every rank: no need to broadcast them.
+            forward = DistributedDataParallel(
+                self.model, device_ids=self.dist.device_ids, broadcast_buffers=False
+            )
+        self.forward = torch.compile(forward) if cfg.compile else forward
+        # -- targets and teacher dropping -------------------------------------------------------
+        self.targets = self.ctx.make_targets(self.device)
+        self.dropping = TeacherDropping(
+            cfg.dropping.strategy,
+            cfg.dropping.p,
+            teacher_domains=[self.ctx.domains[t] for t in self.teachers],
+            generic_domain=self.ctx.generic_domain,
+            across_ranks=True,
+        )
+        # A CPU generator drawn for the *global* batch on every rank (each rank keeps its
+        # slice), so the drops do not depend on the number of processes.
+        self.drop_generator = torch.Generator().manual_seed(cfg.seed + 1)
+        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.amp else None
+        self.step = 0
+        self.best_heldout = math.inf
+        self.run_dir = Path(cfg.out_dir)
+        self.mean = torch.tensor(self.ctx.student_mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.ctx.student_std, device=self.device).view(1, 3, 1, 1)
+
+    # -- exact resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on, as tensors and plain containers."""
+        consumed = (self.step - self.epoch * self.steps_per_epoch) * self.local_batch
+        # The epoch of the next step (at an epoch's end the sampler still holds the old one).
+        sampler_state = dict(self.ctx.sampler.state_dict(consumed), epoch=self.epoch)
+        rngs = [rng_state()]
+        if self.dist.world_size > 1:
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": sampler_state,
+            "rng_per_rank": rngs,
+            "drop_generator": self.drop_generator.get_state(),
+            "best_heldout": self.best_heldout,
+            "world_size": self.dist.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved (same world size: the sampler checks it)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        sampler_state = dict(state["sampler"], rank=self.dist.rank)
+        self.ctx.sampler.load_state_dict(sampler_state)
+        self.step = int(state["step"])
+        set_rng_state(state["rng_per_rank"][self.dist.rank])
+        self.drop_generator.set_state(state["drop_generator"])
+        self.best_heldout = float(state["best_heldout"])
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next step belongs to (the last one once training is over)."""
+        return min(self.step // self.steps_per_epoch, self.cfg.epochs - 1)
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train until `epochs` (or `max_steps`) and return a summary of the run."""
+        cfg, is_main = self.cfg, self.dist.rank == 0
+        stop_at = min(self.total_steps, cfg.max_steps if cfg.max_steps is not None else 10**18)
+        # -- run folder: resume from last.pt when the same command ran before ---------------------
+        last = checkpoint_dir(self.run_dir) / LAST
+        resumed_from = None
+        if last.is_file():
+            check_resume(self.run_dir, cfg, self.ctx)
+            self.load_state_dict(load_checkpoint(last, map_location=self.device))
+            resumed_from = self.step
+        if is_main:
+            write_run_files(self.run_dir, cfg, self.ctx)
+        metrics = MetricsLog(self.run_dir, resume_step=resumed_from) if is_main else None
+        # -- held-out baseline, so the curves show where the student started ----------------------
+        if resumed_from is None and self.step < stop_at:
+            self._evaluate(metrics)
+        started, paused, images_done = time.perf_counter(), 0.0, 0
+        progress = _Progress(self.show_progress if is_main else "off", stop_at, self.step)
+        loader = self.make_loader()
+        while self.step < stop_at:
+            self.ctx.sampler.set_epoch(self.epoch)
+            # Starting an epoch's iterator draws worker seeds from the global RNG: keep that
+            # out of the stream the model uses (drop path), so resumed runs draw the same.
+            with torch.random.fork_rng(devices=[]):
+                batches = iter(loader)
+            for batch in batches:
+                if self.step >= stop_at:
+                    break
+                # -- one optimizer step: lr, forward, losses, dropping, backward, clip, update ---
+                logged = self.train_step(batch)
+                images_done += cfg.batch_size
+                # -- log: one metrics row per logged step (images/s leaves out eval and saving) ---
+                elapsed = time.perf_counter() - started
+                rate = images_done / max(elapsed - paused, 1e-9)
+                if metrics is not None and (self.step % cfg.log_every == 0 or self.step == 1):
+                    metrics.write(
+                        {"kind": "train", "step": self.step, "epoch": self.epoch, **logged,
+                         "images_per_s": rate, "elapsed_s": elapsed}
+                    )
+                progress.update(self.step, rate, logged)
+                pause_began = time.perf_counter()
+                # -- held-out evaluation and best checkpoint --------------------------------------
+                if self.step % cfg.eval_every == 0 or self.step == stop_at:
+                    self._evaluate(metrics)
+                # -- last checkpoint: every checkpoint_every steps and at the end -----------------
+                if self.step % cfg.checkpoint_every == 0 or self.step == stop_at:
+                    self._save(LAST)
+                paused += time.perf_counter() - pause_began
+        progress.close()
+        # -- loss curves and summary -------------------------------------------------------------
+        rows = read_metrics(self.run_dir) if is_main else []
+        if is_main:
+            draw_loss_curves(rows, self.teachers, self.run_dir / "curves")
+        busy = time.perf_counter() - started - paused
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.step,
+            "resumed_from": resumed_from,
+            "images_per_s": images_done / busy if busy > 0 and images_done else 0.0,
+            "teachers": self.teachers,
+            "rows": rows,
+        }
+
+    def train_step(self, batch: Any) -> dict[str, float]:
+        """One optimizer step on `batch`; returns the logged values (lr, losses over ranks)."""
+        cfg = self.cfg
+        # -- learning rate of this step ------------------------------------------------------------
+        lr = lr_at(self.step, self.total_steps, cfg.base_lr(), cfg.optim.min_lr,
+                   cfg.optim.warmup_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # -- forward: student + projectors, targets, per-teacher losses, dropping ------------------
+        batch = batch.to(self.device, non_blocking=True)
+        loss, logged = self._loss(batch)
+        # -- stop on a non-finite loss, naming the step and each teacher ---------------------------
+        if not all(math.isfinite(v) for v in logged.values()):
+            per_teacher = ", ".join(f"{k}={v:.4g}" for k, v in logged.items())
+            raise TrainingError(
+                f"step {self.step + 1}: non-finite loss ({per_teacher})",
+                hint="lower optim.lr, check the cache with `dune-cache verify`, or set "
+                "amp = false; the last checkpoint is intact",
+            )
+        # -- backward, clip, optimizer step --------------------------------------------------------
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.step += 1
+        return {"lr": lr, **logged}
+
+    # -- pieces of a step -------------------------------------------------------------------------
+    def make_loader(self) -> DataLoader:
+        """The training DataLoader: this rank's share of each epoch, batches of local_batch."""
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            self.ctx.train_data,
+            batch_size=self.local_batch,
+            sampler=self.ctx.sampler,
+            num_workers=workers,
+            collate_fn=self.ctx.collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+
+    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss of one batch and the values to log (reduced over ranks)."""
+        images = (batch.images - self.mean) / self.std
+        with torch.autocast(
+            self.device.type, dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            preds = self.forward(images)
+        with torch.no_grad():
+            targets = self.targets(batch)
+        present = batch.presence.to(self.device)
+        columns = []
+        for i, teacher in enumerate(self.teachers):
+            normed = {
+                tok: self.model.norms[teacher][tok](value, mask=present[:, i])
+                for tok, value in targets[teacher].items()
+            }
+            columns.append(masked_teacher_losses(preds[teacher], normed, present[:, i]))
+        losses = torch.stack(columns, dim=1)
+        coeffs = self._dropping(losses, present, batch)
+        loss = total_loss(losses, coeffs)
+        return loss, self._reduce_for_log(loss, losses, present)
+
+    def _dropping(self, losses: torch.Tensor, present: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Teacher-dropping coefficients, with random draws independent of the world size."""
+        n = losses.shape[1]
+        rank, world = self.dist.rank, self.dist.world_size
+        if self.dropping.strategy == "lowest_loss" and world > 1:
+            # Skip the draws of the ranks before this one, then of the ranks after it: every
+            # rank ends the step with the generator where one process would have it.
+            torch.rand(rank * self.local_batch * n, generator=self.drop_generator)
+        coeffs = self.dropping(
+            losses.detach(), present, list(batch.domains), generator=self.drop_generator
+        )
+        if self.dropping.strategy == "lowest_loss" and world > 1:
+            torch.rand((world - rank - 1) * self.local_batch * n, generator=self.drop_generator)
+        return coeffs
+
+    def _reduce_for_log(
+        self, loss: torch.Tensor, losses: torch.Tensor, present: torch.Tensor
+    ) -> dict[str, float]:
+        """Total loss and each teacher's mean loss over its present samples, over all ranks.
+
+        One small all-reduce per step: every rank then sees the same values, so a non-finite
+        loss stops every rank at the same step instead of leaving the others waiting.
+        """
+        mask = present.float()
+        sums = torch.where(present, losses.detach().float(), torch.zeros_like(mask)).sum(0)
+        packed = torch.cat([loss.detach().float().view(1), sums, mask.sum(0)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(packed)
+            packed[0] /= self.dist.world_size
+        values = packed.cpu().tolist()
+        n = len(self.teachers)
+        logged = {"loss": values[0]}
+        for i, teacher in enumerate(self.teachers):
+            count = values[1 + n + i]
+            if count:  # a teacher absent from the whole global batch has nothing to report
+                logged[f"loss/{teacher}"] = values[1 + i] / count
+        return logged
+
+    def _evaluate(self, metrics: MetricsLog | None) -> None:
+        """Held-out loss and cosine per teacher; saves best.pt when the loss improves."""
+        if self.ctx.heldout_data is None:
+            return
+        # Evaluating must not move the training RNG (its loader draws a seed): a run that
+        # evaluates at its stop step and is then resumed draws what an uninterrupted one draws.
+        with torch.random.fork_rng(devices=[]):
+            result = evaluate_heldout(self, self.ctx.heldout_data)
+        if metrics is not None:
+            metrics.write({"kind": "eval", "step": self.step, **result})
+        # The untrained baseline (step 0) is not a candidate for best.pt.
+        if self.step > 0 and result["heldout/loss"] < self.best_heldout:
+            self.best_heldout = result["heldout/loss"]
+            self._save(BEST)
+
+    def _save(self, name: str) -> None:
+        state = self.state_dict()  # collective in DDP: every rank takes part
+        if self.dist.rank == 0:
+            save_atomic(state, checkpoint_dir(self.run_dir) / name)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+
+class _Progress:
+    """Progress of the main process: a rich bar ("bar"), plain lines ("lines", when the output
+    is not a terminal), or nothing ("off")."""
+
+    def __init__(self, mode: str, total: int, start: int) -> None:
+        self.mode, self.total, self.progress = mode, total, None
+        self.every = max(1, total // 20)
+        if mode != "bar":
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, rate: float, logged: dict[str, float]) -> None:
+        quiet_step = self.mode == "lines" and step % self.every and step != self.total
+        if self.mode == "off" or quiet_step:
+            return
+        parts = [f"{rate:.1f} img/s"] + [
+            f"{k.removeprefix('loss/')}={v:.4f}" for k, v in logged.items() if k.startswith("loss")
+        ]
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info="  ".join(parts))
+        else:
+            print(f"step {step}/{self.total}  " + "  ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
