@@ -104,8 +104,9 @@ def cache_config(sizes: DemoSizes, datasets: list[dict[str, Any]]) -> dict[str, 
         "encoding": {"name": sizes.encoding, "codec": "none"},
         "sharing": {"strategy": sizes.sharing},
         "build": {"batch_size": 32, "calibration_samples": 64},
-        # In-process dask workers (threads); one loader process decodes images beside them.
-        "runtime": {"loader_workers": 1, "processes": False},
+        # In-process dask workers (threads); one loader process decodes images beside one
+        # torch thread, so that 2 cores are not oversubscribed.
+        "runtime": {"loader_workers": 1, "torch_threads": 1, "processes": False},
         "teachers": [
             {"name": name, "kind": kind, "domain": domain, "init_seed": 100 + i,
              "embed_dim": dim, "depth": sizes.teacher_depth, "num_heads": heads.get(dim, 1)}

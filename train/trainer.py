@@ -37,7 +37,7 @@ from train.config import TrainConfig
 from train.evaluation import evaluate_heldout
 from train.export import DistillModel
 from train.losses import TeacherDropping, masked_teacher_losses, total_loss
-from train.metrics import MetricsLog, draw_loss_curves, read_metrics
+from train.metrics import LiveProgress, MetricsLog, draw_loss_curves, read_metrics
 from train.run_setup import (
     RunContext,
     check_resume,
@@ -190,7 +190,7 @@ class Trainer:
         if resumed_from is None and self.step < stop_at:
             self._evaluate(metrics)
         started, paused, images_done = time.perf_counter(), 0.0, 0
-        progress = _Progress(self.show_progress if is_main else "off", stop_at, self.step)
+        progress = LiveProgress(self.show_progress if is_main else "off", stop_at, self.step)
         loader = self.make_loader()
         while self.step < stop_at:
             self.ctx.sampler.set_epoch(self.epoch)
@@ -362,44 +362,3 @@ class Trainer:
             save_atomic(state, checkpoint_dir(self.run_dir) / name)
         if self.dist.world_size > 1:
             dist.barrier()
-
-
-class _Progress:
-    """Progress of the main process: a rich bar ("bar"), plain lines ("lines", when the output
-    is not a terminal), or nothing ("off")."""
-
-    def __init__(self, mode: str, total: int, start: int) -> None:
-        self.mode, self.total, self.progress = mode, total, None
-        self.every = max(1, total // 20)
-        if mode != "bar":
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=start, info="")
-
-    def update(self, step: int, rate: float, logged: dict[str, float]) -> None:
-        quiet_step = self.mode == "lines" and step % self.every and step != self.total
-        if self.mode == "off" or quiet_step:
-            return
-        parts = [f"{rate:.1f} img/s"] + [
-            f"{k.removeprefix('loss/')}={v:.4f}" for k, v in logged.items() if k.startswith("loss")
-        ]
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, info="  ".join(parts))
-        else:
-            print(f"step {step}/{self.total}  " + "  ".join(parts), flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
