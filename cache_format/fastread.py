@@ -11,10 +11,12 @@ samples per second. This module reads what zarr wrote, the same bytes, without t
 - each inner chunk (one sample) is `[bytes, optional zstd|blosc, crc32c]`: the encoded bytes
   followed by their crc32c (4 bytes little-endian).
 
-The index of each shard file is read once (verified, cached in a bounded LRU), then a batch of
-samples is fetched with one positional read per sample (`os.preadv` straight into the output
-array for local files, fsspec `cat_file(path, start, end)` for URLs) on a small thread pool, and
-every chunk's crc32c is checked. Missing chunks read as the fill value, like zarr.
+The index of each shard file is read once (verified, cached), then every sample is fetched with
+one positional read (`os.preadv` scattering the chunk straight into the output arrays, one per
+record field, for local files; fsspec `cat_file(path, start, end)` for URLs), on a small thread
+pool for batches, and every chunk's crc32c is checked. Missing chunks read as the fill value,
+like zarr. A random read is one syscall and one checksum pass over the bytes plus a few
+microseconds of Python, so the hot path avoids per-call objects and locks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +44,16 @@ _MISSING_INT = 2**64 - 1
 _EMPTY_ENTRY = struct.pack("<QQ", _MISSING_INT, _MISSING_INT)
 _unpack_entry = struct.Struct("<QQ").unpack_from
 _DECOMPRESSORS: dict[str, Any] = {"zstd": Zstd(), "blosc": Blosc()}
+try:  # as fast as google_crc32c, and it releases the GIL: reader threads check in parallel
+    from crc32c import crc32c as _crc32c_release_gil
+except ImportError:  # pragma: no cover - google_crc32c (a dependency) holds the GIL
+    _crc_value = google_crc32c.value
+    _crc_extend = google_crc32c.extend
+else:
+    _crc_value = _crc32c_release_gil
+
+    def _crc_extend(crc: int, data: Any) -> int:
+        return _crc32c_release_gil(data, crc)
 
 
 @dataclass(frozen=True)
@@ -118,13 +131,13 @@ class ShardedLayout:
         return layout
 
 
-@dataclass(slots=True)
-class ReadRequest:
-    """Read `samples` (global indices) of one array into `out[len(samples), *sample_shape]`."""
-
-    layout: ShardedLayout
-    samples: list[int]
-    out: np.ndarray
+#: What `ShardReader.read` fills: (array, output arrays). Row r of every output array, in
+#: order, receives the bytes of the r-th sample (a record's fields land straight in their own
+#: C-contiguous arrays); the bytes of one row of all outputs together are the array's
+#: `sample_nbytes`.
+ReadTarget = tuple[ShardedLayout, Sequence[np.ndarray]]
+#: Live readers, reset in a forked child (see _reset_after_fork).
+_READERS: weakref.WeakSet[ShardReader] = weakref.WeakSet()
 
 
 class ShardReader:
@@ -135,19 +148,18 @@ class ShardReader:
         self.files = files
         self.verify_checksums = verify_checksums
         self.threads = max(1, threads)
+        self._local = isinstance(files, LocalFiles)
         self._index_capacity = index_cache_entries
         self._index_cache: dict[tuple[str, int], tuple[bytes, str]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._pid = os.getpid()
+        _READERS.add(self)
 
-    def _after_fork_check(self) -> None:
-        # A DataLoader worker forks this object: threads and locks do not survive a fork.
-        if os.getpid() != self._pid:
-            self._pid = os.getpid()
-            self._lock = threading.Lock()
-            self._pool = None
-            self.files.reinit_after_fork()
+    def after_fork(self) -> None:
+        """In a forked child (a DataLoader worker): threads and locks did not survive."""
+        self._lock = threading.Lock()
+        self._pool = None
+        self.files.reinit_after_fork()
 
     def _corrupt(self, layout: ShardedLayout, shard: int, sample: int | None, what: str) -> None:
         where = f"sample {sample}" if sample is not None else f"shard {shard}"
@@ -193,35 +205,55 @@ class ShardReader:
             self._corrupt(layout, shard, None, "index points past the data (truncated file?)")
         return bytes(raw[:-4])
 
-    def read(self, requests: Sequence[ReadRequest]) -> None:
-        """Fill every request's `out` with its samples, verifying each chunk's crc32c."""
-        self._after_fork_check()
-        # One work item per present chunk: (layout, sample, key, offset, nbytes, out row).
-        items: list[tuple[ShardedLayout, int, str, int, int, np.ndarray]] = []
-        for req in requests:
-            lay, out = req.layout, req.out
+    def read(self, samples: Sequence[int], targets: Sequence[ReadTarget]) -> None:
+        """Fill the output arrays of every target with `samples`, verifying each chunk's crc32c.
+
+        This is the random-access hot path: one positional read and one checksum pass per
+        sample and array, everything else kept to a few dict lookups.
+        """
+        cached_index = self._index_cache.get
+        if len(samples) == 1 and self._local:  # one sample: no work items, no thread pool
+            sample = samples[0]
+            files: LocalFiles = self.files  # type: ignore[assignment]
+            token = files.begin()
+            try:
+                for lay, outs in targets:
+                    shard, local = divmod(sample, lay.samples_per_shard)
+                    hit = cached_index((lay.path, shard))  # inlined shard_index() hit
+                    index, key = hit if hit is not None else self.shard_index(lay, shard)
+                    offset, nbytes = _unpack_entry(index, 16 * local)
+                    if offset == _MISSING_INT:
+                        _fill(outs, lay.fill_value)
+                    else:
+                        self._read_chunk(files.fd(key), lay, sample, offset, nbytes, outs)
+            finally:
+                files.end(token)
+            return
+        # One work item per present chunk: (layout, sample, key, offset, nbytes, row buffers).
+        items: list[tuple[ShardedLayout, int, str, int, int, Sequence[np.ndarray]]] = []
+        for lay, outs in targets:
             sps = lay.samples_per_shard
-            for row, sample in enumerate(req.samples):
+            for row, sample in enumerate(samples):
                 shard, local = divmod(sample, sps)
-                hit = self._index_cache.get((lay.path, shard))  # inlined shard_index() hit
+                hit = cached_index((lay.path, shard))
                 index, key = hit if hit is not None else self.shard_index(lay, shard)
                 offset, nbytes = _unpack_entry(index, 16 * local)
+                # One-row slices, not out[row]: on a 1-d array that would be a scalar copy.
+                rows = [out[row : row + 1] for out in outs]
                 if offset == _MISSING_INT:
-                    out[row] = lay.fill_value
+                    _fill(rows, lay.fill_value)
                 else:
-                    # A one-row slice, not out[row]: on a 1-d array that would be a scalar copy.
-                    items.append((lay, sample, key, offset, nbytes, out[row : row + 1]))
+                    items.append((lay, sample, key, offset, nbytes, rows))
         if not items:
             return
-        if isinstance(self.files, LocalFiles):
-            keys = list({item[2] for item in items})
-            fds = self.files.acquire_many(keys)
-            try:
-                self._run(items, lambda part: self._read_local(part, fds))
-            finally:
-                self.files.release_many(keys)
-        else:
+        if not self._local:
             self._run(items, self._read_remote)
+            return
+        token = self.files.begin()  # type: ignore[union-attr]
+        try:
+            self._run(items, self._read_local)
+        finally:
+            self.files.end(token)  # type: ignore[union-attr]
 
     def _run(self, items: list, work: Any) -> None:
         if self.threads == 1 or len(items) < 2:
@@ -234,60 +266,73 @@ class ShardReader:
         for future in [self._pool.submit(work, part) for part in parts]:
             future.result()
 
-    def _read_local(self, items: list, fds: dict[str, int | None]) -> None:
-        crc = np.empty(1, dtype="<u4")
-        verify = self.verify_checksums
-        for layout, sample, key, offset, nbytes, row in items:
-            fd = fds[key]
-            if fd is None:
-                self._corrupt(layout, sample // layout.samples_per_shard, sample,
-                              "shard file vanished")
-            if layout.compressor == "none" and nbytes == layout.sample_nbytes + 4:
-                # Straight into the output row, checksum into `crc`: no intermediate copy.
-                got = os.preadv(fd, [row, crc], offset)
-                if got != nbytes or (verify and google_crc32c.value(row) != int(crc[0])):
-                    # Read again through the general path, which names what is wrong.
-                    self._decode_chunk(layout, sample // layout.samples_per_shard, sample,
-                                       os.pread(fd, nbytes, offset), nbytes, row)
-            else:
-                self._decode_chunk(layout, sample // layout.samples_per_shard, sample,
-                                   os.pread(fd, nbytes, offset), nbytes, row, verify)
+    def _read_local(self, items: list) -> None:
+        fd_of = self.files.fd  # type: ignore[union-attr]
+        for layout, sample, key, offset, nbytes, rows in items:
+            self._read_chunk(fd_of(key), layout, sample, offset, nbytes, rows)
+
+    def _read_chunk(self, fd: int | None, layout: ShardedLayout, sample: int, offset: int,
+                    nbytes: int, rows: Sequence[np.ndarray]) -> None:
+        """Read one local chunk into `rows` and check its crc32c."""
+        if fd is None:
+            self._corrupt(layout, sample // layout.samples_per_shard, sample,
+                          "shard file vanished")
+        if nbytes == layout.sample_nbytes + 4 and layout.compressor == "none":
+            # Straight into the output rows, checksum into `crc`: no intermediate copy.
+            crc = bytearray(4)
+            ok = os.preadv(fd, [*rows, crc], offset) == nbytes  # type: ignore[arg-type]
+            if ok and self.verify_checksums:
+                check = _crc_value(rows[0])
+                for part in rows[1:]:
+                    check = _crc_extend(check, part)
+                ok = check == int.from_bytes(crc, "little")
+            if ok:
+                return
+            # Read again through the general path, which names what is wrong.
+            verify = True
+        else:
+            verify = self.verify_checksums
+        self._decode_chunk(layout, sample // layout.samples_per_shard, sample,
+                           os.pread(fd, nbytes, offset), nbytes, rows, verify)  # type: ignore[arg-type]
 
     def _read_remote(self, items: list) -> None:
-        for layout, sample, key, offset, nbytes, row in items:
+        for layout, sample, key, offset, nbytes, rows in items:
             shard = sample // layout.samples_per_shard
             raw = self.files.read(key, offset, nbytes)
             if raw is None:
                 self._corrupt(layout, shard, sample, "shard object vanished")
-            self._decode_chunk(layout, shard, sample, raw, nbytes, row,  # type: ignore[arg-type]
+            self._decode_chunk(layout, shard, sample, raw, nbytes, rows,  # type: ignore[arg-type]
                                self.verify_checksums)
 
     def _decode_chunk(self, layout: ShardedLayout, shard: int, sample: int, raw: bytes,
-                      nbytes: int, row: np.ndarray, verify: bool = True) -> None:
-        """Verify one chunk's crc32c (unless `verify` is False) and decode it into `row`."""
+                      nbytes: int, rows: Sequence[np.ndarray], verify: bool = True) -> None:
+        """Verify one chunk's crc32c (unless `verify` is False), decode it into `rows`."""
         if len(raw) != nbytes:
             self._corrupt(layout, shard, sample, f"short read ({len(raw)} of {nbytes} bytes)")
         payload = np.frombuffer(raw, dtype=np.uint8, count=nbytes - 4)
-        if verify and google_crc32c.value(payload) != int.from_bytes(raw[-4:], "little"):
+        if verify and _crc_value(payload) != int.from_bytes(raw[-4:], "little"):
             self._corrupt(layout, shard, sample, "chunk checksum mismatch")
         if layout.compressor == "none":
             if payload.size != layout.sample_nbytes:
                 self._corrupt(layout, shard, sample, f"chunk of {payload.size} bytes, "
                               f"expected {layout.sample_nbytes}")
-            row.reshape(-1).view(np.uint8)[:] = payload
+            _scatter(payload, rows)
             return
+        # Decompress straight into a lone output row, else into scratch, then split.
+        flat = (rows[0].reshape(-1).view(np.uint8) if len(rows) == 1
+                else np.empty(layout.sample_nbytes, dtype=np.uint8))
         try:
-            flat = row.reshape(-1).view(np.uint8)
             decoded = _DECOMPRESSORS[layout.compressor].decode(payload, out=flat)
             ok = np.asarray(decoded).nbytes == layout.sample_nbytes
         except Exception as exc:  # the codec's own errors vary; all mean a bad chunk
             self._corrupt(layout, shard, sample, f"chunk does not decode ({exc})")
         if not ok:
             self._corrupt(layout, shard, sample, "chunk decodes to the wrong size")
+        if len(rows) > 1:
+            _scatter(flat, rows)
 
     def read_shard(self, layout: ShardedLayout, shard: int, count: int) -> np.ndarray:
         """All `count` samples of one shard from one read of its file (sequential scans)."""
-        self._after_fork_check()
         out = np.empty((count, *layout.sample_shape), dtype=layout.dtype)
         key = layout.shard_key(shard)
         tail = self.files.tail(key, layout.index_nbytes)
@@ -305,7 +350,7 @@ class ShardReader:
                 continue
             sample = shard * layout.samples_per_shard + local
             self._decode_chunk(layout, shard, sample, raw[offset : offset + nbytes], nbytes,
-                               out[local : local + 1])
+                               [out[local : local + 1]])
         return out
 
     def read_done_mark(self, path: str, shard: int, label: str) -> bool:
@@ -325,3 +370,27 @@ class ShardReader:
             self._pool.shutdown()
             self._pool = None
         self.files.close()
+
+
+def _reset_after_fork() -> None:
+    """Runs in a forked child: give every live reader fresh locks and no thread pool."""
+    for reader in list(_READERS):
+        reader.after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _fill(rows: Sequence[np.ndarray], value: Any) -> None:
+    """Set every byte of `rows` to the (uint8) fill value, as zarr reads a missing chunk."""
+    for row in rows:
+        row.reshape(-1).view(np.uint8)[:] = value
+
+
+def _scatter(payload: np.ndarray, rows: Sequence[np.ndarray]) -> None:
+    """Copy one sample's bytes into its output rows, in order."""
+    at = 0
+    for row in rows:
+        flat = row.reshape(-1).view(np.uint8)
+        flat[:] = payload[at : at + flat.size]
+        at += flat.size

@@ -5,124 +5,127 @@ Also `BufferPool`, which recycles the large output arrays of batch reads.
 
 from __future__ import annotations
 
-import math
+import itertools
 import os
 import sys
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 
 class LocalFiles:
-    """Positional reads from files under a local root, with a small cache of open fds.
+    """Positional reads from files under a local root, with a bounded cache of open fds.
 
-    A batch pins the fds it uses, so an fd is never closed (and its number reused) while a
-    worker thread still reads from it.
+    Looking an fd up takes no lock (a random read must stay cheap); instead a batch brackets its
+    reads with `begin()` / `end(token)`, and an fd evicted from the cache is closed only once
+    every batch that began before the eviction has ended. So an fd is never closed (and its
+    number reused for another file) while a reader thread still holds it.
     """
 
     def __init__(self, root: str, max_open: int = 256) -> None:
         self.root = root
         self._max_open = max_open
         self._lock = threading.Lock()
-        self._fds: OrderedDict[str, list[int]] = OrderedDict()  # key -> [fd, pins]
+        self._fds: dict[str, int] = {}  # insertion order = eviction order
+        self._active: dict[int, None] = {}  # tokens of the batches in flight
+        self._tokens = itertools.count()
+        self._retired: list[tuple[int, int]] = []  # (fd, first token that cannot hold it)
 
     def describe(self, key: str) -> str:
         """The file path of `key`, for messages."""
         return os.path.join(self.root, key)
 
-    def acquire(self, key: str) -> int | None:
-        """Pin and return an fd for `key` (None when the file does not exist)."""
-        with self._lock:
-            entry = self._fds.get(key)
-            if entry is None:
-                try:
-                    fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
-                except FileNotFoundError:
-                    return None
-                entry = self._fds[key] = [fd, 0]
-                self._evict()
-            self._fds.move_to_end(key)
-            entry[1] += 1
-            return entry[0]
+    def begin(self) -> int:
+        """Start a batch of reads; pass the token to `end` when the batch is done."""
+        token = next(self._tokens)  # atomic under the GIL, like the dict store below
+        self._active[token] = None
+        return token
 
-    def acquire_many(self, keys: Sequence[str]) -> dict[str, int | None]:
-        """`acquire` for several keys under one lock (a batch pins all its files at once)."""
-        fds: dict[str, int | None] = {}
-        with self._lock:
-            for key in keys:
-                entry = self._fds.get(key)
-                if entry is None:
-                    try:
-                        fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
-                    except FileNotFoundError:
-                        fds[key] = None
-                        continue
-                    entry = self._fds[key] = [fd, 0]
-                self._fds.move_to_end(key)
-                entry[1] += 1
-                fds[key] = entry[0]
-            self._evict()
-        return fds
+    def end(self, token: int) -> None:
+        """End a batch: fds it may still hold can be closed now."""
+        del self._active[token]
+        if self._retired:
+            with self._lock:
+                self._close_retired()
 
-    def release_many(self, keys: Sequence[str]) -> None:
-        """`release` for several keys under one lock."""
-        with self._lock:
-            for key in keys:
-                entry = self._fds.get(key)
-                if entry is not None:
-                    entry[1] -= 1
-            self._evict()
+    def fd(self, key: str) -> int | None:
+        """An fd for `key` (None when the file does not exist), valid until the current batch
+        ends. Call only between `begin()` and `end()`."""
+        fd = self._fds.get(key)
+        return fd if fd is not None else self._open(key)
 
-    def release(self, key: str) -> None:
-        """Unpin `key` (the fd stays cached until evicted)."""
+    def _open(self, key: str) -> int | None:
         with self._lock:
-            entry = self._fds.get(key)
-            if entry is not None:
-                entry[1] -= 1
-            self._evict()
+            fd = self._fds.get(key)
+            if fd is not None:
+                return fd
+            try:
+                fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            self._fds[key] = fd
+            if len(self._fds) > self._max_open:
+                evicted = []
+                while len(self._fds) > self._max_open:
+                    evicted.append(self._fds.pop(next(iter(self._fds))))
+                # Taken after the eviction: a batch with this token or a later one began after
+                # the fds left the cache, so it cannot hold them.
+                horizon = next(self._tokens)
+                self._retired.extend((old, horizon) for old in evicted)
+                self._close_retired()
+            return fd
 
-    def _evict(self) -> None:
-        if len(self._fds) <= self._max_open:
-            return
-        for key in [k for k, (_, pins) in self._fds.items() if pins == 0]:
-            if len(self._fds) <= self._max_open:
-                break
-            os.close(self._fds.pop(key)[0])
+    def _close_retired(self) -> None:
+        """Close retired fds that no batch in flight can hold (call with the lock held)."""
+        active = list(self._active)  # one C call: a consistent snapshot under the GIL
+        oldest = min(active) if active else None
+        keep = []
+        for fd, horizon in self._retired:
+            if oldest is None or oldest >= horizon:
+                os.close(fd)
+            else:
+                keep.append((fd, horizon))
+        self._retired = keep
 
     def tail(self, key: str, nbytes: int) -> tuple[bytes, int] | None:
         """The last `nbytes` bytes of `key` and its size, or None when it does not exist."""
-        fd = self.acquire(key)
-        if fd is None:
-            return None
+        token = self.begin()
         try:
+            fd = self.fd(key)
+            if fd is None:
+                return None
             size = os.fstat(fd).st_size
             return os.pread(fd, nbytes, max(0, size - nbytes)), size
         finally:
-            self.release(key)
+            self.end(token)
 
     def read(self, key: str, start: int, nbytes: int) -> bytes | None:
         """`nbytes` bytes of `key` from `start` (fewer at end of file; None when missing)."""
-        fd = self.acquire(key)
-        if fd is None:
-            return None
+        token = self.begin()
         try:
-            return os.pread(fd, nbytes, start)
+            fd = self.fd(key)
+            return None if fd is None else os.pread(fd, nbytes, start)
         finally:
-            self.release(key)
+            self.end(token)
 
     def reinit_after_fork(self) -> None:
-        """A forked child gets a fresh lock; inherited fds stay valid for positional reads."""
+        """A forked child has only the forking thread: no batch of another thread is in flight.
+        Inherited fds stay valid for positional reads."""
         self._lock = threading.Lock()
+        self._active.clear()
+        self._close_retired()
 
     def close(self) -> None:
         """Close every cached fd."""
         with self._lock:
-            for fd, _ in self._fds.values():
+            for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for fd, _ in self._retired:
+                os.close(fd)
+            self._retired.clear()
 
 
 class FsspecFiles:
@@ -173,37 +176,44 @@ def files_for(location: str, storage_options: dict[str, Any] | None = None) -> F
 
 
 class BufferPool:
-    """Recycles batch output arrays once nothing outside the pool references them.
+    """Recycles the output arrays of batch reads once nothing outside the pool references them.
 
     Fresh large arrays cost the kernel a page fault and a zero fill per page (about as much as
     copying the data in); a trainer reads batches of one shape over and over, so the pool hands
-    back an array whose tensors the caller has dropped. An array still referenced anywhere
-    (a tensor from torch.from_numpy, a view, a slice) has a higher refcount and is left alone.
+    back the arrays of a batch whose tensors the caller has dropped. An array still referenced
+    anywhere (a tensor from torch.from_numpy or any view of it, a numpy view, a slice) has a
+    higher refcount and keeps its whole set out of reuse. Each thread has its own sets, so a
+    lookup takes no lock and two threads never get the same set.
     """
 
-    def __init__(self, per_shape: int = 4, shapes: int = 32) -> None:
-        self._per_shape = per_shape
-        self._shapes = shapes
-        self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, per_key: int = 4, keys: int = 32) -> None:
+        self._per_key = per_key
+        self._keys = keys
+        self._local = threading.local()
 
-    #: Arrays smaller than this come from np.empty: malloc reuses small blocks by itself.
-    min_nbytes = 1 << 18
+    def get(self, key: Any, make: Callable[[Any], list[np.ndarray]]) -> list[np.ndarray]:
+        """A set of arrays for `key`: a free one of those `make(key)` built earlier, else new.
 
-    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """An uninitialized C-contiguous array of `shape` and `dtype`."""
-        if math.prod(shape) * dtype.itemsize < self.min_nbytes:
-            return np.empty(shape, dtype=dtype)  # malloc recycles small blocks by itself
-        key = (shape, dtype.str)
-        with self._lock:
-            arrays = self._free.setdefault(key, [])
+        Equal keys must mean equal sets; the list returned belongs to the pool: do not change
+        it. An array of a set may be a view of a buffer that only the set's arrays reference.
+        """
+        try:
+            by_key: dict[Any, list[list[np.ndarray]]] = self._local.sets
+        except AttributeError:
+            by_key = self._local.sets = {}
+        sets = by_key.get(key)
+        if sets is None:
+            sets = by_key[key] = []
+            while len(by_key) > self._keys:
+                del by_key[next(iter(by_key))]
+        for arrays in sets:
             for array in arrays:
-                # References: the list, this loop variable and getrefcount's argument.
-                if sys.getrefcount(array) == 3:
-                    return array
-            array = np.empty(shape, dtype=dtype)
-            if len(arrays) < self._per_shape:
-                arrays.append(array)
-            while len(self._free) > self._shapes:
-                del self._free[next(iter(self._free))]
-            return array
+                # References: the set, this loop variable and getrefcount's argument.
+                if sys.getrefcount(array) != 3:
+                    break
+            else:
+                return arrays
+        arrays = make(key)
+        if len(sets) < self._per_key:
+            sets.append(arrays)
+        return arrays

@@ -7,14 +7,18 @@
         status         u8    [N]                    manifest.status_codes
         index_done     u8    [num_shards]           1 = index shard written
         teachers/<teacher>/             one group per (dataset, teacher)
-            patch      enc   [N, T, D]              sharded: shard = S samples, chunk = 1 sample
-            patch_scale f32  [N, T]                 int8 only, sharded like patch
-            cls        enc   [N, D]                 only when the teacher has a cls token
-            cls_scale  f32   [N]                    int8 + cls only
+            tokens     u8    [N, R]                 one record of R bytes per sample (below);
+                                                    sharded: shard = S samples, chunk = 1 sample
             <tok>_calib_mean / <tok>_calib_std  f32 [D]   int8 only: standardization
             done       u8    [num_shards]           1 = shard written completely
             stats/<tok>_part_{count,mean,m2}        per-shard partial statistics
             stats/<tok>_{count,mean,m2}, stats/final   merged statistics, final = 1 when written
+
+A sample's record holds everything a trainer reads for one (sample, teacher), so a random read is
+one byte range and one checksum: the fields `patch_scale` f32 [T] and `cls_scale` f32 [] (int8
+only), then `patch` [T, D] and `cls` [D] in the stored dtype, back to back, little endian, C
+order (widest items first, so every field is aligned to its item size). The `tokens` array's
+attribute "dune_record" lists the fields with their dtype, shape and byte offset.
 
 N = num_images * views_per_image samples; sample s is image s // V, view s % V. Every chunk
 carries a crc32c checksum; per-shard arrays have one chunk (= one store object) per shard so
@@ -23,6 +27,7 @@ concurrent writers of different shards never touch the same object.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,9 @@ STATUS = "status"
 INDEX_DONE = "index_done"
 DONE = "done"
 FINAL = "final"
+TOKENS = "tokens"
+#: Attribute of the `tokens` array that lists the record's fields.
+RECORD_ATTR = "dune_record"
 #: Keys per chunk of the `key` array (variable-length strings, read whole by the reader).
 KEY_CHUNK = 1 << 16
 
@@ -55,7 +63,7 @@ def teacher_path(dataset: str, teacher: str) -> str:
 
 
 def scale_name(tok: str) -> str:
-    """Per-token int8 scale array of token type `tok`."""
+    """Record field holding the per-token int8 scales of token type `tok`."""
     return f"{tok}_scale"
 
 
@@ -70,6 +78,60 @@ def stats_names(tok: str, *, partial: bool) -> tuple[str, str, str]:
     return tuple(f"{STATS}/{tok}_{kind}{q}" for q in ("count", "mean", "m2"))  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class RecordField:
+    """One field of a sample's record: `shape` items of `dtype` (little endian) at `offset`."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the field in one record."""
+        count = 1
+        for n in self.shape:
+            count *= n
+        return count * self.dtype.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        """The field as stored in the "dune_record" attribute."""
+        return {"name": self.name, "dtype": self.dtype.str, "shape": list(self.shape),
+                "offset": self.offset}
+
+
+def record_fields(spec: EncodingSpec, token_types: tuple[str, ...], num_tokens: int,
+                  dim: int) -> tuple[RecordField, ...]:
+    """The fields of one sample's record, in their order in the record.
+
+    int8 scales (float32) come first, then the token values (patch, then cls): widest items
+    first, so each field sits at a multiple of its item size.
+    """
+    shapes = {"patch": (num_tokens, dim), "cls": (dim,)}
+    order = [tok for tok in ("patch", "cls") if tok in token_types]
+    wanted: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    if spec.has_scale:
+        wanted += [(scale_name(tok), np.dtype("<f4"), shapes[tok][:-1]) for tok in order]
+    wanted += [(tok, spec.stored_dtype.newbyteorder("<"), shapes[tok]) for tok in order]
+    fields, offset = [], 0
+    for name, dtype, shape in wanted:
+        field = RecordField(name, dtype, shape, offset)
+        fields.append(field)
+        offset += field.nbytes
+    return tuple(fields)
+
+
+def record_nbytes(fields: tuple[RecordField, ...]) -> int:
+    """Bytes of one record."""
+    return sum(f.nbytes for f in fields)
+
+
+def record_attr(fields: tuple[RecordField, ...]) -> dict[str, Any]:
+    """The "dune_record" attribute of a `tokens` array."""
+    return {"nbytes": record_nbytes(fields), "fields": [f.to_json() for f in fields]}
+
+
 def num_shards(num_samples: int, samples_per_shard: int) -> int:
     """Number of shards covering `num_samples` (the last one may be partial)."""
     return -(-num_samples // samples_per_shard)
@@ -82,7 +144,11 @@ def shard_bounds(shard: int, num_samples: int, samples_per_shard: int) -> tuple[
 
 
 def token_compressors(spec: EncodingSpec, dtype: np.dtype) -> list[Any]:
-    """Bytes-to-bytes codecs of one token chunk: the optional lossless codec, then crc32c."""
+    """Bytes-to-bytes codecs of one record chunk: the optional lossless codec, then crc32c.
+
+    blosc's shuffle works on items of `dtype` (the token values' dtype, not the record's
+    uint8), so bitshuffle groups the bits of fp16/bf16 values as it would on a float array.
+    """
     codecs: list[Any] = []
     if spec.codec == "zstd":
         codecs.append(ZstdCodec(level=spec.level))
@@ -124,16 +190,16 @@ def create_index_arrays(group: zarr.Group, num_images: int, views_per_image: int
 def create_teacher_arrays(group: zarr.Group, spec: EncodingSpec, num_samples: int,
                           num_tokens: int, dim: int, token_types: tuple[str, ...],
                           samples_per_shard: int) -> None:
-    """Create the token, scale, calibration, done-mark and statistics arrays of one pair."""
+    """Create the record, calibration, done-mark and statistics arrays of one pair."""
     n, s = num_samples, samples_per_shard
-    compressors = token_compressors(spec, spec.stored_dtype)
     shards = num_shards(n, s)
+    fields = record_fields(spec, token_types, num_tokens, dim)
+    tokens = _sharded(group, TOKENS, (n, record_nbytes(fields)), "uint8", s,
+                      token_compressors(spec, spec.stored_dtype))
+    tokens.attrs[RECORD_ATTR] = record_attr(fields)
     stats = group.require_group(STATS)
     for tok in token_types:
-        shape = (n, num_tokens, dim) if tok == "patch" else (n, dim)
-        _sharded(group, tok, shape, spec.stored_dtype, s, compressors)
         if spec.has_scale:
-            _sharded(group, scale_name(tok), shape[:-1], "float32", s, [Crc32cCodec()])
             for name in calib_names(tok):
                 _plain(group, name, (dim,), "float32", (dim,))
         part_count, part_mean, part_m2 = (p.split("/", 1)[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,32 +18,21 @@ import zarr
 
 from cache_format import layout
 from cache_format.encodings import EncodingSpec
-from cache_format.errors import CacheCorruptionError, CacheNotFoundError, ConfigError
-from cache_format.fastread import ReadRequest, ShardedLayout, ShardReader
+from cache_format.errors import (
+    CacheCorruptionError,
+    CacheNotFoundError,
+    CacheVersionError,
+    ConfigError,
+)
+from cache_format.fastread import ShardedLayout, ShardReader
 from cache_format.files import BufferPool, files_for
 from cache_format.manifest import ROOT_ATTR, Manifest
+from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
 from cache_format.records import EncodedTokens, SampleIndex, ShardBlock, VerifyReport
 from cache_format.stats import ChannelStats, merge_all
 
 __all__ = ["CacheReader", "EncodedTokens", "SampleIndex", "ShardBlock", "VerifyReport",
            "open_cache"]
-
-
-@dataclass(frozen=True)
-class _PlanEntry:
-    """One token type of one teacher in a batch read: its arrays and calibration."""
-
-    teacher: str
-    tok: str
-    values: ShardedLayout
-    scale: ShardedLayout | None
-    calib_mean: torch.Tensor | None
-    calib_std: torch.Tensor | None
-
-    @property
-    def arrays(self) -> tuple[ShardedLayout, ...]:
-        """The arrays read for this entry: values, then the int8 scale if any."""
-        return (self.values,) if self.scale is None else (self.values, self.scale)
 
 
 def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
@@ -86,9 +74,9 @@ class CacheReader:
         self._fast = fast
         self._layouts: dict[tuple[str, str, str], ShardedLayout] = {}
         self._calib: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._done: dict[tuple[str, str], np.ndarray] = {}
+        self._done: dict[tuple[str, str], bytearray] = {}
         self._indexes: dict[str, SampleIndex] = {}
-        self._plans: dict[tuple[str, tuple[str, ...]], list[_PlanEntry]] = {}
+        self._plans: dict[tuple[str, tuple[str, ...] | None], ReadPlan] = {}
         self._buffers = BufferPool()
         self._teachers_for: dict[str, tuple[str, ...]] = {}
         self._num_samples: dict[str, int] = {}
@@ -207,12 +195,18 @@ class CacheReader:
             self._layouts[key] = ShardedLayout.from_array(array, label)  # type: ignore[arg-type]
         return self._layouts[key]
 
-    def _require_done(self, dataset: str, teacher: str, samples: Sequence[int]) -> None:
-        """Refuse samples of shards that were never completely written (no done mark)."""
+    def _done_marks(self, dataset: str, teacher: str) -> bytearray:
+        """The pair's done marks seen so far (1 = done; 0 = not seen done yet). A done mark is
+        never unset while readers run, so a 1 is never read again."""
         key = (dataset, teacher)
         done = self._done.get(key)
-        if done is None:  # 0 = not seen done yet; a done mark is never unset while readers run
+        if done is None:
             done = self._done[key] = bytearray(self.num_shards(dataset))
+        return done
+
+    def _require_done(self, dataset: str, teacher: str, samples: Sequence[int]) -> None:
+        """Refuse samples of shards that were never completely written (no done mark)."""
+        done = self._done_marks(dataset, teacher)
         sps = self.manifest.samples_per_shard
         for shard in {s // sps for s in samples}:
             if not done[shard]:
@@ -224,21 +218,46 @@ class CacheReader:
                         hint="finish the build (`dune-cache build` resumes)")
                 done[shard] = 1
 
-    def _plan(self, dataset: str, teachers: tuple[str, ...]) -> list[_PlanEntry]:
-        """What a batch of `dataset` reads for `teachers` (computed once per combination)."""
-        key = (dataset, teachers)
+    def _records(self, dataset: str, teacher: str
+                 ) -> tuple[ShardedLayout, tuple[layout.RecordField, ...]]:
+        """The pair's record array and fields, checked against what the manifest implies."""
+        fp = self.manifest.teachers[teacher]
+        lay = self._layout(dataset, teacher, layout.TOKENS)
+        fields = layout.record_fields(self.encoding, fp.token_types, self.manifest.num_tokens,
+                                      fp.dim)
+        attrs = self._group[f"{layout.teacher_path(dataset, teacher)}/{layout.TOKENS}"].attrs
+        found = attrs.get(layout.RECORD_ATTR)
+        expected = layout.record_attr(fields)
+        if found != expected or lay.sample_nbytes != expected["nbytes"]:
+            raise CacheVersionError(
+                f"{self.location}: {lay.label}: record layout {layout.RECORD_ATTR}={found!r} "
+                f"differs from the expected {expected!r}",
+                hint="this cache was not written by this dune-distill")
+        return lay, fields
+
+    def _plan(self, dataset: str, teachers: Sequence[str] | None) -> ReadPlan:
+        """What a batch of `dataset` reads for `teachers` (None: all of its teachers), computed
+        once per combination."""
+        names = self.teachers_for(dataset) if teachers is None else tuple(teachers)
+        key = (dataset, names)
         if key not in self._plans:
-            plan = []
-            for teacher in teachers:
+            parts, at = [], 0
+            for teacher in names:
                 self._check_pair(dataset, teacher)
-                for tok in self.manifest.teachers[teacher].token_types:
-                    scale = None
-                    if self.encoding.has_scale:
-                        scale = self._layout(dataset, teacher, layout.scale_name(tok))
-                    calib = self.calibration(dataset, teacher, tok) or (None, None)
-                    plan.append(_PlanEntry(teacher, tok, self._layout(dataset, teacher, tok),
-                                           scale, *calib))
-            self._plans[key] = plan
+                records, fields = self._records(dataset, teacher)
+                where = {f.name: at + i for i, f in enumerate(fields)}
+                toks = tuple(
+                    TokenSlot(tok, where[tok], where.get(layout.scale_name(tok)),
+                              *(self.calibration(dataset, teacher, tok) or (None, None)))
+                    for tok in self.manifest.teachers[teacher].token_types)
+                parts.append(PlanPart(teacher, records, fields, at, at + len(fields),
+                                      self._done_marks(dataset, teacher), toks))
+                at += len(fields)
+            self._plans[key] = ReadPlan(key, self.num_samples(dataset),
+                                        self.manifest.samples_per_shard, self.encoding,
+                                        tuple(parts))
+        if teachers is None:
+            self._plans[(dataset, None)] = self._plans[key]
         return self._plans[key]
 
     def read_encoded(self, dataset: str, indices: Sequence[int] | np.ndarray,
@@ -251,30 +270,39 @@ class CacheReader:
         any device with `EncodedTokens.decode()`. The batch arrays are recycled once the caller
         drops every tensor of the batch.
         """
+        # The random-access hot path: a few microseconds of Python per call are a tenth of a
+        # sample's read time, so no per-call objects beyond what is returned (docs/benchmarks.md).
+        plan = self._plans.get((dataset, teachers if teachers is None else tuple(teachers)))
+        if plan is None:
+            plan = self._plan(dataset, teachers)
         if isinstance(indices, np.ndarray):
             samples = indices.reshape(-1).tolist()
         else:
             samples = [int(i) for i in indices]
-        n = self._num_samples.get(dataset) or self.num_samples(dataset)
-        if samples and (min(samples) < 0 or max(samples) >= n):
-            raise ConfigError(f"dataset {dataset}: sample indices must be in [0, {n}), found "
-                              f"{min(samples)}..{max(samples)}")
-        names = self.teachers_for(dataset) if teachers is None else tuple(teachers)
-        plan = self._plans.get((dataset, names)) or self._plan(dataset, names)
-        for teacher in names:
-            self._require_done(dataset, teacher, samples)
-        batch = len(samples)
-        get_buffer = self._buffers.get
-        requests = [ReadRequest(lay, samples, get_buffer((batch, *lay.sample_shape), lay.dtype))
-                    for entry in plan for lay in entry.arrays]
-        self._fast.read(requests)
-        result: dict[str, dict[str, EncodedTokens]] = {t: {} for t in names}
-        outs = iter(requests)
-        for entry in plan:
-            values = torch.from_numpy(next(outs).out)
-            scale = torch.from_numpy(next(outs).out) if entry.scale is not None else None
-            result[entry.teacher][entry.tok] = EncodedTokens(
-                values, scale, self.encoding, entry.calib_mean, entry.calib_std)
+        if samples and (min(samples) < 0 or max(samples) >= plan.num_samples):
+            raise ConfigError(f"dataset {dataset}: sample indices must be in "
+                              f"[0, {plan.num_samples}), found {min(samples)}..{max(samples)}")
+        sps = plan.samples_per_shard
+        for teacher, _, _, _, _, done, _ in plan.parts:
+            for sample in samples:
+                if not done[sample // sps]:
+                    self._require_done(dataset, teacher, samples)
+                    break
+        # One recycled set of output arrays for the whole batch: part by part, field by field.
+        outs = self._buffers.get((plan, len(samples)), plan_outputs)
+        if len(samples) == 1:  # a part's fields are views of one record buffer: read that
+            targets = [(records, (outs[start].base,))
+                       for _, records, _, start, _, _, _ in plan.parts]
+        else:
+            targets = [(records, outs[start:stop])
+                       for _, records, _, start, stop, _, _ in plan.parts]
+        self._fast.read(samples, targets)
+        spec, make, tensor = plan.spec, EncodedTokens._of, torch.from_numpy
+        result: dict[str, dict[str, EncodedTokens]] = {}
+        for teacher, _, _, _, _, _, toks in plan.parts:
+            result[teacher] = {tok: make(
+                tensor(outs[values]), None if scale is None else tensor(outs[scale]), spec,
+                mean, std) for tok, values, scale, mean, std in toks}
         return result
 
     def read_sample(self, dataset: str, i: int, teachers: Sequence[str] | None = None
@@ -287,22 +315,21 @@ class CacheReader:
     def iter_shards(self, dataset: str, teacher: str) -> Iterator[ShardBlock]:
         """Decoded tokens shard by shard (one read per shard file), for sequential scans."""
         self._check_pair(dataset, teacher)
+        lay, fields = self._records(dataset, teacher)
+        by_name = {f.name: f for f in fields}
         n, sps = self.num_samples(dataset), self.manifest.samples_per_shard
         for shard in range(self.num_shards(dataset)):
             start, stop = layout.shard_bounds(shard, n, sps)
             self._require_done(dataset, teacher, [start])
+            records = self._fast.read_shard(lay, shard, stop - start)
             tokens = {}
             for tok in self.manifest.teachers[teacher].token_types:
-                values = self._fast.read_shard(self._layout(dataset, teacher, tok), shard,
-                                               stop - start)
-                scale = None
-                if self.encoding.has_scale:
-                    scale = torch.from_numpy(self._fast.read_shard(
-                        self._layout(dataset, teacher, layout.scale_name(tok)), shard,
-                        stop - start))
+                scale_field = by_name.get(layout.scale_name(tok))
+                scale = None if scale_field is None else torch.from_numpy(
+                    field_array(records, scale_field))
                 calib = self.calibration(dataset, teacher, tok) or (None, None)
-                tokens[tok] = EncodedTokens(torch.from_numpy(values), scale, self.encoding,
-                                            *calib).decode()
+                tokens[tok] = EncodedTokens(torch.from_numpy(field_array(records, by_name[tok])),
+                                            scale, self.encoding, *calib).decode()
             yield ShardBlock(shard, start, stop, tokens)
 
     def verify(self) -> VerifyReport:
@@ -318,10 +345,11 @@ class CacheReader:
                 problems.append(f"dataset {dataset} index: {exc}")
             n = self.num_samples(dataset)
             for teacher in self.teachers_for(dataset):
-                fp = self.manifest.teachers[teacher]
-                names = [*fp.token_types]
-                if self.encoding.has_scale:
-                    names += [layout.scale_name(tok) for tok in fp.token_types]
+                try:
+                    records = self._records(dataset, teacher)[0]
+                except CacheVersionError as exc:
+                    problems.append(str(exc))
+                    continue
                 for shard in range(self.num_shards(dataset)):
                     start, stop = layout.shard_bounds(shard, n, sps)
                     try:
@@ -333,12 +361,10 @@ class CacheReader:
                         problems.append(str(exc))
                         continue
                     checked += 1
-                    for name in names:
-                        try:
-                            self._fast.read_shard(self._layout(dataset, teacher, name), shard,
-                                                  stop - start)
-                        except CacheCorruptionError as exc:
-                            problems.append(str(exc))
+                    try:
+                        self._fast.read_shard(records, shard, stop - start)
+                    except CacheCorruptionError as exc:
+                        problems.append(str(exc))
         return VerifyReport(checked, tuple(problems), tuple(missing))
 
     def close(self) -> None:

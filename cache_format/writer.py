@@ -123,7 +123,7 @@ class CacheWriter:
         return dataset in self._manifest.datasets
 
     def has_teacher(self, dataset: str, teacher: str) -> bool:
-        """Whether the (dataset, teacher) pair was added (its token arrays exist)."""
+        """Whether the (dataset, teacher) pair was added (its record array exists)."""
         return dataset in self._manifest.assignment.get(teacher, ())
 
     def num_samples(self, dataset: str) -> int:
@@ -188,7 +188,7 @@ class CacheWriter:
 
     def add_teacher(self, dataset: str, fingerprint: TeacherFingerprint,
                     calibration: Calibration | None = None) -> None:
-        """Add a (dataset, teacher) pair: create its token arrays and store its calibration.
+        """Add a (dataset, teacher) pair: create its record array and store its calibration.
 
         `calibration` maps each of the teacher's token types to (mean, std) float32 [D] (see
         encodings.fit_calibration); int8 needs it, fp16/bf16 ignore it. Idempotent: an existing
@@ -278,12 +278,16 @@ class CacheWriter:
                                      f"({n},) (samples {start}..{stop - 1}), found {valid.shape}")
         arrays = _check_tokens(dataset, teacher, shard, start, fp, tokens, valid, m.num_tokens)
         base = layout.teacher_path(dataset, teacher)
-        encoded: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        fields = {f.name: f for f in layout.record_fields(spec, fp.token_types, m.num_tokens,
+                                                          fp.dim)}
+        # Samples that are not valid keep an all-zero record, which zarr does not store.
+        records = np.zeros((n, layout.record_nbytes(tuple(fields.values()))), dtype=np.uint8)
         part_stats: dict[str, ChannelStats] = {}
         for tok, x in arrays.items():
             calib = self.calibration(dataset, teacher, tok) if spec.has_scale else (None, None)
-            values = np.zeros(x.shape, dtype=spec.stored_dtype)
-            scale = np.zeros(x.shape[:-1], dtype=np.float32) if spec.has_scale else None
+            values = _field_view(records, fields[tok])
+            scale = (_field_view(records, fields[layout.scale_name(tok)]) if spec.has_scale
+                     else None)
             stats = ChannelStats.empty(fp.dim)
             for b in range(0, n, _ENCODE_BLOCK):
                 rows = np.nonzero(valid[b : b + _ENCODE_BLOCK])[0] + b
@@ -295,19 +299,15 @@ class CacheWriter:
                     scale[rows] = s
                 # Statistics describe what a reader will see: the decoded values.
                 stats = merge(stats, ChannelStats.of(decode_tokens(v, s, spec, *calib)))
-            encoded[tok] = (values, scale)
             part_stats[tok] = stats
         done = self._array(f"{base}/{layout.DONE}")
         done[shard] = 0
-        for tok, (values, scale) in encoded.items():
-            self._write_whole_shard(f"{base}/{tok}", shard, start, stop, values)
-            if scale is not None:
-                self._write_whole_shard(f"{base}/{layout.scale_name(tok)}", shard, start, stop,
-                                        scale)
+        self._write_whole_shard(f"{base}/{layout.TOKENS}", shard, start, stop, records)
+        for tok, stats in part_stats.items():
             count_name, mean_name, m2_name = layout.stats_names(tok, partial=True)
-            self._array(f"{base}/{count_name}")[shard] = part_stats[tok].count
-            self._array(f"{base}/{mean_name}")[shard] = part_stats[tok].mean
-            self._array(f"{base}/{m2_name}")[shard] = part_stats[tok].m2
+            self._array(f"{base}/{count_name}")[shard] = stats.count
+            self._array(f"{base}/{mean_name}")[shard] = stats.mean
+            self._array(f"{base}/{m2_name}")[shard] = stats.m2
         done[shard] = 1
 
     def _write_whole_shard(self, path: str, shard: int, start: int, stop: int,
@@ -355,6 +355,12 @@ class CacheWriter:
             result[tok] = total
         self._array(f"{base}/{layout.STATS}/{layout.FINAL}")[:] = np.array([1], dtype=np.uint8)
         return result
+
+
+def _field_view(records: np.ndarray, field: layout.RecordField) -> np.ndarray:
+    """The field `field` of every record in `records[n, R]`, as a writable [n, *shape] view."""
+    raw = records[:, field.offset : field.offset + field.nbytes]
+    return raw.view(field.dtype).reshape(records.shape[0], *field.shape)
 
 
 def _check_calibration(fp: TeacherFingerprint, calibration: Calibration | None) -> None:

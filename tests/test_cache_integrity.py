@@ -5,11 +5,12 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
 
-from cache_format import CacheWriter, EncodingSpec, open_cache
+from cache_format import CacheWriter, EncodingSpec, fastread, open_cache
 from cache_format.errors import CacheCorruptionError
 from cache_format.testing import build_tiny_cache, tiny_dataset, tiny_manifest, tiny_teacher
 
@@ -67,41 +68,73 @@ def _chunk_span(shard_file: Path, local: int, chunks_per_shard: int) -> tuple[in
     return int(index[local, 0]), int(index[local, 1])
 
 
-@pytest.mark.parametrize("codec", ["none", "zstd"])
-def test_flipped_byte_is_detected_naming_sample_and_file(tmp_path: Path, codec: str) -> None:
+@pytest.mark.parametrize(("codec", "where"), [("none", 0.01), ("none", 0.5), ("none", 0.999),
+                                               ("zstd", 0.5)])
+def test_flipped_byte_is_detected_naming_sample_and_file(tmp_path: Path, codec: str,
+                                                         where: float) -> None:
+    """A flipped byte anywhere in a record (int8 scales first, then patch, then cls values) is
+    caught by single-sample reads, batch reads, shard scans and verify()."""
     path = tmp_path / "c"
     build_tiny_cache(path, EncodingSpec("int8", codec, 3), invalid=())
-    shard_file = path / "datasets/ds/teachers/t1/patch/c/1/0/0"  # samples 4..7
+    shard_file = path / "datasets/ds/teachers/t1/tokens/c/1/0"  # samples 4..7
     offset, nbytes = _chunk_span(shard_file, 2, 4)  # sample 6
     data = bytearray(shard_file.read_bytes())
-    data[offset + nbytes // 2] ^= 0x10
+    data[offset + int((nbytes - 4) * where)] ^= 0x10
     shard_file.write_bytes(bytes(data))
     with open_cache(path) as reader:
         reader.read_encoded("ds", [0, 5, 7, 9])  # other samples still read fine
-        with pytest.raises(CacheCorruptionError) as info:
-            reader.read_encoded("ds", [1, 6])
-        message = str(info.value)
-        assert "dataset 'ds', teacher 't1', array 'patch', sample 6" in message
-        assert str(shard_file) in message and "checksum" in message
+        reader.read_encoded("ds", [5])
+        for batch in ([1, 6], [6]):
+            with pytest.raises(CacheCorruptionError) as info:
+                reader.read_encoded("ds", batch)
+            message = str(info.value)
+            assert "dataset 'ds', teacher 't1', array 'tokens', sample 6" in message
+            assert str(shard_file) in message and "checksum" in message
         with pytest.raises(CacheCorruptionError, match="sample 6"):
             list(reader.iter_shards("ds", "t1"))
         report = reader.verify()
         assert not report.ok and any("sample 6" in p for p in report.problems)
+    with open_cache(path, verify_checksums=False) as reader:  # the opt-out really skips it
+        reader.read_encoded("ds", [6] if codec == "none" else [5])
+
+
+def test_checksum_functions_agree_and_the_google_fallback_detects_damage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader's crc32c (the GIL-releasing `crc32c` package when installed) equals zarr's
+    (google_crc32c), piece by piece; and a reader on the google fallback still catches damage."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, n, dtype=np.uint8) for n in (100_003, 40_000))
+    whole = google_crc32c.value(np.concatenate([a, b]))
+    assert fastread._crc_extend(fastread._crc_value(a), b) == whole
+    path = tmp_path / "c"
+    build_tiny_cache(path, EncodingSpec("fp16"), invalid=())
+    shard_file = path / "datasets/ds/teachers/t1/tokens/c/0/0"
+    offset, nbytes = _chunk_span(shard_file, 1, 4)  # sample 1
+    data = bytearray(shard_file.read_bytes())
+    data[offset + 7] ^= 0x01
+    shard_file.write_bytes(bytes(data))
+    monkeypatch.setattr(fastread, "_crc_value", google_crc32c.value)
+    monkeypatch.setattr(fastread, "_crc_extend", google_crc32c.extend)
+    with open_cache(path) as reader:
+        reader.read_encoded("ds", [0, 2])
+        for batch in ([1], [0, 1]):
+            with pytest.raises(CacheCorruptionError, match="sample 1: chunk checksum mismatch"):
+                reader.read_encoded("ds", batch)
 
 
 def test_damaged_shard_index_is_detected(tmp_path: Path) -> None:
     path = tmp_path / "c"
     build_tiny_cache(path, EncodingSpec("fp16"), invalid=())
-    shard_file = path / "datasets/ds/teachers/t1/cls/c/0/0"
+    shard_file = path / "datasets/ds/teachers/t1/tokens/c/0/0"
     data = bytearray(shard_file.read_bytes())
     data[-10] ^= 0x01  # inside the index, before its crc32c
     shard_file.write_bytes(bytes(data))
     with open_cache(path) as reader, pytest.raises(
-            CacheCorruptionError, match=f"array 'cls', shard 0: shard index checksum mismatch "
+            CacheCorruptionError, match=f"array 'tokens', shard 0: shard index checksum mismatch "
                                         f"in shard file {shard_file}"):
         reader.read_encoded("ds", [2])
     shard_file.write_bytes(bytes(data[: len(data) // 3]))  # truncated file
-    with open_cache(path) as reader, pytest.raises(CacheCorruptionError, match="cls"):
+    with open_cache(path) as reader, pytest.raises(CacheCorruptionError, match="tokens"):
         reader.read_encoded("ds", [2])
 
 
@@ -119,17 +152,26 @@ def test_plain_zarr_reads_and_decodes_a_sample_by_hand(tmp_path: Path, spec: Enc
     key = dataset["key"][sample // views]
     assert key == "ds/img_0003.jpg" and dataset["status"][sample] == 1
     pair = root["datasets/ds/teachers/t1"]
+    record = pair["tokens"][sample]  # uint8 [R]: the sample's record
+    fields = {f["name"]: f for f in pair["tokens"].attrs["dune_record"]["fields"]}
+
+    def field(name: str) -> np.ndarray:
+        f = fields[name]
+        dtype = np.dtype(f["dtype"])
+        size = dtype.itemsize * int(np.prod(f["shape"]))
+        return record[f["offset"] : f["offset"] + size].view(dtype).reshape(f["shape"])
+
     by_hand = {}
     for tok in manifest["teachers"]["t1"]["token_types"]:
-        stored = pair[tok][sample]
+        stored = field(tok)  # [gh*gw, D] or [D]
         if manifest["encoding"]["name"] == "fp16":
             x = stored.astype(np.float32)
         elif manifest["encoding"]["name"] == "bf16":
             x = (stored.astype(np.uint32) << 16).view(np.float32)
         else:
-            scale = pair[f"{tok}_scale"][sample]
+            scale = field(f"{tok}_scale")  # [gh*gw] or []
             mean, std = pair[f"{tok}_calib_mean"][:], pair[f"{tok}_calib_std"][:]
-            x = stored.astype(np.float32) * np.float32(scale)[..., None] * std + mean
+            x = stored.astype(np.float32) * scale[..., None] * std + mean
         by_hand[tok] = x
     with open_cache(path) as reader:
         ours = reader.read_sample("ds", sample)["t1"]

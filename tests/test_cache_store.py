@@ -172,22 +172,22 @@ def test_resume_rewrites_a_partial_shard_and_skips_done_ones(
         w.write_shard("ds", "t1", shard, {t: v[a:b] for t, v in x.items()}, valid[a:b])
 
     write(writer, 0)
-    # Shard 1 "crashes" after its token arrays were written, before the statistics/done mark.
+    # Shard 1 "crashes" after its token records were written, before the statistics/done mark.
     original = CacheWriter._write_whole_shard
     calls = []
 
     def crash_after_data(self: CacheWriter, array_path: str, *args: object) -> None:
         original(self, array_path, *args)
         calls.append(array_path)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(CacheWriter, "_write_whole_shard", crash_after_data)
     with pytest.raises(KeyboardInterrupt):
         write(writer, 1)
     monkeypatch.undo()
+    assert calls == ["datasets/ds/teachers/t1/tokens"]
     # A torn earlier attempt of shard 2: garbage where a shard file would be.
-    torn = path / "datasets/ds/teachers/t1/patch/c/2/0/0"
+    torn = path / "datasets/ds/teachers/t1/tokens/c/2/0"
     torn.parent.mkdir(parents=True)
     torn.write_bytes(b"garbage from a crashed writer")
     with open_cache(path) as reader:
@@ -197,7 +197,7 @@ def test_resume_rewrites_a_partial_shard_and_skips_done_ones(
     resumed = CacheWriter.open(path)
     todo = [s for s in range(resumed.num_shards("ds")) if not resumed.shard_done("ds", "t1", s)]
     assert todo == [1, 2]
-    done_file = path / "datasets/ds/teachers/t1/patch/c/0/0/0"
+    done_file = path / "datasets/ds/teachers/t1/tokens/c/0/0"
     before = hashlib.sha256(done_file.read_bytes()).hexdigest()
     for shard in todo:
         write(resumed, shard)
@@ -278,12 +278,56 @@ def test_reader_refuses_mismatch_and_newer_version(tmp_path: Path) -> None:
         open_cache(tmp_path / "missing")
 
 
-def test_remote_fsspec_url_round_trip() -> None:
-    spec = EncodingSpec("int8", "blosc", 3)
-    written = build_tiny_cache("memory://dune-test-cache", spec)
+@pytest.mark.parametrize("codec", ["none", "blosc"])
+def test_remote_fsspec_url_round_trip(codec: str) -> None:
+    spec = EncodingSpec("int8", codec, 3)
+    url = f"memory://dune-test-cache-{codec}"
+    written = build_tiny_cache(url, spec)
     pair = written[("ds", "t1")]
-    with open_cache("memory://dune-test-cache") as reader:
+    with open_cache(url) as reader:
+        expected = _expected(spec, pair.tokens["patch"], pair.valid)
         got = reader.read_encoded("ds", [8, 1])["t1"]["patch"].decode().numpy()
-        expected = _expected(spec, pair.tokens["patch"], pair.valid)[[8, 1]]
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(got, expected[[8, 1]])
+        for sample in (8, 1):  # one sample: the record-buffer path
+            got = reader.read_encoded("ds", [sample])["t1"]["patch"].decode().numpy()
+            np.testing.assert_array_equal(got[0], expected[sample])
         assert reader.verify().ok
+
+
+@pytest.mark.parametrize("spec", [EncodingSpec("int8"), EncodingSpec("bf16"),
+                                  EncodingSpec("fp16", "zstd")], ids=lambda s: s.name)
+def test_single_sample_reads_equal_batch_reads(tmp_path: Path, spec: EncodingSpec) -> None:
+    """One-sample reads (fields as views of one record buffer) and batch reads (one dense
+    array per field) return the same tensors, also for samples without tokens (zeros)."""
+    build_tiny_cache(tmp_path / "c", spec, datasets=[("ds", 5)])  # sample 3 is invalid
+    with open_cache(tmp_path / "c", threads=2) as reader:
+        batch = reader.read_encoded("ds", np.arange(10))["t1"]
+        for sample in range(10):
+            one = reader.read_encoded("ds", [sample])["t1"]
+            for tok, enc in batch.items():
+                assert one[tok].values.is_contiguous() and enc.values.is_contiguous()
+                assert one[tok].values.shape == (1, *enc.values.shape[1:])
+                assert torch.equal(one[tok].values[0], enc.values[sample])
+                if enc.scale is not None:
+                    assert torch.equal(one[tok].scale[0], enc.scale[sample])
+
+
+def test_recycled_buffers_never_overwrite_what_a_caller_holds(tmp_path: Path) -> None:
+    """Output arrays are recycled only when no tensor, tensor view or numpy view of them is
+    alive: a kept view must still show its own sample after more reads."""
+    build_tiny_cache(tmp_path / "c", EncodingSpec("int8"), datasets=[("ds", 5)], invalid=())
+    with open_cache(tmp_path / "c", threads=1) as reader:
+        def values(sample: int) -> torch.Tensor:
+            return reader.read_encoded("ds", [sample])["t1"]["patch"].values
+
+        expected = {s: values(s).clone() for s in (1, 2, 3)}
+        torch_view = values(1)[0, 2:]  # only a torch view of the tensor survives
+        numpy_view = values(2).numpy()[0]  # only a numpy view survives
+        scale = reader.read_encoded("ds", [3])["t1"]["patch"].scale  # another field survives
+        for sample in (4, 5, 6, 8, 9, 4, 5, 6):
+            values(sample)
+        assert torch.equal(torch_view, expected[1][0, 2:])
+        assert np.array_equal(numpy_view, expected[2][0].numpy())
+        again = reader.read_encoded("ds", [3])["t1"]["patch"]
+        assert torch.equal(again.values, expected[3]) and torch.equal(again.scale, scale)
+        assert again.scale.data_ptr() != scale.data_ptr()  # the held set was not reused

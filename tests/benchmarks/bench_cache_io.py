@@ -4,9 +4,11 @@ Tokens are shaped like one ViT-L teacher at 448 px: 1024 patch tokens + 1 cls to
 1024, synthetic activations with outlier channels. For every encoding the script writes a
 sharded store of NUM_SAMPLES samples with CacheWriter, then measures, in one run and side by
 side, random single-sample reads through our reader (checksums verified) against raw `os.pread`
-calls of exactly the same byte ranges, plus zarr-python's generic `array[i]` for reference.
-Rates are the best of ROUNDS interleaved rounds (the machine is shared; the best round is the
-least disturbed one). Run: `.venv/bin/python tests/benchmarks/bench_cache_io.py`.
+calls of exactly the same byte ranges (a sample's record chunk, checksum included), plus
+zarr-python's generic `array[i]` for reference, and splits a single read's time into the
+positional read, the checksum pass and the rest (Python, tensors). Rates are the best of
+interleaved chunks (the machine is shared; the best chunk is the least disturbed one).
+Run: `.venv/bin/python tests/benchmarks/bench_cache_io.py`.
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ from cache_format import (
     fit_calibration,
     open_cache,
 )
+from cache_format.fastread import _crc_value  # the reader's own checksum function
 from cache_format.testing import synthetic_activations, tiny_dataset, tiny_manifest, tiny_teacher
 
 GRID, DIM = (32, 32), 1024
 NUM_SAMPLES = 192  # 3 shards of 64
 SHARD = 64
 BATCH = 32
-CHUNK = 64  # samples per timed chunk of a random-access variant
-REPS = 12  # chunks per variant, interleaved across variants
+CHUNK = 64  # samples per timed chunk of a random-access variant (more bytes than the L3 cache)
+REPS = 40  # chunks per variant, interleaved across variants (order rotated every chunk)
 ROUNDS = 3  # repeats of the CPU-speed measurements
 SPECS = [EncodingSpec(n, c, 3) for n in ("fp16", "bf16", "int8") for c in ("none", "zstd", "blosc")]
 FP16_SAMPLE_MB = (GRID[0] * GRID[1] + 1) * DIM * 2 / 1e6
@@ -121,10 +124,10 @@ def _build(path: Path, spec: EncodingSpec, patch: np.ndarray, cls: np.ndarray) -
 
 
 def _raw_ranges(reader, samples: np.ndarray) -> list[list[tuple[int, int, int]]]:
-    """Per sample, the (fd, offset, nbytes) of each of its chunks (the same bytes we read)."""
+    """Per sample, the (fd, offset, nbytes) of each of its chunks (the same bytes we read:
+    the sample's record chunk, checksum included)."""
     fast = reader._fast  # the benchmark looks inside on purpose: same index, same byte ranges
-    arrays = ["patch", "cls"] + (["patch_scale", "cls_scale"] if reader.encoding.has_scale else [])
-    layouts = [reader._layout("ds", "vitl", name) for name in arrays]
+    layouts = [part.records for part in reader._plan("ds", ("vitl",)).parts]
     fds: dict[str, int] = {}
     result = []
     for sample in samples.tolist():
@@ -160,10 +163,20 @@ def _random_access(path: Path, rng: np.random.Generator) -> dict[str, float]:
             reader.read_encoded("ds", samples)  # every shard index loaded once, as in training
         sample_bytes = max(sum(n for _, _, n in r) for r in by_sample.values())
         batch_buffer = np.empty((BATCH, sample_bytes), np.uint8)
+        record = np.empty(sample_bytes, np.uint8)  # one reused buffer, as our reader has
 
         def raw_one(sample: int) -> None:
             for fd, offset, nbytes in by_sample[sample]:
                 os.pread(fd, nbytes, offset)
+
+        def record_one(sample: int, crc: bool) -> None:
+            """The floor of a verified read: the same bytes into one reused buffer (+ crc32c
+            of all but the stored 4-byte checksum)."""
+            for fd, offset, nbytes in by_sample[sample]:
+                os.preadv(fd, [record[:nbytes]], offset)
+                if crc and _crc_value(record[: nbytes - 4]) != int.from_bytes(
+                        record[nbytes - 4 : nbytes].tobytes(), "little"):
+                    raise AssertionError(f"sample {sample}: checksum mismatch")
 
         def raw_into(rows: list[tuple[int, int]]) -> None:
             """Read each (row, sample)'s ranges into row `row` of the batch array."""
@@ -200,6 +213,8 @@ def _random_access(path: Path, rng: np.random.Generator) -> dict[str, float]:
             "ours_single": per_sample(lambda s: checked.read_encoded("ds", [s])),
             "unchecked_single": per_sample(lambda s: unchecked.read_encoded("ds", [s])),
             "raw_single": per_sample(raw_one),
+            "record_single": per_sample(lambda s: record_one(s, crc=False)),
+            "recordcrc_single": per_sample(lambda s: record_one(s, crc=True)),
         }
         for threads, reader in ((1, checked), (4, threaded)):
             variants[f"ours_batch{threads}"] = batched(
@@ -208,9 +223,11 @@ def _random_access(path: Path, rng: np.random.Generator) -> dict[str, float]:
                 lambda b, t=threads: raw_batch(b, t, into=False))
             variants[f"rawinto_batch{threads}"] = batched(
                 lambda b, t=threads: raw_batch(b, t, into=True))
+        names = list(variants)
         for rep in range(REPS):
             chunk = samples[rep * CHUNK : (rep + 1) * CHUNK].tolist()
-            for name, fn in variants.items():
+            for name in names[rep % len(names) :] + names[: rep % len(names)]:
+                fn = variants[name]
                 start = time.perf_counter()
                 fn(chunk)
                 rates[name] = max(rates.get(name, 0.0), CHUNK / (time.perf_counter() - start))
@@ -218,8 +235,8 @@ def _random_access(path: Path, rng: np.random.Generator) -> dict[str, float]:
         pool.shutdown()
         for reader in (checked, unchecked, threaded):
             reader.close()
-    patch = zarr.open_group(path, mode="r")["datasets/ds/teachers/vitl/patch"]
-    rates["zarr"] = _rate(lambda: patch[int(rng.integers(NUM_SAMPLES))], 20)
+    records = zarr.open_group(path, mode="r")["datasets/ds/teachers/vitl/tokens"]
+    rates["zarr"] = _rate(lambda: records[int(rng.integers(NUM_SAMPLES))], 20)
     return rates
 
 
@@ -234,7 +251,8 @@ def main() -> None:
     patch = synthetic_activations(rng, (SHARD, GRID[0] * GRID[1], DIM))
     cls = synthetic_activations(rng, (SHARD, DIM))
     probe = synthetic_activations(rng, (4, GRID[0] * GRID[1], DIM))
-    size_rows, read_rows = [], []
+    size_rows, read_rows, split_rows = [], [], []
+    loads = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_cache_io_"))
     try:
         for spec in SPECS:
@@ -245,10 +263,19 @@ def main() -> None:
             path = workdir / f"{spec.name}-{spec.codec}"
             write_rate = _build(path, spec, patch, cls)
             token_dir = path / "datasets/ds/teachers/vitl"
-            nbytes = sum(f.stat().st_size for name in ("patch", "cls", "patch_scale", "cls_scale")
-                         for f in (token_dir / name / "c").rglob("*") if f.is_file())
+            nbytes = sum(f.stat().st_size for f in (token_dir / "tokens" / "c").rglob("*")
+                         if f.is_file())
             reads = _random_access(path, rng)
+            loads.append(os.getloadavg()[0])
             label = [spec.name, spec.codec]
+            us = {k: 1e6 / v for k, v in reads.items()}
+            split_rows.append(label + [
+                f"{us['raw_single']:.1f}", f"{us['record_single']:.1f}",
+                f"{us['recordcrc_single']:.1f}", f"{us['unchecked_single']:.1f}",
+                f"{us['ours_single']:.1f}",
+                f"{us['recordcrc_single'] - us['record_single']:.1f}",
+                f"{us['ours_single'] - us['recordcrc_single']:.1f}",
+                f"{reads['recordcrc_single'] / reads['raw_single']:.2f}"])
             size_rows.append(label + [
                 f"{nbytes / NUM_SAMPLES / 1e6:.3f}", f"{encode_mb:.0f}", f"{dec_np:.0f}",
                 f"{dec_torch:.0f}", f"{write_rate:.1f}", f"{cos.mean():.6f}",
@@ -263,7 +290,9 @@ def main() -> None:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     body = "\n\n".join([
-        f"Machine: {machine_description()}.",
+        f"Machine: {machine_description()}; load average (1 min) while reading: "
+        f"{min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores (other engineers' jobs "
+        f"share them).",
         f"One sample = one ViT-L teacher at 448 px: patch [{GRID[0] * GRID[1]}, {DIM}] + cls "
         f"[{DIM}], synthetic activations with 4 outlier channels 50-200x the median (fp16 = "
         f"{FP16_SAMPLE_MB:.2f} MB). Store: {NUM_SAMPLES} samples, {SHARD} per shard, page cache "
@@ -276,21 +305,32 @@ def main() -> None:
         markdown_table(["encoding", "codec", "MB/sample", "encode MB/s", "decode MB/s (numpy)",
                         "decode MB/s (torch)", "writer samples/s", "mean cos", "p1 cos"],
                        size_rows),
-        f"Random access, samples/s (all of a sample's arrays: patch, cls and their int8 "
-        f"scales). *ours* = `CacheReader.read_encoded` (shard index cached, direct byte-range "
-        f"reads, every chunk's crc32c verified, output as torch tensors); *raw* = `os.pread` of "
-        f"exactly the same byte ranges, nothing verified. *single* = one call per random "
+        f"Random access, samples/s (a sample's record: patch, cls and, for int8, their scales, "
+        f"one chunk). *ours* = `CacheReader.read_encoded` (shard index cached, direct "
+        f"byte-range reads, every chunk's crc32c verified, output as torch tensors); *raw* = "
+        f"`os.pread` of exactly the same byte range (the record chunk with its 4-byte "
+        f"checksum), nothing verified. *single* = one call per random "
         f"sample; *batch* = calls of {BATCH} random samples with 1 or 4 reader threads (raw: "
         f"the same split over 1 or 4 threads). *raw-into* = `os.preadv` of the same ranges into "
         f"one batch array, the least any batch reader must do: a batch no longer fits the CPU "
         f"caches, while plain `pread` keeps reusing one hot buffer. *no crc check* = ours with "
         f"`verify_checksums=False`, to show what the checksum pass costs. zarr = zarr-python "
-        f"`array[i]` on the patch array alone. Best chunk of {REPS} interleaved chunks of "
-        f"{CHUNK} samples per variant.",
+        f"`array[i]` on the record array. Best chunk of {REPS} interleaved chunks of "
+        f"{CHUNK} random samples per variant (variant order rotated every chunk; a chunk's "
+        f"{CHUNK} records are larger than the L3 cache, so every read starts cold, as in "
+        f"training on a large cache).",
         markdown_table(["encoding", "codec", "ours single", "raw single", "ratio",
                         "ratio, no crc check", "ours batch 1 thr", "raw / raw-into 1 thr",
                         "ratio to raw / raw-into", "ours batch 4 thr", "raw / raw-into 4 thr",
                         "ratio to raw / raw-into", "zarr array[i]"], read_rows),
+        "Where a single verified read's time goes, microseconds per sample (best chunks of the "
+        "run above). *read* = `os.preadv` of the record into one reused buffer, *+ crc* = the "
+        "same plus the reader's crc32c pass over it: with nothing else, a verified read could "
+        "reach *ceiling* = raw / (+ crc) of raw's rate. *checksum* = (+ crc) - read; *rest* = "
+        "ours - (+ crc): Python, shard index lookup, output buffers and torch tensors (and "
+        "decompression for zstd/blosc).",
+        markdown_table(["encoding", "codec", "raw pread", "read", "+ crc", "ours, no crc check",
+                        "ours", "checksum", "rest", "ceiling"], split_rows),
     ])
     write_section("bench_cache_io", body)
     print(body)
