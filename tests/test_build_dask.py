@@ -110,7 +110,6 @@ def test_build_through_an_external_scheduler_with_two_workers(
 ) -> None:
     dask = str(Path(sys.executable).parent / "dask")
     env = subprocess_env()
-    env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"  # lets workers fork loader processes
     scheduler_file = tmp_path / "scheduler.json"
     procs: list[subprocess.Popen] = []
     logs = (tmp_path / "dask.log").open("w")
@@ -123,8 +122,9 @@ def test_build_through_an_external_scheduler_with_two_workers(
         address = json.loads(scheduler_file.read_text())["address"]
         for name in ("w0", "w1"):
             procs.append(subprocess.Popen(
+                # --no-nanny as docs/building.md advises: the worker may fork loaders.
                 [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                 "--no-dashboard", "--name", name],
+                 "--no-nanny", "--no-dashboard", "--name", name],
                 env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True))
         cfg = write_config(tmp_path / "cache.toml", tmp_path / "cache", images,
                            runtime={"loader_workers": 1})
