@@ -11,9 +11,10 @@ For each grid, in one run, on the same generated JPEG/PNG images and the same vi
    batch size, threads, device and precision (the better of two passes);
 3. the teacher units again in this process, one after the other, with the time inside the
    teacher forward, inside decoding + rendering, and inside encoding + writing accumulated
-   separately. Both rates of this ratio come from the same seconds of the same run, so it does
-   not move with other jobs on a shared machine, unlike the wall-clock ratios of 1 and 2 (the
-   load average is given).
+   separately. Both rates of this ratio come from the same seconds of the same run, so it moves
+   less with other jobs on a shared machine than the wall-clock ratios of 1 and 2 (the load
+   average is given), though a busy machine slows the two-thread forward and the one-thread
+   rendering differently.
 
 The ratio build / bare forward is what decoding, rendering, encoding, writing and scheduling
 cost on top of the teacher; the goal is >= 0.9 on a GPU. On CPU the teacher is a random-init
@@ -222,7 +223,8 @@ def main() -> None:
         "**Same run, same seconds** (the teacher units run one after the other in the "
         "benchmark's process; the time inside the teacher forward, inside decoding + "
         "rendering, inside int8 encoding + statistics + writing, and the rest are accumulated "
-        "separately, so other jobs on the machine slow both rates alike):",
+        "separately; other jobs still slow the two-thread forward and the one-thread rendering "
+        "differently):",
         markdown_table(
             ["teacher", "grid", "samples", "forward only img/s", "units img/s",
              "ratio", "decode + render", "forward", "encode + write", "other"], same_run),
@@ -239,7 +241,9 @@ def main() -> None:
         "calibration forward on 32 samples, units, statistics). On CPU the views' rendering "
         "(crop, bicubic resize, colour jitter, blur, solarize) shares the cores with the "
         "forward; on a GPU it runs in decoding processes on the otherwise idle CPU cores while "
-        "the GPU computes. Goal: >= 0.9 on a GPU.",
+        "the GPU computes. This 2-core machine is shared with other jobs: rows taken under a "
+        "high load average are the least reliable (repeated runs of this script gave 0.54 to "
+        "0.97 for the same row). Goal: >= 0.9 on a GPU.",
     ])
     write_section("bench_build", body)
 
