@@ -59,6 +59,15 @@ class BadImageError(DuneError, ValueError):
         self.reason = reason
         self.path = path
 
+    def __reduce__(self) -> tuple:
+        # `reason` is keyword-only, so the default Exception pickling (args only) cannot rebuild
+        # it; dask and DataLoader workers must be able to send this error across processes.
+        return (_rebuild_bad_image_error, (str(self), self.reason, self.path))
+
+
+def _rebuild_bad_image_error(message: str, reason: str, path: str) -> BadImageError:
+    return BadImageError(message, reason=reason, path=path)
+
 
 class RegistryError(DuneError, KeyError):
     """An unknown name was asked of a registry (the message lists the valid names)."""
