@@ -30,12 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
 import numpy as np
 import zarr
 from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
+from cache_format.checksum import crc32c_extend as _crc_extend
+from cache_format.checksum import crc32c_value as _crc_value
 from cache_format.errors import CacheCorruptionError, CacheVersionError
 from cache_format.files import Files, LocalFiles
 
@@ -44,18 +45,6 @@ _MISSING_INT = 2**64 - 1
 _EMPTY_ENTRY = struct.pack("<QQ", _MISSING_INT, _MISSING_INT)
 _unpack_entry = struct.Struct("<QQ").unpack_from
 _DECOMPRESSORS: dict[str, Any] = {"zstd": Zstd(), "blosc": Blosc()}
-try:  # as fast as google_crc32c, and it releases the GIL: reader threads check in parallel
-    from crc32c import crc32c as _crc32c_release_gil
-except ImportError:  # pragma: no cover - google_crc32c (a dependency) holds the GIL
-    _crc_value = google_crc32c.value
-    _crc_extend = google_crc32c.extend
-else:
-    _crc_value = _crc32c_release_gil
-
-    def _crc_extend(crc: int, data: Any) -> int:
-        return _crc32c_release_gil(data, crc)
-
-
 @dataclass(frozen=True)
 class ShardedLayout:
     """What the fast reader needs to know about one sharded array (axis 0 = samples)."""
@@ -196,7 +185,7 @@ class ShardReader:
         if len(raw) != layout.index_nbytes:
             self._corrupt(layout, shard, None, f"file of {size} bytes is shorter than its index")
         body = np.frombuffer(raw, dtype=np.uint8, count=layout.index_nbytes - 4)
-        if google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+        if _crc_value(body) != int.from_bytes(raw[-4:], "little"):
             self._corrupt(layout, shard, None, "shard index checksum mismatch")
         index = np.frombuffer(raw, dtype="<u8", count=2 * layout.samples_per_shard).reshape(-1, 2)
         present = index[:, 0] != MISSING
@@ -359,7 +348,7 @@ class ShardReader:
         raw = self.files.read(key, 0, 64)
         if raw is None:
             return False
-        if len(raw) != 5 or google_crc32c.value(raw[:1]) != int.from_bytes(raw[1:], "little"):
+        if len(raw) != 5 or _crc_value(raw[:1]) != int.from_bytes(raw[1:], "little"):
             raise CacheCorruptionError(f"{label}: done mark of shard {shard} is damaged "
                                        f"({self.files.describe(key)})")
         return raw[0] == 1

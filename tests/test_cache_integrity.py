@@ -100,12 +100,16 @@ def test_flipped_byte_is_detected_naming_sample_and_file(tmp_path: Path, codec: 
 
 def test_checksum_functions_agree_and_the_google_fallback_detects_damage(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reader's crc32c (the GIL-releasing `crc32c` package when installed) equals zarr's
-    (google_crc32c), piece by piece; and a reader on the google fallback still catches damage."""
+    """The reader's crc32c (fastcrc, SIMD) equals zarr's (google_crc32c), piece by piece and
+    at awkward lengths; and a reader on the google fallback still catches damage."""
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, n, dtype=np.uint8) for n in (100_003, 40_000))
     whole = google_crc32c.value(np.concatenate([a, b]))
     assert fastread._crc_extend(fastread._crc_value(a), b) == whole
+    for n in (0, 1, 7, 63, 64, 65, 255, 4099):  # around the SIMD block sizes
+        piece = a[:n]
+        assert fastread._crc_value(piece) == google_crc32c.value(piece.tobytes())
+        assert fastread._crc_extend(whole, piece) == google_crc32c.extend(whole, piece.tobytes())
     path = tmp_path / "c"
     build_tiny_cache(path, EncodingSpec("fp16"), invalid=())
     shard_file = path / "datasets/ds/teachers/t1/tokens/c/0/0"

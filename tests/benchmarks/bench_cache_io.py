@@ -35,6 +35,7 @@ from cache_format import (
     fit_calibration,
     open_cache,
 )
+from cache_format.checksum import IMPLEMENTATION as CRC_IMPLEMENTATION
 from cache_format.fastread import _crc_value  # the reader's own checksum function
 from cache_format.testing import synthetic_activations, tiny_dataset, tiny_manifest, tiny_teacher
 
@@ -307,7 +308,8 @@ def main() -> None:
                        size_rows),
         f"Random access, samples/s (a sample's record: patch, cls and, for int8, their scales, "
         f"one chunk). *ours* = `CacheReader.read_encoded` (shard index cached, direct "
-        f"byte-range reads, every chunk's crc32c verified, output as torch tensors); *raw* = "
+        f"byte-range reads, every chunk's crc32c verified (with {CRC_IMPLEMENTATION}), output as "
+        f"torch tensors); *raw* = "
         f"`os.pread` of exactly the same byte range (the record chunk with its 4-byte "
         f"checksum), nothing verified. *single* = one call per random "
         f"sample; *batch* = calls of {BATCH} random samples with 1 or 4 reader threads (raw: "
