@@ -34,6 +34,14 @@ def machine_description() -> str:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip() or "uncommitted"
+        # Benchmarks often run before their change is committed: say so rather than name a
+        # commit whose code did not run.
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py", "*.toml"],
+            capture_output=True, text=True, check=False,
+        ).stdout.strip()
+        if dirty:
+            commit += " with uncommitted changes"
     except OSError:
         commit = "unknown"
     return (
