@@ -25,6 +25,7 @@ from cache_format.manifest import (
 from cache_format.reader import (
     CacheReader,
     EncodedTokens,
+    OpenSettings,
     SampleIndex,
     ShardBlock,
     VerifyReport,
@@ -44,6 +45,7 @@ __all__ = [
     "EncodedTokens",
     "EncodingSpec",
     "Manifest",
+    "OpenSettings",
     "SampleIndex",
     "ShardBlock",
     "TeacherFingerprint",

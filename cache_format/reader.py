@@ -2,8 +2,9 @@
 
 Random batches come through `read_encoded` (encoded values plus int8 scales, ready to ship to
 the GPU and decode there with `EncodedTokens.decode()`); `read_sample` decodes on the CPU;
-`iter_shards` scans shard by shard. Sample reads bypass zarr-python (see fastread.py); the
-small arrays (index, calibration, statistics) are read with zarr.
+`iter_shards` scans shard by shard. Sample reads bypass zarr-python (see fastread.py), and so
+does the sample index (keys, view parameters, statuses: sample_index.py, read on demand); the
+other small arrays (calibration, statistics) are read with zarr.
 """
 
 from __future__ import annotations
@@ -28,28 +29,36 @@ from cache_format.fastread import ShardedLayout, ShardReader
 from cache_format.files import BufferPool, files_for
 from cache_format.manifest import ROOT_ATTR, Manifest
 from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
-from cache_format.records import EncodedTokens, SampleIndex, ShardBlock, VerifyReport
+from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
+from cache_format.sample_index import DEFAULT_CACHE_BYTES, SampleIndex
 from cache_format.stats import ChannelStats, merge_all
 
-__all__ = ["CacheReader", "EncodedTokens", "SampleIndex", "ShardBlock", "VerifyReport",
-           "open_cache"]
+__all__ = ["CacheReader", "EncodedTokens", "OpenSettings", "SampleIndex", "ShardBlock",
+           "VerifyReport", "open_cache"]
 
 
 def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
                storage_options: dict[str, Any] | None = None,
-               index_cache_entries: int = 65536, verify_checksums: bool = True) -> CacheReader:
+               index_cache_entries: int = 65536, verify_checksums: bool = True,
+               sample_index_cache_bytes: int = DEFAULT_CACHE_BYTES) -> CacheReader:
     """Open a cache read-only (local folder or fsspec URL).
 
     Raises CacheNotFoundError when nothing is there and CacheVersionError when the cache was
-    written by a newer format version. `threads` is the per-batch read parallelism;
-    `index_cache_entries` bounds the number of shard indexes kept in memory (1 KB each at
-    64 samples per shard). `verify_checksums=False` skips the per-chunk crc32c check of sample
-    reads (shard indexes are always checked): about 40 us per MB saved, corruption then goes
-    unnoticed, so keep the default unless `verify()` ran on this copy of the cache.
+    written by a newer format version. `threads`: per-batch read parallelism; `storage_options`:
+    for fsspec URLs; `index_cache_entries`: shard indexes kept (1 KB each at 64 samples per
+    shard); `sample_index_cache_bytes`: decoded key / view-parameter chunks each `SampleIndex`
+    keeps. `verify_checksums=False` skips the crc32c check of sample reads (shard indexes and
+    the sample index are always checked): about 40 us per MB saved, corruption then goes
+    unnoticed, so keep the default unless `verify()` ran on this copy of the cache. The reader
+    remembers these settings (`CacheReader.settings`) for processes that reopen the cache.
     """
     location = os.fspath(path)
+    settings = OpenSettings(threads=threads, storage_options=storage_options,
+                            index_cache_entries=index_cache_entries,
+                            verify_checksums=verify_checksums,
+                            sample_index_cache_bytes=sample_index_cache_bytes)
     try:
-        group = zarr.open_group(location, mode="r", storage_options=storage_options)
+        group = zarr.open_group(location, mode="r", storage_options=settings.storage_options)
     except FileNotFoundError:
         raise CacheNotFoundError(f"{location}: no cache there",
                                  hint="build one with `dune-cache build`") from None
@@ -57,20 +66,29 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
         raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest",
                                  hint="this is not a dune-distill cache")
     manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location)
-    fast = ShardReader(files_for(location, storage_options), threads=threads,
+    fast = ShardReader(files_for(location, settings.storage_options), threads=threads,
                        index_cache_entries=index_cache_entries,
                        verify_checksums=verify_checksums)
-    return CacheReader(group, manifest, location, fast)
+    return CacheReader(group, manifest, location, fast, settings)
+
+
+def _reopen(location: str, settings: OpenSettings) -> CacheReader:
+    """Unpickling a reader: open the cache again, as the pickled reader was opened."""
+    return open_cache(location, **settings.kwargs())
 
 
 class CacheReader:
-    """Read-only view of a cache. Create it with `open_cache`."""
+    """Read-only view of a cache. Create it with `open_cache`; `settings` records how it was
+    opened, and a pickled reader unpickles by opening the cache again with them."""
 
     def __init__(self, group: zarr.Group, manifest: Manifest, location: str,
-                 fast: ShardReader) -> None:
+                 fast: ShardReader, settings: OpenSettings | None = None) -> None:
         self._group = group
         self.manifest = manifest
         self.location = location
+        self.settings = settings or OpenSettings()
+        #: Where a reopen finds the cache: `location`, made absolute (now) for a local path.
+        self.source = location if "://" in location else os.path.abspath(location)
         self._fast = fast
         self._layouts: dict[tuple[str, str, str], ShardedLayout] = {}
         self._calib: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -80,6 +98,13 @@ class CacheReader:
         self._buffers = BufferPool()
         self._teachers_for: dict[str, tuple[str, ...]] = {}
         self._num_samples: dict[str, int] = {}
+
+    def reopen(self) -> CacheReader:
+        """A new reader of the same cache, opened with the same settings (e.g. in a worker)."""
+        return _reopen(self.source, self.settings)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen, (self.source, self.settings))
 
     # -- what is there -----------------------------------------------------------------------
     @property
@@ -141,16 +166,20 @@ class CacheReader:
 
     # -- small arrays ----------------------------------------------------------------------
     def index(self, dataset: str) -> SampleIndex:
-        """The dataset's keys, view parameters and statuses (read once, then cached)."""
-        if dataset not in self._indexes:
+        """The dataset's sample index (created once; cheap: statuses are read on first use,
+        keys and view parameters chunk by chunk on demand, see sample_index.py)."""
+        index = self._indexes.get(dataset)
+        if index is None:
             self._check_dataset(dataset)
-            group = self._group[layout.dataset_path(dataset)]
-            self._indexes[dataset] = SampleIndex(
-                dataset=dataset, keys=np.asarray(group[layout.KEY][:], dtype=object),
-                view_params=group[layout.VIEW_PARAMS][:], status=group[layout.STATUS][:],
+            index = SampleIndex.from_group(
+                self._group[layout.dataset_path(dataset)], dataset,  # type: ignore[arg-type]
                 views_per_image=self.manifest.views_per_image,
-                view_param_names=self.manifest.view_param_names)
-        return self._indexes[dataset]
+                view_param_names=self.manifest.view_param_names, location=self.source,
+                storage_options=self.settings.storage_options,
+                cache_bytes=self.settings.sample_index_cache_bytes,
+                threads=self.settings.threads, num_samples=self.num_samples(dataset))
+            self._indexes[dataset] = index
+        return index
 
     def calibration(self, dataset: str, teacher: str, tok: str
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -340,7 +369,7 @@ class CacheReader:
         sps = self.manifest.samples_per_shard
         for dataset in self.datasets:
             try:
-                self.index(dataset)
+                problems.extend(self.index(dataset).verify())
             except (CacheCorruptionError, ValueError) as exc:
                 problems.append(f"dataset {dataset} index: {exc}")
             n = self.num_samples(dataset)
@@ -370,6 +399,8 @@ class CacheReader:
     def close(self) -> None:
         """Release open files and reader threads."""
         self._fast.close()
+        for index in self._indexes.values():
+            index.close()
 
     def __enter__(self) -> CacheReader:
         return self

@@ -1,14 +1,19 @@
-"""What the reader hands out: encoded token batches, the sample index, shard blocks, reports."""
+"""What the reader hands out: encoded token batches, shard blocks, reports, open settings.
+
+The sample index lives in sample_index.py.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
+from typing import Any
 
-import numpy as np
 import torch
 
 from cache_format.encodings import EncodingSpec, decode_tokens_torch
-from cache_format.manifest import STATUS_OK
+from cache_format.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -60,29 +65,31 @@ class EncodedTokens:
 
 
 @dataclass(frozen=True)
-class SampleIndex:
-    """A dataset's sample index: sample s is image s // V (key keys[s // V]), view s % V."""
+class OpenSettings:
+    """How a reader was opened: `open_cache`'s keyword arguments besides the path.
 
-    dataset: str
-    keys: np.ndarray
-    view_params: np.ndarray
-    status: np.ndarray
-    views_per_image: int
-    view_param_names: tuple[str, ...]
+    A reader remembers them (`CacheReader.settings`) so that a process that reopens the cache,
+    a DataLoader worker for one, opens it exactly as the parent did: same fsspec
+    `storage_options` (credentials, endpoints), threads and checksum policy.
+    """
 
-    @property
-    def num_samples(self) -> int:
-        """Number of samples (images x views)."""
-        return int(self.status.shape[0])
+    threads: int = 4
+    storage_options: Mapping[str, Any] | None = None
+    index_cache_entries: int = 65536
+    verify_checksums: bool = True
+    sample_index_cache_bytes: int = 8 << 20
 
-    @property
-    def ok(self) -> np.ndarray:
-        """Boolean mask of the samples whose status is ok (their tokens are stored)."""
-        return self.status == STATUS_OK
+    def __post_init__(self) -> None:
+        for name in ("threads", "index_cache_entries", "sample_index_cache_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"open_cache {name}: expected >= 1, found "
+                                  f"{getattr(self, name)}")
+        if self.storage_options is not None:  # a private copy: the caller's dict may change
+            object.__setattr__(self, "storage_options", dict(self.storage_options))
 
-    def key_of(self, sample: int) -> str:
-        """Image key of `sample`."""
-        return str(self.keys[sample // self.views_per_image])
+    def kwargs(self) -> dict[str, Any]:
+        """The settings as `open_cache` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> 
                 sources[dataset] = open_source(dcfg, config.build.max_pixels,
                                                config.build.unusual_modes)
             fresh = compute_tokens(settings, model, sources[dataset], chosen.tolist(),
-                                   index.view_params[chosen])
+                                   index.view_params_of(chosen))
             cached = reader.read_encoded(dataset, chosen, [teacher])[teacher]
             for tok, values in fresh.items():
                 a = torch.from_numpy(values).reshape(-1, values.shape[-1])

@@ -7,21 +7,24 @@ image, a few generated images plus one file of every bad kind (skipped by the bu
 
 from __future__ import annotations
 
+import os
 import shutil
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, get_worker_info
 
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.manifest import STATUS_OK
-from cache_format.reader import open_cache
+from cache_format.reader import OpenSettings, open_cache
 from cache_format.writer import CacheWriter
 from precompute.build import build_cache
 from precompute.config import CacheBuildConfig, RuntimeConfig, SharingConfig
@@ -111,7 +114,7 @@ def test_items_replay_the_stored_views_and_carry_encoded_tokens(tiny: CacheBuild
         got = data[item]
         name = data.dataset_names[got["dataset"]]
         s = got["sample"]
-        stored = reader.index(name).view_params[s]
+        stored = reader.index(name).view_params_of([s])[0]
         expected = render_view(
             sources[name].load(s // VIEWS), ViewParams.from_array(stored), (28, 28)
         )
@@ -143,7 +146,7 @@ def test_a_tampered_view_row_is_detected(tiny: CacheBuildConfig, tmp_path: Path)
     d, sample = data.locate(5)
     name = data.dataset_names[d]
     reader = open_cache(cache)
-    params = reader.index(name).view_params.copy()
+    params = reader.index(name).view_params  # the whole array, a fresh copy
     status = reader.index(name).status
     column = VIEW_PARAM_NAMES.index("crop_left")
     row = params[sample]
@@ -279,6 +282,55 @@ def test_collate_and_dataloader_workers_give_the_same_batches(tiny: CacheBuildCo
     indices = list(sampler)[:4]
     one_by_one = collate_cached([data[i] for i in indices])
     assert torch.equal(one_by_one.images, serial[0].images)
+
+
+def _worker_probe(items: list[dict]) -> tuple[int, OpenSettings, dict, dict, Batch]:
+    """collate_fn run in a worker: how the worker's own reader (and index) opened the cache."""
+    data = get_worker_info().dataset  # type: ignore[union-attr]
+    reader = data._reader()
+    index_files = reader.index("web")._files  # opened by the view rows the items just read
+    return (os.getpid(), reader.settings, reader._fast.files.fs.storage_options,
+            index_files.fs.storage_options, collate_cached(items))
+
+
+def test_storage_options_reach_dataloader_workers(tiny: CacheBuildConfig) -> None:
+    """A cache opened with fsspec storage options is reopened with the same options (and the
+    parent's other open settings) in every DataLoader worker.
+
+    What this proves: each worker's reader, its byte-range reader and its sample index open the
+    cache through an fsspec filesystem built with exactly those options (fsspec records them on
+    the filesystem; before the fix the workers' filesystems had none), and the batches read there
+    equal the parent's. What it does not prove: that a real object store accepts them
+    (memory:// ignores options, and its store is shared with forked workers).
+    """
+    path = f"dune-test-options-{uuid.uuid4().hex}"
+    url = f"memory://{path}/cache"
+    fs = fsspec.filesystem("memory")
+    fs.put(tiny.cache, f"{path}/cache", recursive=True)
+    options = {"dune_probe": "token-123"}
+    try:
+        reader = open_cache(url, storage_options=options, threads=2, verify_checksums=False)
+        data = CacheTrainData(reader, heldout_images=0)
+        loader = DataLoader(data, batch_size=4, num_workers=2, multiprocessing_context="fork",
+                            collate_fn=_worker_probe)
+        results = list(loader)
+        pids = {pid for pid, *_ in results}
+        assert len(pids) == 2 and os.getpid() not in pids
+        for _, settings, fs_options, index_options, _ in results:
+            assert settings == reader.settings and settings.storage_options == options
+            assert settings.threads == 2 and not settings.verify_checksums
+            assert fs_options["dune_probe"] == "token-123"
+            assert index_options["dune_probe"] == "token-123"
+        served = [b for *_, b in results]
+        assert torch.equal(torch.cat([b.sample for b in served]),
+                           torch.tensor([data[i]["sample"] for i in range(len(data))]))
+        local = collate_cached([data[i] for i in range(4)])
+        assert torch.equal(served[0].images, local.images)
+        for teacher, toks in local.tokens.items():
+            for tok, enc in toks.items():
+                assert torch.equal(served[0].tokens[teacher][tok].values, enc.values)
+    finally:
+        fs.rm(path, recursive=True)
 
 
 # -- samplers ---------------------------------------------------------------------------------

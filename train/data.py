@@ -18,7 +18,11 @@ stable across runs over the same cache.
 
 Items are numbered dataset by dataset, then by sample index, so the usable views of one image
 are consecutive (`image_first`, `image_count`): the samplers in `train.sampling` draw one of
-them per image and epoch. `collate_cached` stacks items into a `Batch`.
+them per image and epoch. `collate_cached` (train/batch.py) stacks items into a `Batch`.
+
+Memory: no whole [N, P] view array is held; stored view rows are read per batch through the
+reader's `SampleIndex.view_params_of`. Workers reopen the cache with the parent reader's
+`settings` (fsspec storage options, threads, checksum policy).
 """
 
 from __future__ import annotations
@@ -26,25 +30,25 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from cache_format.errors import BadImageError, CacheMismatchError, ConfigError
 from cache_format.manifest import STATUS_OK, keys_sha256
-from cache_format.reader import CacheReader, open_cache
+from cache_format.reader import CacheReader, OpenSettings, open_cache
 from precompute.config import CacheBuildConfig
 from precompute.sources import ImageSource, open_source
 from precompute.views import check_replay, render_view, sample_view
+from train.batch import Batch, EncodedBatch, EncodedItem, collate_cached, split_encoded
+
+__all__ = ["SPLITS", "Batch", "CacheTrainData", "EncodedBatch", "EncodedItem", "collate_cached",
+           "heldout_image_indices"]
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
-
-# One item's tokens: {teacher: {token type: (values, scale or None)}}, as stored.
-EncodedItem = dict[str, dict[str, tuple[np.ndarray, np.ndarray | None]]]
 
 
 def heldout_image_indices(num_images: int, count: int, seed: int, dataset: str) -> np.ndarray:
@@ -69,19 +73,20 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _DatasetPart:
-    """One selected dataset: its cached index rows kept for this split, and its teachers."""
+    """One selected dataset: its sample indices kept for this split, and its teachers (the
+    stored view rows are read on demand from the reader's index)."""
 
     name: str
     domain: str
     teachers: tuple[str, ...]  # selected teachers with features for this dataset, run order
     samples: np.ndarray  # int64 [n], sample indices (status ok, image in the split), sorted
-    view_params: np.ndarray  # float32 [N, P], every stored row (the reader's array, not a copy)
 
 
 class CacheTrainData(Dataset):
     """Cached samples of the selected datasets and teachers, one item per (image, view).
 
-    `cache`: a path / URL or an open `CacheReader`. `teachers` / `datasets`: subsets of the
+    `cache`: a path / URL or an open `CacheReader` (DataLoader workers reopen it with the same
+    settings, storage options included). `teachers` / `datasets`: subsets of the
     cache's (None = all), in the order batches report them. `roots`: dataset name -> where its
     source images live now. `img_size`: the student's input size; it must equal the cache's
     grid x student patch (a mismatch is a CacheMismatchError naming both grids).
@@ -111,6 +116,8 @@ class CacheTrainData(Dataset):
             cache if isinstance(cache, CacheReader) else open_cache(cache)
         )
         self._reader_pid: int | None = os.getpid()
+        self.open_settings: OpenSettings = self.reader.settings
+        self.source = self.reader.source  # absolute: independent of the working directory
         manifest = self.reader.manifest
         self.manifest = manifest
         self.location = str(getattr(self.reader, "location", cache))
@@ -187,11 +194,10 @@ class CacheTrainData(Dataset):
     def _load_part(self, name: str, heldout_images: int, split_seed: int) -> _DatasetPart:
         fp = self.manifest.datasets[name]
         index = self.reader.index(name)
-        status = np.asarray(index.status)
-        view_params = np.asarray(index.view_params, dtype=np.float32)
+        status = index.status  # 1 byte per sample; keys and view rows stay on disk
         v = self.views_per_image
         expected = fp.num_images * v
-        if status.shape != (expected,) or view_params.shape[0] != expected:
+        if status.shape != (expected,):
             raise CacheMismatchError(
                 f"{self.location}: dataset {name} holds {status.shape[0]} index rows, expected "
                 f"{fp.num_images} images x {v} views = {expected}"
@@ -207,7 +213,6 @@ class CacheTrainData(Dataset):
             domain=fp.domain,
             teachers=teachers,
             samples=samples,
-            view_params=view_params,
         )
 
     def _open_source(self, name: str, root: str | None) -> ImageSource:
@@ -283,9 +288,10 @@ class CacheTrainData(Dataset):
 
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:
-        # File handles and thread pools do not survive a fork: each worker opens its own.
+        # File handles and thread pools do not survive a fork: each worker opens its own, the
+        # way the parent's reader was opened (storage options, threads, checksum policy).
         if self.reader is None or self._reader_pid != os.getpid():
-            self.reader = open_cache(self.location)
+            self.reader = open_cache(self.source, **self.open_settings.kwargs())
             self._reader_pid = os.getpid()
         return self.reader
 
@@ -297,9 +303,14 @@ class CacheTrainData(Dataset):
 
     def render(self, item: int) -> Tensor:
         """The student's view of item `item`, replayed and checked against the stored row."""
-        return self._render(*self.locate(item))
+        d, sample = self.locate(item)
+        return self._render(d, sample, self._view_rows(d, [sample])[0])
 
-    def _render(self, d: int, sample: int) -> Tensor:
+    def _view_rows(self, d: int, samples: Sequence[int]) -> np.ndarray:
+        """The stored view rows float32 [n, P] of `samples` of dataset `d` (read on demand)."""
+        return self._reader().index(self._parts[d].name).view_params_of(samples)
+
+    def _render(self, d: int, sample: int, stored: np.ndarray) -> Tensor:
         part = self._parts[d]
         image_index, view_index = divmod(sample, self.views_per_image)
         try:
@@ -319,7 +330,7 @@ class CacheTrainData(Dataset):
             self.view_config,
         )
         check_replay(
-            part.view_params[sample],
+            stored,
             params,
             where=f"{self.location}: dataset {part.name}, sample {sample} (image {image_index}, "
             f"view {view_index})",
@@ -332,21 +343,12 @@ class CacheTrainData(Dataset):
         if not self.read_tokens or not part.teachers:
             return [{} for _ in samples]
         encoded = self._reader().read_encoded(part.name, list(samples), list(part.teachers))
-        out: list[EncodedItem] = [{} for _ in samples]
-        for teacher, toks in encoded.items():
-            for tok, enc in toks.items():
-                values = enc.values.numpy()
-                scale = None if enc.scale is None else enc.scale.numpy()
-                for i in range(len(samples)):
-                    out[i].setdefault(teacher, {})[tok] = (
-                        values[i],
-                        None if scale is None else scale[i],
-                    )
-        return out
+        return split_encoded(encoded, len(samples))
 
-    def _item(self, d: int, sample: int, tokens: EncodedItem) -> dict[str, Any]:
+    def _item(self, d: int, sample: int, stored: np.ndarray, tokens: EncodedItem
+              ) -> dict[str, Any]:
         return {
-            "image": self._render(d, sample),
+            "image": self._render(d, sample, stored),
             "dataset": d,
             "domain": int(self._dataset_domain[d]),
             "sample": sample,
@@ -359,21 +361,23 @@ class CacheTrainData(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         d, sample = self.locate(int(item))
-        return self._item(d, sample, self._read(d, [sample])[0])
+        return self._item(d, sample, self._view_rows(d, [sample])[0], self._read(d, [sample])[0])
 
     def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
-        """A whole batch at once (DataLoader calls this): one token read per dataset."""
+        """A whole batch at once (DataLoader calls this): one token read and one view-row read
+        per dataset."""
         located = [self.locate(int(i)) for i in items]
         tokens: list[EncodedItem | None] = [None] * len(located)
+        rows: list[np.ndarray | None] = [None] * len(located)
         for d in sorted({d for d, _ in located}):
             positions = [k for k, (dd, _) in enumerate(located) if dd == d]
-            for k, enc in zip(
-                positions, self._read(d, [located[k][1] for k in positions]), strict=True
-            ):
-                tokens[k] = enc
+            samples = [located[k][1] for k in positions]
+            stored = self._view_rows(d, samples)
+            for j, (k, enc) in enumerate(zip(positions, self._read(d, samples), strict=True)):
+                tokens[k], rows[k] = enc, stored[j]
         return [
-            self._item(d, s, tok)  # type: ignore[arg-type]
-            for (d, s), tok in zip(located, tokens, strict=True)
+            self._item(d, s, row, tok)  # type: ignore[arg-type]
+            for (d, s), row, tok in zip(located, rows, tokens, strict=True)
         ]
 
 
@@ -392,106 +396,3 @@ def _build_config(data: Mapping[str, Any], location: str) -> CacheBuildConfig:
             f"{location}: the manifest's build_config cannot be read by this version ({exc})",
             hint="train with the dune-distill version that built the cache, or rebuild it",
         ) from exc
-
-
-# -- batches ----------------------------------------------------------------------------------
-@dataclass
-class EncodedBatch:
-    """One teacher's token type for the present rows of a batch, still encoded."""
-
-    values: Tensor  # [n_present, ...] int8 / float16 / uint16 (bf16 bits)
-    scale: Tensor | None  # [n_present, ...] float32 (int8 only)
-
-
-@dataclass
-class Batch:
-    """A collated batch. Teacher tokens cover only the rows where the teacher is present.
-
-    `presence[b, t]` says whether teacher `teacher_names[t]` has features for row b;
-    `rows[teacher]` lists those rows (ascending) and `tokens[teacher][tok]` holds their encoded
-    tokens in that order. Absent rows are never materialised, so nothing can feed placeholder
-    zeros into a loss. `domains` gives each row's domain name (teacher dropping uses it).
-    """
-
-    images: Tensor  # float32 [B, 3, H, W] in [0, 1], unnormalized
-    dataset: Tensor  # long [B]
-    domain: Tensor  # long [B]
-    sample: Tensor  # long [B]
-    presence: Tensor  # bool [B, n_teachers]
-    teacher_names: tuple[str, ...]
-    dataset_names: tuple[str, ...]
-    domain_names: tuple[str, ...]
-    rows: dict[str, Tensor] = field(default_factory=dict)  # long [n_present] per teacher
-    tokens: dict[str, dict[str, EncodedBatch]] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """The domain name of each row."""
-        return tuple(self.domain_names[i] for i in self.domain.tolist())
-
-    def _map(self, fn: Any) -> Batch:
-        return Batch(
-            images=fn(self.images),
-            dataset=fn(self.dataset),
-            domain=fn(self.domain),
-            sample=fn(self.sample),
-            presence=fn(self.presence),
-            teacher_names=self.teacher_names,
-            dataset_names=self.dataset_names,
-            domain_names=self.domain_names,
-            rows={t: fn(r) for t, r in self.rows.items()},
-            tokens={
-                t: {
-                    tok: EncodedBatch(fn(e.values), None if e.scale is None else fn(e.scale))
-                    for tok, e in toks.items()
-                }
-                for t, toks in self.tokens.items()
-            },
-        )
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        """Every tensor moved to `device` (encoded tokens stay encoded)."""
-        return self._map(lambda x: x.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> Batch:
-        """Page-locked copy (DataLoader's pin_memory calls this)."""
-        return self._map(lambda x: x.pin_memory())
-
-
-def collate_cached(items: Sequence[Mapping[str, Any]]) -> Batch:
-    """Stack dataset items into a `Batch` (numpy arrays become tensors here, in the worker)."""
-    if not items:
-        raise ValueError("collate_cached: no items")
-    teacher_names = tuple(items[0]["teacher_names"])
-    presence = np.stack([np.asarray(it["presence"], dtype=bool) for it in items])
-    rows: dict[str, Tensor] = {}
-    tokens: dict[str, dict[str, EncodedBatch]] = {}
-    for t, teacher in enumerate(teacher_names):
-        present = np.flatnonzero(presence[:, t])
-        # Online runs carry no tokens: presence alone then says which rows a teacher serves.
-        if present.size == 0 or teacher not in items[int(present[0])]["tokens"]:
-            continue
-        rows[teacher] = torch.from_numpy(present.astype(np.int64))
-        tokens[teacher] = {}
-        for tok in items[int(present[0])]["tokens"][teacher]:
-            pairs = [items[int(i)]["tokens"][teacher][tok] for i in present]
-            values = torch.from_numpy(np.stack([p[0] for p in pairs]))
-            scale = None
-            if pairs[0][1] is not None:
-                scale = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.float32))
-            tokens[teacher][tok] = EncodedBatch(values, scale)
-    return Batch(
-        images=torch.stack([it["image"] for it in items]),
-        dataset=torch.tensor([int(it["dataset"]) for it in items], dtype=torch.long),
-        domain=torch.tensor([int(it["domain"]) for it in items], dtype=torch.long),
-        sample=torch.tensor([int(it["sample"]) for it in items], dtype=torch.long),
-        presence=torch.from_numpy(presence),
-        teacher_names=teacher_names,
-        dataset_names=tuple(items[0]["dataset_names"]),
-        domain_names=tuple(items[0]["domain_names"]),
-        rows=rows,
-        tokens=tokens,
-    )

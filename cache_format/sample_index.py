@@ -1,0 +1,298 @@
+"""A dataset's sample index, read on demand: statuses in memory, keys and view parameters by chunk.
+
+At DUNE's scale (about 128 M samples with 20 view parameters each) the whole index is several GB
+per process, and an object array of Python strings is the classic fork trap: every DataLoader
+worker that touches a key writes its refcount and so copies the page. So `SampleIndex` keeps in
+memory only the statuses (1 byte per sample, a read-only numpy array whose pages stay shared
+after a fork) and reads keys and view parameters when asked, one chunk at a time, straight from
+the chunk files through `files.py` and `plainread.py` (zarr-python's `array[i]` costs about a
+millisecond per call). A few decoded chunks stay in a small LRU bounded in bytes; key chunks are
+kept as numpy `StringDType` arrays, so no Python object per key (or per sample) outlives a call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache_format import layout
+from cache_format.errors import CacheCorruptionError, CacheVersionError, ConfigError
+from cache_format.files import Files, files_for
+from cache_format.manifest import STATUS_OK
+from cache_format.plainread import ChunkCache, PlainArray, read_chunk
+
+#: Default bound on the decoded chunks an index keeps (an estimate of their bytes).
+DEFAULT_CACHE_BYTES = 8 << 20
+#: Chunks read per call when a whole array is loaded with threads (status, `keys`, `verify`).
+_THREADED_FROM = 16
+
+
+#: Live indexes, given fresh locks in a forked child (see _reset_after_fork).
+_INDEXES: weakref.WeakSet[SampleIndex] = weakref.WeakSet()
+
+
+class SampleIndex:
+    """A dataset's sample index: sample s is image s // V (key `key_of(s)`), view s % V.
+
+    Statuses are read once (on first use) and kept: `status`, `ok`. Keys and view parameters are
+    read on demand, one positional read and one crc32c check per chunk touched:
+    `key_of(sample)`, `keys_of(images)`, `view_params_of(samples)`. `keys` and `view_params` load
+    everything (whole arrays, not kept): for small caches and tools only. A chunk whose crc32c
+    does not match raises CacheCorruptionError naming the dataset, array, chunk and file.
+
+    The index pickles as what it needs to reopen its files (location, storage options, array
+    layouts) and works in a forked child (DataLoader workers): locks are renewed after a fork.
+    """
+
+    def __init__(self, dataset: str, arrays: Mapping[str, PlainArray], *, views_per_image: int,
+                 view_param_names: Sequence[str], location: str,
+                 storage_options: Mapping[str, Any] | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int = 4) -> None:
+        self.dataset = dataset
+        self.views_per_image = int(views_per_image)
+        self.view_param_names = tuple(view_param_names)
+        if "://" not in location or location.startswith("file://"):
+            # Absolute, so that a copy unpickled in another working directory finds the files.
+            location = os.path.abspath(location.removeprefix("file://"))
+        self.location = location
+        self.storage_options = dict(storage_options) if storage_options else None
+        self.cache_bytes = int(cache_bytes)
+        self.threads = max(1, int(threads))
+        self._arrays = dict(arrays)
+        self._check_shapes()
+        self._init_state()
+
+    @classmethod
+    def from_group(cls, group: zarr.Group, dataset: str, *, num_samples: int | None = None,
+                   **kwargs: Any) -> SampleIndex:
+        """The index of the dataset group `group` (reads array metadata only, no chunk);
+        `num_samples`, when given, is what the manifest says the arrays must hold."""
+        arrays = {}
+        for name in (layout.KEY, layout.VIEW_PARAMS, layout.STATUS):
+            label = f"dataset {dataset!r}, array {name!r}"
+            arrays[name] = PlainArray.from_array(group[name], label)  # type: ignore[arg-type]
+        index = cls(dataset, arrays, **kwargs)
+        if num_samples is not None and index.num_samples != num_samples:
+            raise CacheVersionError(
+                f"dataset {dataset!r} ({group.path}): {index.num_samples} index rows, the "
+                f"manifest says {num_samples}",
+                hint="this cache was not written by this dune-distill")
+        return index
+
+    def _init_state(self) -> None:
+        self._files: Files | None = None
+        self._status: np.ndarray | None = None
+        self._cache = ChunkCache(self.cache_bytes)
+        self._lock = threading.Lock()
+        _INDEXES.add(self)
+
+    def _check_shapes(self) -> None:
+        keys, params, status = (self._arrays[n] for n in
+                                (layout.KEY, layout.VIEW_PARAMS, layout.STATUS))
+        n, v, p = status.shape[0], self.views_per_image, len(self.view_param_names)
+        problem = ""
+        if not keys.vlen or status.dtype != np.uint8 or params.dtype != np.float32:
+            problem = (f"dtypes key {keys.dtype}, view_params {params.dtype}, status "
+                       f"{status.dtype}; expected strings, float32, uint8")
+        elif params.shape != (n, p) or len(status.shape) != 1:
+            problem = f"view_params {params.shape} and status {status.shape}, expected ({n}, {p})"
+        elif keys.shape != (n // v,) or n % v:
+            problem = f"{keys.shape[0]} keys for {n} samples at {v} views per image"
+        if problem:
+            raise CacheVersionError(f"dataset {self.dataset!r}: index arrays disagree: {problem}",
+                                    hint="this cache was not written by this dune-distill")
+
+    # -- pickling and fork -------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # Open files, locks and the chunk cache do not travel; statuses are read again on use.
+        return {name: self.__dict__[name] for name in (
+            "dataset", "views_per_image", "view_param_names", "location", "storage_options",
+            "cache_bytes", "threads", "_arrays")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_state()
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._cache.after_fork()
+        if self._files is not None:
+            self._files.reinit_after_fork()
+
+    def close(self) -> None:
+        """Close the files this index opened (it reopens them if used again)."""
+        with self._lock:
+            files, self._files = self._files, None
+        if files is not None:
+            files.close()
+
+    # -- what callers use --------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Number of samples (images x views)."""
+        return self._arrays[layout.STATUS].shape[0]
+
+    @property
+    def num_images(self) -> int:
+        """Number of images (keys)."""
+        return self._arrays[layout.KEY].shape[0]
+
+    @property
+    def status(self) -> np.ndarray:
+        """Per-sample status codes, uint8 [N] (read once, then kept; read-only)."""
+        status = self._status
+        if status is None:
+            status = self._load(self._arrays[layout.STATUS])
+            status.setflags(write=False)  # shared pages stay shared after a fork
+            self._status = status
+        return status
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Boolean mask of the samples whose status is ok (their tokens are stored)."""
+        return self.status == STATUS_OK
+
+    def key_of(self, sample: int) -> str:
+        """Image key of `sample`."""
+        rows = self._rows([sample], self.num_samples, "sample")
+        return self.keys_of(rows // self.views_per_image)[0]
+
+    def keys_of(self, images: Sequence[int] | np.ndarray) -> list[str]:
+        """Keys of `images` (image indices, any order, repeats allowed), one read per chunk."""
+        rows = self._rows(images, self.num_images, "image")
+        out: list[str] = [""] * rows.size
+        for block, where, local in self._by_chunk(self._arrays[layout.KEY], rows):
+            # Key by key: a StringDType slice of `block` would grow block's string arena.
+            for position, row in zip(where.tolist(), local.tolist(), strict=True):
+                out[position] = block[row]
+        return out
+
+    def view_params_of(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
+        """View parameters of `samples`, float32 [n, P] (a new array), one read per chunk."""
+        rows = self._rows(samples, self.num_samples, "sample")
+        out = np.empty((rows.size, len(self.view_param_names)), dtype=np.float32)
+        for block, where, local in self._by_chunk(self._arrays[layout.VIEW_PARAMS], rows):
+            out[where] = block[local]
+        return out
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Every key, StringDType [num_images]. Loads everything (not kept): prefer `keys_of`."""
+        return self._load(self._arrays[layout.KEY])
+
+    @property
+    def view_params(self) -> np.ndarray:
+        """Every view parameter row, float32 [N, P]. Loads everything (not kept): prefer
+        `view_params_of`."""
+        return self._load(self._arrays[layout.VIEW_PARAMS])
+
+    def verify(self) -> tuple[str, ...]:
+        """Read every chunk of the index arrays; the problems found (empty when all is well)."""
+        problems: list[str] = []
+
+        def check(job: tuple[PlainArray, int]) -> None:
+            try:
+                self._read_chunk(*job)
+            except CacheCorruptionError as exc:
+                problems.append(str(exc))
+
+        jobs = [(array, c) for array in self._arrays.values() for c in range(array.num_chunks)]
+        self._map(check, jobs)
+        return tuple(sorted(problems))
+
+    # -- reading -----------------------------------------------------------------------------
+    def _rows(self, wanted: Sequence[int] | np.ndarray, limit: int, what: str) -> np.ndarray:
+        rows = np.asarray(wanted).reshape(-1)
+        if rows.size and rows.dtype.kind not in "iu":
+            raise ConfigError(f"dataset {self.dataset}: {what} indices must be integers, found "
+                              f"dtype {rows.dtype}")
+        rows = rows.astype(np.int64, copy=False)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= limit):
+            raise ConfigError(f"dataset {self.dataset}: {what} indices must be in [0, {limit}), "
+                              f"found {int(rows.min())}..{int(rows.max())}")
+        return rows
+
+    def _by_chunk(self, array: PlainArray, rows: np.ndarray
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(decoded chunk, positions in `rows`, rows within the chunk) per distinct chunk that
+        `rows` touch, each chunk cached or read once."""
+        per_chunk = array.rows_per_chunk
+        chunks = rows // per_chunk
+        if rows.size == 0:
+            return
+        if rows.size == 1:
+            chunk = int(chunks[0])
+            yield self._chunk(array, chunk), np.zeros(1, np.int64), rows - chunk * per_chunk
+            return
+        order = np.argsort(chunks, kind="stable")
+        ordered = chunks[order]
+        starts = np.flatnonzero(np.diff(ordered, prepend=-1)).tolist()
+        for start, stop in zip(starts, [*starts[1:], rows.size], strict=True):
+            chunk = int(ordered[start])
+            where = order[start:stop]
+            yield self._chunk(array, chunk), where, rows[where] - chunk * per_chunk
+
+    def _chunk(self, array: PlainArray, chunk: int) -> np.ndarray:
+        """Decoded chunk `chunk` of `array`, through the LRU."""
+        key = (array.path, chunk)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit, cost = self._read_chunk(array, chunk)
+            self._cache.put(key, hit, cost)
+        return hit
+
+    def _load(self, array: PlainArray) -> np.ndarray:
+        """The whole array, chunk by chunk (bypassing the LRU, so that it keeps its chunks)."""
+        out = np.empty(array.shape, dtype=array.dtype)
+        per_chunk, n = array.rows_per_chunk, array.shape[0]
+
+        def fill(chunk: int) -> None:
+            start, stop = layout.shard_bounds(chunk, n, per_chunk)
+            out[start:stop] = self._read_chunk(array, chunk)[0][: stop - start]
+
+        self._map(fill, list(range(array.num_chunks)))
+        return out
+
+    def _map(self, work: Any, jobs: list[Any]) -> None:
+        """Run `work` on every job: on a few threads when there are many (positional reads
+        and checksums release the GIL), so that loading a large status array takes seconds."""
+        if self.threads == 1 or len(jobs) < _THREADED_FROM:
+            for job in jobs:
+                work(job)
+            return
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="dune-index-read") as pool:
+            for _ in pool.map(work, jobs):
+                pass
+
+    def _files_(self) -> Files:
+        files = self._files
+        if files is None:
+            with self._lock:
+                if self._files is None:
+                    self._files = files_for(self.location, self.storage_options)
+                files = self._files
+        return files
+
+    def _read_chunk(self, array: PlainArray, chunk: int) -> tuple[np.ndarray, int]:
+        """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached."""
+        fix = ("rebuild the cache (keys are written when the dataset is added)"
+               if array is self._arrays[layout.KEY] else
+               f"delete that index shard's done mark ({layout.INDEX_DONE}/c/{chunk}) and resume "
+               "the build, which rewrites it")
+        return read_chunk(self._files_(), array, chunk, fix)
+
+
+def _reset_after_fork() -> None:
+    """Runs in a forked child: locks held by the parent's other threads would never be freed."""
+    for index in list(_INDEXES):
+        index._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
