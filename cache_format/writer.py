@@ -9,6 +9,8 @@ object: a crash leaves a shard without a mark, and a rerun rewrites it entirely.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -111,6 +113,25 @@ class CacheWriter:
     def _save_manifest(self, manifest: Manifest) -> None:
         self._group.attrs[ROOT_ATTR] = manifest.to_dict()
         self._manifest = manifest
+
+    def set_build_config(self, config: dict[str, Any]) -> None:
+        """Replace the manifest's `build_config`, the record of how the cache was built.
+
+        The builder calls it when a run adds teachers or datasets, so that the stored config
+        describes the whole cache (the trainer reads dataset roots and teacher domains there;
+        `verify --recompute` reruns the teachers from it). Only the root manifest attribute is
+        rewritten; no array is touched. `config` must be plain JSON (dicts with str keys, lists,
+        str, finite numbers, bool, None): anything else is a ConfigError naming the entry, raised
+        before anything is written.
+        """
+        problem = (_json_problem(config, "build_config") if isinstance(config, dict)
+                   else f"build_config: expected a dict, found {type(config).__name__}")
+        if problem:
+            raise ConfigError(
+                f"{self.location}: set_build_config: {problem}",
+                hint="store CacheBuildConfig.to_dict() (serde.to_dict gives JSON types)")
+        stored = json.loads(json.dumps(config))  # a copy, as a reader will see it
+        self._save_manifest(replace(self._manifest, build_config=stored))
 
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:
@@ -355,6 +376,27 @@ class CacheWriter:
             result[tok] = total
         self._array(f"{base}/{layout.STATS}/{layout.FINAL}")[:] = np.array([1], dtype=np.uint8)
         return result
+
+
+def _json_problem(value: Any, where: str) -> str | None:
+    """Where `value` stops being plain JSON (what zarr stores as attributes); None if it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where}: key {key!r} has type {type(key).__name__}, expected str"
+            problem = _json_problem(item, f"{where}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        problems = (_json_problem(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return next((p for p in problems if p), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: {value!r} is not a finite number (JSON has no NaN or Infinity)"
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return None
+    return (f"{where}: expected a JSON value (dict, list, str, number, bool, None), found "
+            f"{type(value).__name__} {value!r:.60}")
 
 
 def _field_view(records: np.ndarray, field: layout.RecordField) -> np.ndarray:

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -47,19 +47,23 @@ from rich.table import Table
 from rich.text import Text
 
 from cache_format import layout
-from cache_format.errors import BadImageError, DuneError
+from cache_format.errors import DuneError
 from cache_format.manifest import STATUS_OK, Manifest, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
-from precompute.plan import BuildPlan, PairPlan, check_fits, make_plan
+from precompute.plan import BuildPlan, PairPlan, check_fits, make_plan, plan_lines
+from precompute.sources import ImageSource
 from precompute.units import (
+    CalibrationViews,
     PrepareResult,
     UnitResult,
     UnitSettings,
+    calibration_views,
     release_teachers,
     run_index_unit,
     run_prepare_unit,
     run_teacher_unit,
+    shard_images,
 )
 from precompute.views import VIEW_PARAM_NAMES
 
@@ -262,13 +266,8 @@ def _record_build_config(writer: CacheWriter, config: CacheBuildConfig) -> None:
     are kept, so a resume with other runtime settings rewrites nothing."""
     stored = dict(writer.manifest.build_config)
     wanted = {**config.to_dict(), **{k: stored[k] for k in RUNTIME_FIELDS if k in stored}}
-    if stored == wanted:
-        return
-    setter = getattr(writer, "set_build_config", None)
-    if setter is not None:
-        setter(wanted)
-    else:  # stopgap until CacheWriter exposes set_build_config (asked of its owner)
-        writer._save_manifest(replace(writer.manifest, build_config=wanted))
+    if stored != wanted:
+        writer.set_build_config(wanted)
 
 
 def _status_counts(cache: str, dataset: str) -> dict[str, int]:
@@ -278,31 +277,34 @@ def _status_counts(cache: str, dataset: str) -> dict[str, int]:
             for c, k in zip(codes, counts, strict=True)}
 
 
+def _shard_slice(plan: BuildPlan, dataset: str, shard: int) -> ImageSource:
+    """The images of one shard, cut from the source the plan listed: what a unit ships."""
+    start, stop = layout.shard_bounds(shard, plan.datasets[dataset].num_samples,
+                                      plan.config.samples_per_shard)
+    return shard_images(plan.datasets[dataset].source, plan.config.views_per_image, start, stop)
+
+
 def _run_index(cluster: _Cluster, settings: UnitSettings, plan: BuildPlan,
                progress: Progress) -> None:
     todo = [(d.name, s) for d in plan.datasets.values() for s in d.index_todo]
     if not todo:
         return
     views = settings.config.views_per_image
-    total = sum(min(plan.config.samples_per_shard, plan.datasets[d].num_samples -
-                    s * plan.config.samples_per_shard) for d, s in todo)
-    task = progress.add_task("index", total=total // views, mb=0.0, skipped=0)
+    units = [(settings, _shard_slice(plan, d, s), s) for d, s in todo]
+    total = sum(len(images) for _, images, _ in units)
+    task = progress.add_task("index", total=total, mb=0.0, skipped=0)
 
     def done(result: UnitResult) -> None:
-        if result.bad_image is not None:
-            message, reason, path = result.bad_image
-            raise BadImageError(
-                f"--strict: dataset {result.dataset}: {message}", reason=reason, path=path,
-            )
         skipped = sum(result.skipped.values())
         progress.update(task, advance=(result.samples + skipped) // views,
                         skipped=progress.tasks[task].fields["skipped"] + skipped // views)
 
-    _run_units(cluster, run_index_unit, [(settings, d, s) for d, s in todo], done, gpu=False)
+    # Under --strict a unit raises the first bad image's BadImageError; _run_units re-raises it.
+    _run_units(cluster, run_index_unit, units, done, gpu=False)
 
 
 def _prepare_pairs(cluster: _Cluster, settings: UnitSettings, writer: CacheWriter,
-                   pairs: Sequence[PairPlan]) -> None:
+                   plan: BuildPlan, pairs: Sequence[PairPlan]) -> None:
     """Fingerprint (and int8-calibrate) the teacher on its new pairs, then add them."""
     new = [(p.teacher, p.dataset) for p in pairs if not writer.has_teacher(p.dataset, p.teacher)]
     results: dict[tuple[str, str], PrepareResult] = {}
@@ -310,16 +312,23 @@ def _prepare_pairs(cluster: _Cluster, settings: UnitSettings, writer: CacheWrite
     def done(result: PrepareResult) -> None:
         results[(result.teacher, result.dataset)] = result
 
-    _run_units(cluster, run_prepare_unit, [(settings, t, d) for t, d in new], done, gpu=True)
+    def calibration(dataset: str) -> CalibrationViews | None:
+        if not plan.config.encoding.has_scale:
+            return None
+        return calibration_views(plan.config, plan.datasets[dataset].source)
+
+    _run_units(cluster, run_prepare_unit, [(settings, t, d, calibration(d)) for t, d in new],
+               done, gpu=True)
     for key in new:  # added in plan order, whatever order the units finished in
         result = results[key]
         writer.add_teacher(result.dataset, result.fingerprint, result.calibration)
 
 
-def _run_teacher(cluster: _Cluster, settings: UnitSettings, teacher: str,
+def _run_teacher(cluster: _Cluster, settings: UnitSettings, teacher: str, plan: BuildPlan,
                  pairs: Sequence[PairPlan], progress: Progress,
                  totals: dict[tuple[str, str], PairTotals]) -> None:
-    todo = [(p.dataset, s) for p in pairs for s in p.shards_todo]
+    units = [(settings, teacher, _shard_slice(plan, p.dataset, s), s)
+             for p in pairs for s in p.shards_todo]
     task = progress.add_task(teacher, total=sum(p.samples_todo for p in pairs), mb=0.0,
                              skipped=0)
     began = time.perf_counter()
@@ -336,8 +345,7 @@ def _run_teacher(cluster: _Cluster, settings: UnitSettings, teacher: str,
                         mb=fields["mb"] + result.bytes_written / 1e6,
                         skipped=fields["skipped"] + skipped)
 
-    _run_units(cluster, run_teacher_unit, [(settings, teacher, d, s) for d, s in todo], done,
-               gpu=True)
+    _run_units(cluster, run_teacher_unit, units, done, gpu=True)
 
 
 def build_cache(config: CacheBuildConfig, *, scheduler: str | None = None,
@@ -348,16 +356,21 @@ def build_cache(config: CacheBuildConfig, *, scheduler: str | None = None,
     Refuses before starting when the config differs from the cache's (other than additions) or
     when the estimated remaining size exceeds the free space. Under `strict`, the first bad
     image stops the build with a BadImageError naming the file; finished shards stay written.
+
+    Whoever makes the plan shows it: given `plan`, the caller has printed it (the CLI prints
+    `plan_lines`, which say when the cache is complete); without, it is made and its lines are
+    printed here. So "nothing to do" is said once.
     """
     console = console or Console(stderr=True)
     began = time.perf_counter()
-    plan = plan or make_plan(config)
+    if plan is None:
+        plan = make_plan(config)
+        for line in plan_lines(plan):
+            console.print(line, soft_wrap=True)
     check_fits(plan)
     summary = BuildSummary(plan)
     console.print(f"cache: {config.cache}", soft_wrap=True)
-    if plan.nothing_to_do:
-        console.print("the cache is complete for this config: nothing to do", soft_wrap=True)
-    else:
+    if not plan.nothing_to_do:
         writer = _open_writer(plan)
         with _cluster(config, scheduler, workers) as cluster:
             threads = config.runtime.torch_threads or os.cpu_count() or 1
@@ -370,8 +383,9 @@ def build_cache(config: CacheBuildConfig, *, scheduler: str | None = None,
                     pairs = [p for p in plan.pairs_of(teacher) if not p.done]
                     if not pairs:
                         continue
-                    _prepare_pairs(cluster, settings, writer, pairs)
-                    _run_teacher(cluster, settings, teacher, pairs, progress, summary.pairs)
+                    _prepare_pairs(cluster, settings, writer, plan, pairs)
+                    _run_teacher(cluster, settings, teacher, plan, pairs, progress,
+                                 summary.pairs)
                     for p in pairs:
                         writer.finalize_stats(p.dataset, p.teacher)
     summary.skipped = {d: {r: n for r, n in _status_counts(config.cache, d).items() if r != "ok"}

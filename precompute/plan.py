@@ -7,8 +7,18 @@ message naming every differing field, because a cache whose parts were built wit
 settings would silently mix incompatible tokens.
 
 The plan is read-only (a dry run prints it and touches nothing); the builder executes it.
-Sizes are estimates from the encoding's bytes per value, before any lossless codec (so an upper
-bound on the token bytes), plus the sample index.
+
+Sizes (`Footprint`) count the bytes of every chunk the build writes, as zarr stores them with
+codec none: each sample's record chunk (layout.record_fields: int8 scales, patch and cls values
+in one chunk) with its crc32c, each shard's index (16 bytes per sample slot and a crc32c), the
+done marks, the statistics, the int8 calibration and the dataset's index (keys, view parameters,
+statuses). With codec none and every image ok that is exact; skipped images store no record, so
+it is then an upper bound. Not counted: the zarr.json documents (about 1 kB per array, some 20
+arrays per pair), which do not grow with the data. With `zstd` or `blosc` the estimate assumes
+no gain from the codec (nor its frame header of a dozen bytes per chunk): on transformer-like
+activations (cache_format.testing) zstd stores int8 records 1.06x smaller, fp16 1.08x and bf16
+1.27x (public measurements on real features: up to 1.4x for bf16), so the estimate is then a
+slight overestimate for int8 and fp16 and an upper bound for bf16.
 """
 
 from __future__ import annotations
@@ -32,8 +42,28 @@ from precompute.sources import ImageSource, open_source
 from precompute.teachers import get_teacher_spec
 from precompute.views import NUM_VIEW_PARAMS
 
-#: Bytes per stored sample beyond the token values: crc32c per chunk and the shard index entry.
-_CHUNK_OVERHEAD = 4 + 16
+#: zarr's framing with codec none: a crc32c after every chunk, and 16 bytes (offset, length)
+#: per chunk slot in a shard's index.
+_CRC32C = 4
+_INDEX_SLOT = 16
+
+
+def _chunk(nbytes: int) -> int:
+    """Stored bytes of one uncompressed chunk of `nbytes` bytes."""
+    return nbytes + _CRC32C
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Stored bytes of a part of the cache (codec none, zarr.json documents aside)."""
+
+    per_sample: int  # a sample's record chunk (0 for the index: its chunks are per shard)
+    per_shard: int  # what each shard adds whatever its samples (index, done mark, statistics)
+    fixed: int  # written once (final statistics, calibration; the index's keys)
+
+    def nbytes(self, samples: int, shards: int, *, fixed: bool = True) -> int:
+        """Bytes of `samples` ok samples in `shards` shards (plus the fixed part if `fixed`)."""
+        return samples * self.per_sample + shards * self.per_shard + (self.fixed if fixed else 0)
 
 
 @dataclass(frozen=True)
@@ -47,6 +77,7 @@ class DatasetPlan:
     num_shards: int
     in_cache: bool
     index_todo: tuple[int, ...]
+    index_size: Footprint
 
     @property
     def num_images(self) -> int:
@@ -66,7 +97,12 @@ class PairPlan:
     shards_todo: tuple[int, ...]
     samples_todo: int
     finalized: bool
-    bytes_per_sample: int
+    size: Footprint
+
+    @property
+    def total_bytes(self) -> int:
+        """Estimated bytes of the whole pair (every image ok)."""
+        return self.size.nbytes(self.num_samples, self.num_shards)
 
     @property
     def done(self) -> bool:
@@ -103,26 +139,36 @@ class BuildPlan:
         return tuple(p for p in self.pairs if p.teacher == teacher)
 
 
-def bytes_per_sample(config: CacheBuildConfig, teacher: str) -> int:
-    """Estimated stored bytes of one sample of `teacher` (tokens, int8 scales, chunk overhead),
-    from the teacher kind's facts, without loading it."""
+def pair_size(config: CacheBuildConfig, teacher: str) -> Footprint:
+    """What one (teacher, dataset) pair stores, from the teacher kind's facts (without loading
+    it): a record chunk per sample, per shard its index, done mark and partial statistics, and
+    once the final statistics and (int8) the calibration."""
     cfg = config.teacher(teacher)
     spec = get_teacher_spec(cfg.kind)
     dim = cfg.embed_dim or spec.dim
-    tokens = config.grid[0] * config.grid[1]
-    value_bytes = config.encoding.stored_dtype.itemsize
-    total = 0
-    for tok in spec.token_types:
-        count = tokens if tok == "patch" else 1
-        total += count * dim * value_bytes + _CHUNK_OVERHEAD
-        if config.encoding.has_scale:
-            total += count * 4 + _CHUNK_OVERHEAD
-    return total
+    tokens = tuple(spec.token_types)
+    fields = layout.record_fields(config.encoding, tokens, config.grid[0] * config.grid[1], dim)
+    stats = _chunk(8) + 2 * _chunk(8 * dim)  # count (int64), mean and M2 (float64 [D])
+    calibration = 2 * _chunk(4 * dim) if config.encoding.has_scale else 0
+    done_mark = _chunk(1)
+    shard_index = config.samples_per_shard * _INDEX_SLOT + _CRC32C
+    return Footprint(per_sample=_chunk(layout.record_nbytes(fields)),
+                     per_shard=shard_index + done_mark + len(tokens) * stats,
+                     fixed=len(tokens) * (stats + calibration) + _chunk(1))  # + final flag
 
 
-def _index_bytes(num_samples: int, num_images: int) -> int:
-    """Estimated bytes of a dataset's index (view parameters, status, keys)."""
-    return num_samples * (NUM_VIEW_PARAMS * 4 + 1) + num_images * 64
+def index_size(config: CacheBuildConfig, keys: list[str]) -> Footprint:
+    """What a dataset's index stores: per shard its view parameters, statuses and done mark
+    (full chunks, even the last shard's), and its keys (zarr's vlen-utf8: a count per chunk, a
+    length per key; the last chunk padded with empty keys)."""
+    per_shard = config.samples_per_shard
+    params = _chunk(per_shard * NUM_VIEW_PARAMS * 4) if NUM_VIEW_PARAMS else 0
+    chunk = min(layout.KEY_CHUNK, len(keys))
+    key_chunks = -(-len(keys) // chunk)
+    key_bytes = (sum(map(len, map(str.encode, keys))) + 4 * key_chunks * chunk
+                 + key_chunks * _chunk(4))
+    return Footprint(per_sample=0, per_shard=params + _chunk(per_shard) + _chunk(1),
+                     fixed=key_bytes)
 
 
 def free_space(path: str) -> int | None:
@@ -282,13 +328,14 @@ def make_plan(config: CacheBuildConfig) -> BuildPlan:
             index_todo = tuple(int(s) for s in np.nonzero(~marks)[0])
         else:
             index_todo = tuple(range(shards))
-        size = _index_bytes(n, fp.num_images)
-        total += size
-        todo += 0 if in_cache else size
-        datasets[cfg.name] = DatasetPlan(cfg.name, source, fp, n, shards, in_cache, index_todo)
+        index = index_size(config, source.keys())
+        total += index.nbytes(0, shards)
+        todo += index.nbytes(0, len(index_todo), fixed=not in_cache)
+        datasets[cfg.name] = DatasetPlan(cfg.name, source, fp, n, shards, in_cache, index_todo,
+                                         index)
     pairs: list[PairPlan] = []
     for teacher, names in config.assignment().items():
-        per_sample = bytes_per_sample(config, teacher)
+        size = pair_size(config, teacher)
         for name in names:
             d = datasets[name]
             in_cache = manifest is not None and name in manifest.assignment.get(teacher, ())
@@ -304,9 +351,9 @@ def make_plan(config: CacheBuildConfig) -> BuildPlan:
                 min(sps, d.num_samples - s * sps) for s in shards_todo
             )
             pairs.append(PairPlan(teacher, name, in_cache, d.num_samples, d.num_shards,
-                                  shards_todo, samples_todo, finalized, per_sample))
-            total += d.num_samples * per_sample
-            todo += samples_todo * per_sample
+                                  shards_todo, samples_todo, finalized, size))
+            total += size.nbytes(d.num_samples, d.num_shards)
+            todo += size.nbytes(samples_todo, len(shards_todo), fixed=not in_cache)
     return BuildPlan(config, manifest is not None, datasets, tuple(pairs), total, todo,
                      free_space(location))
 
@@ -333,12 +380,12 @@ def plan_table(plan: BuildPlan) -> Table:
     for d in plan.datasets.values():
         table.add_row("(index)", d.name, str(d.num_images), str(d.num_samples),
                       f"{len(d.index_todo)}/{d.num_shards}",
-                      _gb(_index_bytes(d.num_samples, d.num_images)))
+                      _gb(d.index_size.nbytes(0, d.num_shards)))
     for p in plan.pairs:
         d = plan.datasets[p.dataset]
         todo = f"{len(p.shards_todo)}/{p.num_shards}" + ("" if p.in_cache else " (new)")
         table.add_row(p.teacher, p.dataset, str(d.num_images), str(p.num_samples), todo,
-                      _gb(p.num_samples * p.bytes_per_sample))
+                      _gb(p.total_bytes))
     return table
 
 
@@ -354,7 +401,13 @@ def plan_lines(plan: BuildPlan) -> list[str]:
         f"free space there {_gb(plan.free_bytes)}",
     ]
     if plan.nothing_to_do:
-        lines.append("the cache is complete for this config: nothing to do")
+        index_shards = sum(d.num_shards for d in plan.datasets.values())
+        token_shards = sum(p.num_shards for p in plan.pairs)
+        lines.append(
+            f"the cache is complete for this config: {len(plan.datasets)} dataset(s) x "
+            f"{len(config.teachers)} teacher(s) in {len(plan.pairs)} pair(s), "
+            f"{index_shards} index and {token_shards} token shard(s) written, statistics "
+            "final: nothing to do")
     elif not plan.fits:
         lines.append("the build does NOT fit in the free space")
     return lines

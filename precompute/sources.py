@@ -31,6 +31,7 @@ import hashlib
 import io
 import os
 import re
+import socket
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -206,13 +207,22 @@ def decode_image(
 
 
 class ImageSource:
-    """An ordered, picklable list of images: `keys()`, `load(i)`, `read_bytes(i)`, `describe()`."""
+    """An ordered, picklable list of images: `keys()`, `load(i)`, `read_bytes(i)`, `describe()`.
+
+    A source made by `open_source` holds the whole dataset. `slice(first, stop)` gives a source
+    of images [first, stop) only, which keeps the dataset's image indices (`load(i)` for i in
+    [first, stop)) and pickles with its own keys only: that is what a unit of work ships to a
+    dask worker and its decoding processes, whatever the size of the dataset.
+    """
 
     def __init__(
-        self, cfg: DatasetConfig, keys: list[str], max_pixels: int, unusual_modes: str
+        self, cfg: DatasetConfig, keys: list[str], max_pixels: int, unusual_modes: str,
+        *, first: int = 0, whole: bool = True,
     ) -> None:
         self.cfg = cfg
         self._keys = tuple(keys)
+        self.first = first  # the dataset index of the first image held
+        self.whole = whole  # False for a slice
         self.max_pixels = max_pixels
         self.unusual_modes = unusual_modes
         self.keys_sha256 = keys_sha256(keys)
@@ -223,10 +233,44 @@ class ImageSource:
 
     def key(self, i: int) -> str:
         """The key of image i (without copying the whole list)."""
-        return self._keys[i]
+        return self._keys[self._position(i)]
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    @property
+    def stop(self) -> int:
+        """One past the dataset index of the last image held."""
+        return self.first + len(self._keys)
+
+    def _position(self, i: int) -> int:
+        if not self.first <= i < self.stop:
+            raise IndexError(f"{self.cfg.name}: image index {i} out of range "
+                             f"[{self.first}, {self.stop})")
+        return i - self.first
+
+    def slice(self, first: int, stop: int) -> ImageSource:
+        """The images [first, stop) as a source of their own (same class, same options)."""
+        if not self.first <= first <= stop <= self.stop:
+            raise IndexError(f"{self.cfg.name}: slice [{first}, {stop}) is not within "
+                             f"[{self.first}, {self.stop})")
+        keys = list(self._keys[first - self.first : stop - self.first])
+        return type(self)(self.cfg, keys, self.max_pixels, self.unusual_modes, first=first,
+                          whole=False)
+
+    def check_root(self) -> None:
+        """Refuse a root that is not there (on a dask worker: the data is not mounted), rather
+        than recording every image as unreadable."""
+        is_there = os.path.isfile if self.cfg.kind == "hdf5" else os.path.isdir
+        if not is_there(self.cfg.root):
+            raise ConfigError(
+                f"dataset {self.cfg.name!r}: root {self.cfg.root!r} is not there on this machine "
+                f"(host {socket.gethostname()})",
+                hint="every dask worker must see the images at the same path as the driver",
+            )
+
+    def close(self) -> None:
+        """Release this process's open handles (nothing for files); a later read reopens."""
 
     def location(self, i: int) -> str:
         """A human-readable place of image i, for messages."""
@@ -247,6 +291,9 @@ class ImageSource:
 
     def describe(self) -> dict[str, object]:
         """The dataset fingerprint (the fields of the manifest's DatasetFingerprint)."""
+        if not self.whole:
+            raise ValueError(f"{self!r} is a slice [{self.first}, {self.stop}): only a whole "
+                             "source describes the dataset")
         return {
             "name": self.cfg.name,
             "source_kind": self.cfg.kind,
@@ -257,14 +304,15 @@ class ImageSource:
         }
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.cfg.name!r}, {self.cfg.root!r}, {len(self)} images)"
+        held = f"{len(self)} images" if self.whole else f"images [{self.first}, {self.stop})"
+        return f"{type(self).__name__}({self.cfg.name!r}, {self.cfg.root!r}, {held})"
 
 
 class FileSource(ImageSource):
     """Images stored as files under a root folder (the folder and list kinds)."""
 
     def location(self, i: int) -> str:
-        return os.path.join(self.cfg.root, self._keys[i])
+        return os.path.join(self.cfg.root, self.key(i))
 
     def read_bytes(self, i: int) -> bytes:
         path = self.location(i)
@@ -281,9 +329,10 @@ class HDF5Source(ImageSource):
     """Encoded images in the rows of one HDF5 dataset, opened lazily once per process."""
 
     def __init__(
-        self, cfg: DatasetConfig, keys: list[str], max_pixels: int, unusual_modes: str
+        self, cfg: DatasetConfig, keys: list[str], max_pixels: int, unusual_modes: str,
+        *, first: int = 0, whole: bool = True,
     ) -> None:
-        super().__init__(cfg, keys, max_pixels, unusual_modes)
+        super().__init__(cfg, keys, max_pixels, unusual_modes, first=first, whole=whole)
         self._file: Any = None
         self._rows: Any = None
         self._pid: int | None = None
@@ -310,11 +359,10 @@ class HDF5Source(ImageSource):
         self._file = self._rows = self._pid = None
 
     def location(self, i: int) -> str:
-        return f"{self.cfg.root}:{self.cfg.hdf5_key}[{i}] (key {self._keys[i]!r})"
+        return f"{self.cfg.root}:{self.cfg.hdf5_key}[{i}] (key {self.key(i)!r})"
 
     def read_bytes(self, i: int) -> bytes:
-        if not 0 <= i < len(self._keys):
-            raise IndexError(f"{self.cfg.name}: image index {i} out of range [0, {len(self)})")
+        self._position(i)  # IndexError outside the images held
         try:
             row = self._dataset()[i]
         except OSError as exc:

@@ -1,23 +1,33 @@
 """The work units of a build, as they run inside dask workers.
 
 Three kinds of unit, each a plain function of picklable arguments returning a small result:
-- `run_index_unit(settings, dataset, shard)`: decode every image of the shard, record its status
+- `run_index_unit(settings, images, shard)`: decode every image of the shard, record its status
   (ok or the skip reason), draw each view's parameters, write the index shard.
-- `run_prepare_unit(settings, teacher, dataset)`: load the teacher, return its fingerprint and,
-  for int8, the calibration (per-channel mean/std of the tokens of the dataset's first K ok
-  samples), which the driver records before any shard of the pair is written.
-- `run_teacher_unit(settings, teacher, dataset, shard)`: read the shard's view parameters and
+- `run_prepare_unit(settings, teacher, dataset, calibration)`: load the teacher, return its
+  fingerprint and, for int8, the calibration (per-channel mean/std of its tokens on the views of
+  `calibration_views`: the dataset's first K ok samples), which the driver records before any
+  shard of the pair is written.
+- `run_teacher_unit(settings, teacher, images, shard)`: read the shard's view parameters and
   statuses back from the cache, replay every ok view, run the teacher, write the token shard.
+
+What a unit ships is proportional to the unit, not to the dataset: `images` is the source slice
+of the shard's images (`ImageSource.slice`: their keys only, a few dozen, not the dataset's
+millions), cut by the driver from the source it listed once. Workers never list a dataset.
+
+Bad images: decoding runs in DataLoader processes, whose items report a bad image (its reason,
+message and path) instead of raising: an exception there would end the shard's iteration (and
+the DataLoader re-raises it as a RuntimeError, without the reason), while a bad image must be
+recorded and the next one decoded. Only under `strict` does the unit itself raise the
+BadImageError, which reaches the driver through dask (it pickles with its reason and path).
 
 Determinism: a unit's output depends only on its arguments and the cache's index. Batches are
 consecutive ok samples of the shard in sample order, `batch_size` at a time, whatever the loader
 timing; torch's thread count is fixed by the driver; views are replayed from the stored rows.
 
 Worker state: each dask worker keeps the teacher it last used (one teacher on the device at a
-time; loading another releases it) and each opened source (listing a folder once per process).
-Decoding happens in DataLoader processes forked from the worker (dask's own worker processes are
-spawned, so the fork start method is named explicitly; a daemonic worker cannot fork, and then
-images are decoded in the unit's thread).
+time; loading another releases it). Decoding happens in DataLoader processes forked from the
+worker (dask's own worker processes are spawned, so the fork start method is named explicitly; a
+daemonic worker cannot fork, and then images are decoded in the unit's thread).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from cache_format.errors import BadImageError, CacheMismatchError
 from cache_format.manifest import STATUS_OK, TeacherFingerprint, status_code, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import CacheBuildConfig
-from precompute.sources import DatasetConfig, ImageSource, open_source
+from precompute.sources import ImageSource
 from precompute.teachers import LoadedTeacher, TeacherConfig, load_teacher
 from precompute.views import (
     NUM_VIEW_PARAMS,
@@ -76,7 +86,15 @@ class UnitResult:
     skipped: dict[str, int] = field(default_factory=dict)  # skip reason -> samples
     bytes_written: int = 0
     seconds: float = 0.0
-    bad_image: tuple[str, str, str] | None = None  # strict stop: (message, reason, path)
+
+
+@dataclass(frozen=True)
+class CalibrationViews:
+    """The int8 calibration sample of a dataset: its first K ok samples, in sample order."""
+
+    images: ImageSource  # the slice of the images the samples come from
+    samples: np.ndarray  # int64 [K] sample indices
+    rows: np.ndarray  # float32 [K, P] their stored view parameters
 
 
 @dataclass(frozen=True)
@@ -92,7 +110,6 @@ class PrepareResult:
 # -- worker state ----------------------------------------------------------------------------
 _LOCK = threading.Lock()
 _TEACHERS: dict[str, tuple[TeacherConfig, str, LoadedTeacher]] = {}
-_SOURCES: dict[tuple[DatasetConfig, int, str], ImageSource] = {}
 _warned_daemon = False
 
 
@@ -150,23 +167,6 @@ def release_teachers() -> None:
         torch.cuda.empty_cache()
 
 
-def _source(settings: UnitSettings, dataset: str, keys_sha256: str) -> ImageSource:
-    """The dataset's source, listed once per process and checked against the cache's keys."""
-    cfg = settings.config
-    key = (cfg.dataset(dataset), cfg.build.max_pixels, cfg.build.unusual_modes)
-    with _LOCK:
-        if key not in _SOURCES:
-            _SOURCES[key] = open_source(*key)
-        source = _SOURCES[key]
-    if source.keys_sha256 != keys_sha256:
-        raise CacheMismatchError(
-            f"dataset {dataset}: the images under {source.cfg.root} changed since the cache's "
-            f"index was written (keys sha256 {source.keys_sha256}, cache has {keys_sha256})",
-            hint="restore the original images, or build a new cache",
-        )
-    return source
-
-
 def _loader(items: Dataset, workers: int) -> Iterator[object]:
     """Iterate `items` in order, decoding in `workers` forked processes when allowed."""
     global _warned_daemon
@@ -198,7 +198,7 @@ class _ImageProbe(Dataset):
         i = self.images[k]
         try:
             image = self.source.load(i)
-        except BadImageError as exc:  # returned, not raised: it must cross process boundaries
+        except BadImageError as exc:  # reported, not raised: see the module's docstring
             return i, (0, 0), exc.reason, str(exc), exc.path or self.source.location(i)
         return i, (int(image.shape[1]), int(image.shape[2])), "", "", ""
 
@@ -297,42 +297,79 @@ def _index_rows(cache: str, dataset: str, start: int, stop: int) -> tuple[np.nda
     return group[layout.VIEW_PARAMS][start:stop], group[layout.STATUS][start:stop]
 
 
+def shard_images(source: ImageSource, views_per_image: int, start: int,
+                 stop: int) -> ImageSource:
+    """The slice of `source` holding the images of samples [start, stop)."""
+    return source.slice(start // views_per_image, -(-stop // views_per_image))
+
+
+def calibration_views(config: CacheBuildConfig, source: ImageSource) -> CalibrationViews:
+    """The dataset's int8 calibration sample, read from its index (run on the driver)."""
+    name, wanted = source.cfg.name, config.build.calibration_samples
+    views, per_shard = config.views_per_image, config.samples_per_shard
+    total = len(source) * views
+    samples: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    found = 0
+    for start in range(0, total, per_shard):
+        params, status = _index_rows(config.cache, name, start, min(start + per_shard, total))
+        ok = np.nonzero(status == STATUS_OK)[0][: wanted - found]
+        samples.append(ok + start)
+        rows.append(params[ok])
+        found += ok.size
+        if found >= wanted:
+            break
+    if not found:
+        raise CacheMismatchError(
+            f"dataset {name}: no sample has status ok, so no teacher can be calibrated for int8",
+            hint="check the dataset's images (`dune-cache info`)")
+    chosen = np.concatenate(samples).astype(np.int64)
+    return CalibrationViews(shard_images(source, views, 0, int(chosen[-1]) + 1), chosen,
+                            np.concatenate(rows))
+
+
 def _skip_counts(status: np.ndarray) -> dict[str, int]:
     codes, counts = np.unique(status[status != STATUS_OK], return_counts=True)
     return {status_name(int(c)): int(k) for c, k in zip(codes, counts, strict=True)}
 
 
 # -- the units -------------------------------------------------------------------------------
-def run_index_unit(settings: UnitSettings, dataset: str, shard: int) -> UnitResult:
-    """Decode the shard's images, draw their views, and write the index shard."""
+def run_index_unit(settings: UnitSettings, images: ImageSource, shard: int) -> UnitResult:
+    """Decode the shard's images (`images`: their slice), draw their views, write the index
+    shard. A bad image is recorded with its reason; under `strict` it raises BadImageError."""
     began = time.perf_counter()
-    cfg = settings.config
+    cfg, dataset = settings.config, images.cfg.name
     _setup_torch(settings.torch_threads, torch.device("cpu"))
+    images.check_root()
     writer = CacheWriter.open(cfg.cache)
-    source = _source(settings, dataset, writer.manifest.datasets[dataset].keys_sha256)
     start, stop = writer.shard_bounds(dataset, shard)
     views = cfg.views_per_image
     params = np.zeros((stop - start, NUM_VIEW_PARAMS), dtype=np.float32)
     status = np.full(stop - start, STATUS_OK, dtype=np.uint8)
-    probe = _ImageProbe(source, range(start // views, -(-stop // views)))
-    for item in _loader(probe, cfg.runtime.loader_workers):
-        i, hw, reason, message, path = item  # type: ignore[misc]
-        rows = slice(i * views - start, (i + 1) * views - start)
-        if reason:
-            if settings.strict:
-                return UnitResult("", dataset, shard, 0, bad_image=(message, reason, path))
-            status[rows] = status_code(reason)
-            continue
-        for v in range(views):
-            view = sample_view(cfg.seed, dataset, i, v, tuple(hw), cfg.views)
-            params[i * views - start + v] = view.to_array()
+    probe = _ImageProbe(images, range(start // views, -(-stop // views)))
+    try:
+        for item in _loader(probe, cfg.runtime.loader_workers):
+            i, hw, reason, message, path = item  # type: ignore[misc]
+            rows = slice(i * views - start, (i + 1) * views - start)
+            if reason and settings.strict:
+                raise BadImageError(f"--strict: dataset {dataset}: {message}", reason=reason,
+                                    path=path)
+            if reason:
+                status[rows] = status_code(reason)
+                continue
+            for v in range(views):
+                view = sample_view(cfg.seed, dataset, i, v, tuple(hw), cfg.views)
+                params[i * views - start + v] = view.to_array()
+    finally:
+        images.close()
     writer.write_index_shard(dataset, shard, params, status)
     return UnitResult("", dataset, shard, int((status == STATUS_OK).sum()),
                       _skip_counts(status), seconds=time.perf_counter() - began)
 
 
-def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str) -> PrepareResult:
-    """Load the teacher; return its fingerprint and (int8) its calibration on `dataset`."""
+def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str,
+                     calibration: CalibrationViews | None) -> PrepareResult:
+    """Load the teacher; return its fingerprint and (int8) its calibration on `calibration`."""
     cfg = settings.config
     device = _device(settings.device)
     _setup_torch(settings.torch_threads, device)
@@ -342,27 +379,13 @@ def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str) -> Prep
         input_size=model.input_size(cfg.grid), patch_size=model.patch_size,
         mean=tuple(model.mean), std=tuple(model.std), token_types=tuple(model.token_types),
         dim=model.dim)
-    if not cfg.encoding.has_scale:
+    if calibration is None:
         return PrepareResult(teacher, dataset, fingerprint, None)
-    writer = CacheWriter.open(cfg.cache)
-    source = _source(settings, dataset, writer.manifest.datasets[dataset].keys_sha256)
-    # The calibration sample: the first K ok samples of the dataset, read shard by shard.
-    wanted = cfg.build.calibration_samples
-    samples: list[int] = []
-    rows: list[np.ndarray] = []
-    for shard in range(writer.num_shards(dataset)):
-        start, stop = writer.shard_bounds(dataset, shard)
-        params, status = _index_rows(cfg.cache, dataset, start, stop)
-        ok = np.nonzero(status == STATUS_OK)[0][: wanted - len(samples)]
-        samples.extend(int(s) + start for s in ok)
-        rows.extend(params[ok])
-        if len(samples) >= wanted:
-            break
-    if not samples:
-        raise CacheMismatchError(
-            f"dataset {dataset}: no sample has status ok, so teacher {teacher} cannot be "
-            "calibrated for int8", hint="check the dataset's images (`dune-cache info`)")
-    tokens = compute_tokens(settings, model, source, samples, np.stack(rows))
+    try:
+        tokens = compute_tokens(settings, model, calibration.images,
+                                calibration.samples.tolist(), calibration.rows)
+    finally:
+        calibration.images.close()
     return PrepareResult(teacher, dataset, fingerprint,
                          {tok: fit_calibration(x) for tok, x in tokens.items()})
 
@@ -382,21 +405,25 @@ def _shard_file_bytes(cache: str, dataset: str, teacher: str, shard: int) -> int
     return total
 
 
-def run_teacher_unit(settings: UnitSettings, teacher: str, dataset: str,
+def run_teacher_unit(settings: UnitSettings, teacher: str, images: ImageSource,
                      shard: int) -> UnitResult:
-    """Replay the shard's stored views through the teacher and write its token shard."""
+    """Replay the shard's stored views (`images`: the slice of its images) through the teacher
+    and write its token shard."""
     began = time.perf_counter()
-    cfg = settings.config
+    cfg, dataset = settings.config, images.cfg.name
     device = _device(settings.device)
     _setup_torch(settings.torch_threads, device)
     model = acquire_teacher(cfg.teacher(teacher), device)
+    images.check_root()
     writer = CacheWriter.open(cfg.cache)
-    source = _source(settings, dataset, writer.manifest.datasets[dataset].keys_sha256)
     start, stop = writer.shard_bounds(dataset, shard)
     params, status = _index_rows(cfg.cache, dataset, start, stop)
     valid = status == STATUS_OK
     ok = np.nonzero(valid)[0]
-    tokens = compute_tokens(settings, model, source, (ok + start).tolist(), params[ok])
+    try:
+        tokens = compute_tokens(settings, model, images, (ok + start).tolist(), params[ok])
+    finally:
+        images.close()
     if not valid.all():  # skipped samples are stored as zeros (the writer ignores them)
         for tok, values in tokens.items():
             full = np.zeros((stop - start, *values.shape[1:]), dtype=np.float32)

@@ -7,7 +7,9 @@ several workers, a real external scheduler and a SIGKILLed build.
 
 from __future__ import annotations
 
+import pickle
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +26,24 @@ from cache_format.errors import (
 )
 from cache_format.manifest import STATUS_OK, status_code
 from cache_format.reader import open_cache
+from cache_format.testing import build_tiny_cache
+from cache_format.writer import CacheWriter
 from precompute import plan as plan_module
+from precompute import sources as sources_module
+from precompute.build import _open_writer
 from precompute.config import CacheBuildConfig, SharingConfig, load_build_config
 from precompute.plan import make_plan
-from precompute.sources import DatasetConfig, open_source
+from precompute.sources import DEFAULT_MAX_PIXELS, DatasetConfig, FileSource, open_source
 from precompute.synthetic import BAD_FILE_NAMES, BAD_KINDS
 from precompute.teachers import TeacherConfig, load_teacher
+from precompute.units import (
+    CalibrationViews,
+    UnitSettings,
+    _ImageProbe,
+    _ReplayedViews,
+    run_index_unit,
+    shard_images,
+)
 from precompute.views import ViewParams, normalize, render_view, resize_for_teacher
 from tests.build_fixtures import (
     VIEWS,
@@ -147,6 +161,88 @@ def test_strict_stops_at_the_first_bad_image_and_keeps_what_was_written(
     # Without --strict the same command finishes the cache: identical to the baseline.
     build_quiet(cfg_path)
     assert cache_digest(tmp_path / "cache") == cache_digest(baseline / "cache")
+
+
+def test_an_index_unit_records_bad_images_and_raises_only_under_strict(
+    images: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_build_config(write_config(tmp_path / "cache.toml", tmp_path / "cache", images,
+                                         teachers=("dino",), dataset_names=("web",)))
+    plan = make_plan(cfg)
+    _open_writer(plan)  # the cache and web's empty index
+    # Units never list a dataset: they get the slice of their shard's images from the driver.
+    monkeypatch.setattr(sources_module, "_list_folder", lambda root: pytest.fail("listed"))
+    shard0 = shard_images(plan.datasets["web"].source, VIEWS, 0, cfg.samples_per_shard)
+    assert shard0.keys()[0].startswith("bad/")  # bad files sort first
+    strict = UnitSettings(cfg, "cpu", 1, strict=True)
+    with pytest.raises(BadImageError) as info:
+        run_index_unit(strict, shard0, 0)
+    # What dask sends back from a worker process: the error with its reason and path.
+    sent = pickle.loads(pickle.dumps(info.value))
+    assert (str(sent), sent.reason, sent.path) == (str(info.value), info.value.reason,
+                                                   info.value.path)
+    assert str(sent).startswith("--strict: dataset web: ") and "/bad/" in sent.path
+    assert sent.reason in BAD_KINDS.values()
+    assert not CacheWriter.open(cfg.cache).index_shard_done("web", 0)
+    # Without strict the same unit completes, every bad image recorded with its reason.
+    result = run_index_unit(replace(strict, strict=False), shard0, 0)
+    reasons = [BAD_KINDS[k] for k in sorted(BAD_KINDS, key=lambda k: BAD_FILE_NAMES[k])][:2]
+    assert result.samples == 0 and result.skipped == {r: VIEWS for r in reasons}
+    assert CacheWriter.open(cfg.cache).index_shard_done("web", 0)
+
+
+def test_a_unit_ships_its_own_images_not_the_dataset(tmp_path: Path) -> None:
+    keys = [f"n{i // 1300:08d}/n{i // 1300:08d}_{i:06d}.JPEG" for i in range(100_000)]
+    cfg = DatasetConfig(name="inet", kind="folder", root=str(tmp_path), domain="2d")
+    source = FileSource(cfg, keys, DEFAULT_MAX_PIXELS, "skip")
+    settings = UnitSettings(_mix("all"), "cpu", 1)
+    images = shard_images(source, 4, 64 * 900, 64 * 901)  # shard 900: 16 images
+    assert images.keys() == keys[14_400:14_416]
+    calibration = CalibrationViews(shard_images(source, 4, 0, 256), np.arange(256),
+                                   np.zeros((256, 20), dtype=np.float32))
+    # The old design's decoding dataset held the whole source (2.6 MB pickled, sent to every
+    # spawned decoding process of every unit) and each worker listed the dataset itself.
+    assert len(pickle.dumps(_ImageProbe(source, range(16)))) > 2_000_000
+    for shipped in (
+        (settings, images, 900),  # an index unit's arguments
+        (settings, "dino", images, 900),  # a teacher unit's
+        _ImageProbe(images, range(images.first, images.stop)),  # to decoding processes
+        _ReplayedViews(images, 4, range(images.first * 4, images.stop * 4),
+                       np.zeros((64, 20), dtype=np.float32), (28, 28), (28, 28), (0.5,) * 3,
+                       (0.5,) * 3),
+    ):
+        assert len(pickle.dumps(shipped)) < 16_000, type(shipped)  # the shard: 16 images
+    # A prepare unit's: K = 256 samples, their view rows and the slice of their 64 images.
+    assert len(pickle.dumps((settings, "dino", "inet", calibration))) < 32_000
+
+
+def test_set_build_config_rewrites_only_the_manifest(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    build_tiny_cache(cache)
+    before = file_hashes(cache)
+    writer = CacheWriter.open(cache)
+    old_manifest = writer.manifest
+    config = {"seed": 1, "grid": (2, 2), "datasets": [{"name": "ds", "root": "/data/ds"}]}
+    writer.set_build_config(config)
+    config["seed"] = 2  # the writer stored a copy
+    expected = {"seed": 1, "grid": [2, 2], "datasets": [{"name": "ds", "root": "/data/ds"}]}
+    after = file_hashes(cache)
+    assert set(after) == set(before)
+    assert [path for path in before if after[path] != before[path]] == ["zarr.json"]
+    assert writer.manifest == replace(old_manifest, build_config=expected)
+    assert CacheWriter.open(cache).manifest == writer.manifest
+    assert open_cache(cache).manifest.build_config == expected
+    for bad, message in (
+        ({"cache": Path("/c")}, r"build_config\.cache: expected a JSON value .* PosixPath"),
+        ({"views": {"scale": [0.4, float("nan")]}}, r"build_config\.views\.scale\[1\]: nan"),
+        ({"matrix": {1: ["ds"]}}, r"build_config\.matrix: key 1 has type int, expected str"),
+        ({"seed": np.int64(3)}, r"build_config\.seed: .* found int64"),
+        ([("seed", 1)], "build_config: expected a dict, found list"),
+    ):
+        with pytest.raises(ConfigError, match=message) as info:
+            writer.set_build_config(bad)  # type: ignore[arg-type]
+        assert str(cache) in str(info.value)
+    assert file_hashes(cache) == after and writer.manifest.build_config == expected
 
 
 def test_adding_a_teacher_and_a_dataset_leaves_existing_arrays_untouched(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -9,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import zarr
+from rich.console import Console
 from typer.testing import CliRunner
 
 from cache_format import layout
+from precompute.build import build_cache
 from precompute.cli import app, main
-from tests.build_fixtures import file_hashes, make_images, write_config
+from precompute.config import load_build_config
+from precompute.synthetic import BAD_KINDS
+from tests.build_fixtures import ROOMS, WEB_GOOD, file_hashes, make_images, write_config
 
 runner = CliRunner()
 
@@ -56,6 +61,27 @@ def test_dry_run_prints_the_plan_and_touches_nothing(built: tuple[Path, str], im
                                  str(root / "cache"), "--dry-run"])
     assert result.exit_code == 0 and "nothing to do" in result.output, result.output
     assert file_hashes(root / "cache") == before
+
+
+def test_a_second_build_says_once_that_the_cache_is_complete(built: tuple[Path, str],
+                                                            images: dict) -> None:
+    root, _ = built
+    before = file_hashes(root / "cache")
+    result = runner.invoke(app, ["build", str(root / "cache.toml"), "--cache",
+                                 str(root / "cache")])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("nothing to do") == 1, result.output
+    # Shards of 4 samples (2 images): rooms has 4 images, web 6 good ones and one of each bad kind.
+    shards = -(-ROOMS // 2) + -(-(WEB_GOOD + len(BAD_KINDS)) // 2)
+    line = next(line for line in result.output.splitlines() if "nothing to do" in line)
+    assert (f"complete for this config: 2 dataset(s) x 2 teacher(s) in 4 pair(s), {shards} index "
+            f"and {2 * shards} token shard(s) written, statistics final") in line, line
+    assert file_hashes(root / "cache") == before
+    # The library call, which makes (and so prints) its own plan, says it once too.
+    console = Console(file=io.StringIO(), width=200)
+    build_cache(load_build_config(root / "cache.toml", {"cache": str(root / "cache")}),
+                console=console)
+    assert console.file.getvalue().count("nothing to do") == 1  # type: ignore[attr-defined]
 
 
 def test_info_as_tables_and_as_json(built: tuple[Path, str]) -> None:

@@ -211,6 +211,48 @@ def test_sources_survive_pickling_and_forking(data: dict[str, object], kind: str
         assert torch.equal(source.load(i), expected)  # reopens
 
 
+@pytest.mark.parametrize("kind", ["folder", "list", "hdf5"])
+def test_a_slice_keeps_the_dataset_indices_and_pickles_its_own_keys(
+    data: dict[str, object], kind: str
+) -> None:
+    source = open_source(data[kind])
+    first, stop = 2, 6
+    part = pickle.loads(pickle.dumps(source.slice(first, stop)))
+    assert type(part) is type(source) and (part.first, part.stop, len(part)) == (first, stop, 4)
+    assert part.keys() == source.keys()[first:stop]
+    for i in range(first, stop):
+        assert part.key(i) == source.key(i) and part.location(i) == source.location(i)
+        assert part.read_bytes(i) == source.read_bytes(i)
+        try:
+            expected = source.load(i)
+        except BadImageError as exc:
+            with pytest.raises(BadImageError) as info:
+                part.load(i)
+            assert (info.value.reason, info.value.path) == (exc.reason, exc.path)
+        else:
+            assert torch.equal(part.load(i), expected)
+    assert part.slice(3, 5).keys() == source.keys()[3:5]  # a slice of a slice
+    for outside in (first - 1, stop):
+        with pytest.raises(IndexError, match=rf"out of range \[{first}, {stop}\)"):
+            part.read_bytes(outside)
+    with pytest.raises(IndexError, match="not within"):
+        source.slice(0, len(source) + 1)
+    with pytest.raises(ValueError, match="only a whole source describes"):
+        part.describe()
+    part.close()
+
+
+def test_check_root_refuses_a_root_that_is_not_there(data: dict[str, object],
+                                                     tmp_path: Path) -> None:
+    for kind in ("folder", "hdf5"):
+        open_source(data[kind]).slice(0, 1).check_root()  # there: no error
+    gone = open_source(data["folder"]).slice(0, 1)
+    gone.cfg = DatasetConfig(name="f", kind="folder", root=str(tmp_path / "unmounted"),
+                             domain="2d")
+    with pytest.raises(ConfigError, match=r"'f': root .*unmounted.* is not there"):
+        gone.check_root()
+
+
 def test_folder_listing_rules(tmp_path: Path) -> None:
     make_image_folder(tmp_path, 3, (8, 12), seed=0, subfolders=1)
     (tmp_path / "notes.txt").write_text("not listed")

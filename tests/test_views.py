@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import colorsys
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 
 from cache_format.errors import CacheCorruptionError, CacheMismatchError, ConfigError
 from cache_format.serde import from_dict, to_dict
-from precompute.render import _adjust_hue  # private, checked against torchvision
+from precompute.render import _adjust_hue_  # private, checked against torchvision
 from precompute.views import (
     NUM_VIEW_PARAMS,
     VIEW_PARAM_NAMES,
@@ -197,13 +199,49 @@ def test_render_view_does_not_depend_on_thread_count() -> None:
     assert torch.equal(one, three)
 
 
+def _hue_float64(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """The HSV hue rotation in double precision, pixel by pixel (Python's colorsys, with the
+    same tie order): the definition that torchvision and our float32 rotation approximate."""
+    pixels = x.double().reshape(3, -1).T.tolist()
+    out = []
+    for r, g, b in pixels:
+        h, s, v = colorsys.rgb_to_hsv(r, g, b)
+        out.append(colorsys.hsv_to_rgb((h + factor) % 1.0, s, v))
+    return torch.tensor(out, dtype=torch.float64).T.reshape(x.shape)
+
+
 def test_hue_rotation_matches_torchvision() -> None:
-    x = torch.rand(3, 40, 50)
-    ties = torch.randint(0, 4, (3, 20, 20)) / 3.0  # grays and tied maxima
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 40, 50, generator=g)
+    ties = torch.randint(0, 4, (3, 20, 20), generator=g) / 3.0  # grays and tied maxima
     for factor in (-0.5, -0.23, 0.0, 0.1, 0.37, 0.5):
         for img in (x, ties):
             expected = tvf.adjust_hue(img, factor)
-            torch.testing.assert_close(_adjust_hue(img, factor), expected, atol=5e-6, rtol=0)
+            out = _adjust_hue_(img.clone(), factor)
+            torch.testing.assert_close(out, expected, atol=5e-6, rtol=0)
+            # At least as close to the exact definition as torchvision's own float32 result.
+            exact = _hue_float64(img, factor)
+            assert (out.double() - exact).abs().max() <= max(
+                float((expected.double() - exact).abs().max()), 1e-6)
+
+
+def test_hue_rotation_is_in_place_and_independent_of_earlier_calls() -> None:
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(3, 30, 20, generator=g), torch.rand(3, 12, 16, generator=g)
+    first = _adjust_hue_(a.clone(), 0.3)
+    x = a.clone()
+    assert _adjust_hue_(x, 0.3).data_ptr() == x.data_ptr()  # the result overwrites x
+    _adjust_hue_(b.clone(), -0.2)  # other scratch planes (another size) in between
+    assert torch.equal(_adjust_hue_(a.clone(), 0.3), first)
+    results: list[torch.Tensor] = []  # and in another thread (its own planes)
+    thread = threading.Thread(target=lambda: results.append(_adjust_hue_(a.clone(), 0.3)))
+    thread.start()
+    thread.join()
+    assert torch.equal(results[0], first)
+    # A non-contiguous input is rotated in a contiguous copy.
+    wide = torch.rand(3, 30, 40, generator=g)[:, :, ::2]
+    torch.testing.assert_close(_adjust_hue_(wide, 0.1), tvf.adjust_hue(wide, 0.1), atol=5e-6,
+                               rtol=0)
 
 
 def test_render_operations_do_what_the_params_say() -> None:

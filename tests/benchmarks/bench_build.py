@@ -147,9 +147,13 @@ def unit_breakdown(cfg: CacheBuildConfig, threads: int, device: str) -> dict[str
     units.forward, units.teacher_inputs = timed_forward, timed_inputs  # type: ignore[assignment]
     CacheWriter.write_shard = timed_write  # type: ignore[method-assign]
     try:
-        for shard in range(CacheWriter.open(cfg.cache).num_shards("web")):
+        writer = CacheWriter.open(cfg.cache)
+        source = open_source(cfg.dataset("web"))  # listed once, as the build's driver does
+        for shard in range(writer.num_shards("web")):
+            start, stop = writer.shard_bounds("web", shard)
+            images = units.shard_images(source, cfg.views_per_image, start, stop)
             began = time.perf_counter()
-            result = units.run_teacher_unit(settings, "dino", "web", shard)
+            result = units.run_teacher_unit(settings, "dino", images, shard)
             timers["total"] += time.perf_counter() - began
             timers["samples"] += result.samples
     finally:
