@@ -48,7 +48,8 @@ FINAL = "final"
 TOKENS = "tokens"
 #: Attribute of the `tokens` array that lists the record's fields.
 RECORD_ATTR = "dune_record"
-#: Keys per chunk of the `key` array (variable-length strings, read whole by the reader).
+#: Keys per chunk of the `key` array (variable-length strings; the reader reads the chunks it
+#: needs, see sample_index.py).
 KEY_CHUNK = 1 << 16
 
 
