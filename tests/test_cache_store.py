@@ -331,3 +331,33 @@ def test_recycled_buffers_never_overwrite_what_a_caller_holds(tmp_path: Path) ->
         again = reader.read_encoded("ds", [3])["t1"]["patch"]
         assert torch.equal(again.values, expected[3]) and torch.equal(again.scale, scale)
         assert again.scale.data_ptr() != scale.data_ptr()  # the held set was not reused
+
+
+def test_fsspec_configuration_reaches_every_filesystem_the_cache_opens(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and endpoints of a remote cache come from fsspec's own configuration
+    (FSSPEC_<PROTOCOL>_<OPTION> variables or config files, docs/cache-format.md), never from
+    our config files, which the manifest and run folders store. Every filesystem the writer,
+    zarr and our byte reader open gets them."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    seen: list[dict] = []
+
+    class RecordingFileSystem(MemoryFileSystem):
+        protocol = "dunetest"
+        cachable = False  # one instance per open, so every open is recorded
+
+        def __init__(self, *args: object, **options: object) -> None:
+            seen.append(dict(options))
+            super().__init__(*args, **options)
+
+    fsspec.register_implementation("dunetest", RecordingFileSystem, clobber=True)
+    monkeypatch.setitem(fsspec.config.conf, "dunetest", {"endpoint_marker": "from-config"})
+    url = "dunetest://fsspec-config-cache"
+    build_tiny_cache(url, EncodingSpec("int8"))
+    with open_cache(url) as reader:
+        assert reader.read_encoded("ds", [1])["t1"]["patch"].values.shape[0] == 1
+        assert reader.index("ds").view_params_of([0, 4]).shape[0] == 2
+    assert len(seen) >= 3  # writer / zarr, the reader's zarr group, its byte reader, the index
+    assert all(options.get("endpoint_marker") == "from-config" for options in seen)
