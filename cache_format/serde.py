@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -86,3 +87,25 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where or cls.__name__}: {exc}") from None
+
+
+def json_problem(value: Any, where: str) -> str | None:
+    """Where `value` stops being plain JSON (what zarr stores as attributes): a message naming
+    the entry below `where`, or None if it is plain JSON."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{where}: key {key!r} has type {type(key).__name__}, expected str"
+            problem = json_problem(item, f"{where}.{key}")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        problems = (json_problem(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return next((p for p in problems if p), None)
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where}: {value!r} is not a finite number (JSON has no NaN or Infinity)"
+    if value is None or isinstance(value, str | int | float):  # bool is an int
+        return None
+    return (f"{where}: expected a JSON value (dict, list, str, number, bool, None), found "
+            f"{type(value).__name__} {value!r:.60}")

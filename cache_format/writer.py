@@ -10,7 +10,6 @@ object: a crash leaves a shard without a mark, and a rerun rewrites it entirely.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -35,7 +34,7 @@ from cache_format.manifest import (
     TeacherFingerprint,
     keys_sha256,
 )
-from cache_format.serde import to_dict
+from cache_format.serde import json_problem, to_dict
 from cache_format.stats import ChannelStats, merge, merge_all
 
 #: Samples encoded at once inside write_shard (bounds the float32 temporaries).
@@ -124,7 +123,7 @@ class CacheWriter:
         str, finite numbers, bool, None): anything else is a ConfigError naming the entry, raised
         before anything is written.
         """
-        problem = (_json_problem(config, "build_config") if isinstance(config, dict)
+        problem = (json_problem(config, "build_config") if isinstance(config, dict)
                    else f"build_config: expected a dict, found {type(config).__name__}")
         if problem:
             raise ConfigError(
@@ -376,27 +375,6 @@ class CacheWriter:
             result[tok] = total
         self._array(f"{base}/{layout.STATS}/{layout.FINAL}")[:] = np.array([1], dtype=np.uint8)
         return result
-
-
-def _json_problem(value: Any, where: str) -> str | None:
-    """Where `value` stops being plain JSON (what zarr stores as attributes); None if it is."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                return f"{where}: key {key!r} has type {type(key).__name__}, expected str"
-            problem = _json_problem(item, f"{where}.{key}")
-            if problem:
-                return problem
-        return None
-    if isinstance(value, list | tuple):
-        problems = (_json_problem(item, f"{where}[{i}]") for i, item in enumerate(value))
-        return next((p for p in problems if p), None)
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{where}: {value!r} is not a finite number (JSON has no NaN or Infinity)"
-    if value is None or isinstance(value, str | int | float):  # bool is an int
-        return None
-    return (f"{where}: expected a JSON value (dict, list, str, number, bool, None), found "
-            f"{type(value).__name__} {value!r:.60}")
 
 
 def _field_view(records: np.ndarray, field: layout.RecordField) -> np.ndarray:
