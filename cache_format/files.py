@@ -9,6 +9,7 @@ import itertools
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,8 @@ class LocalFiles:
     """
 
     def __init__(self, root: str, max_open: int = 256) -> None:
+        if max_open < 0:
+            raise ValueError(f"max_open: expected >= 0, found {max_open}")
         self.root = root
         self._max_open = max_open
         self._lock = threading.Lock()
@@ -32,6 +35,9 @@ class LocalFiles:
         self._active: dict[int, None] = {}  # tokens of the batches in flight
         self._tokens = itertools.count()
         self._retired: list[tuple[int, int]] = []  # (fd, first token that cannot hold it)
+        # Closes what is still open when the object is dropped without close() (it must not
+        # hold `self`: it closes over the two containers, which are only ever mutated).
+        weakref.finalize(self, _close_all, self._fds, self._retired)
 
     def describe(self, key: str) -> str:
         """The file path of `key`, for messages."""
@@ -87,7 +93,7 @@ class LocalFiles:
                 os.close(fd)
             else:
                 keep.append((fd, horizon))
-        self._retired = keep
+        self._retired[:] = keep
 
     def tail(self, key: str, nbytes: int) -> tuple[bytes, int] | None:
         """The last `nbytes` bytes of `key` and its size, or None when it does not exist."""
@@ -110,6 +116,15 @@ class LocalFiles:
         finally:
             self.end(token)
 
+    def read_all(self, key: str) -> bytes | None:
+        """The whole of `key` (None when it does not exist)."""
+        token = self.begin()
+        try:
+            fd = self.fd(key)
+            return None if fd is None else os.pread(fd, os.fstat(fd).st_size, 0)
+        finally:
+            self.end(token)
+
     def reinit_after_fork(self) -> None:
         """A forked child has only the forking thread: no batch of another thread is in flight.
         Inherited fds stay valid for positional reads."""
@@ -126,6 +141,17 @@ class LocalFiles:
             for fd, _ in self._retired:
                 os.close(fd)
             self._retired.clear()
+
+
+def _close_all(fds: dict[str, int], retired: list[tuple[int, int]]) -> None:
+    """Close every fd of a LocalFiles that was dropped without close()."""
+    for fd in [*fds.values(), *(fd for fd, _ in retired)]:
+        try:
+            os.close(fd)
+        except OSError:  # already closed
+            pass
+    fds.clear()
+    retired.clear()
 
 
 class FsspecFiles:
@@ -155,6 +181,13 @@ class FsspecFiles:
         except FileNotFoundError:
             return None
 
+    def read_all(self, key: str) -> bytes | None:
+        """The whole object `key` in one request (None when it does not exist)."""
+        try:
+            return self.fs.cat_file(f"{self.root}/{key}")
+        except FileNotFoundError:
+            return None
+
     def reinit_after_fork(self) -> None:
         """Nothing to reset: fsspec filesystems handle forks themselves."""
 
@@ -165,10 +198,14 @@ class FsspecFiles:
 Files = LocalFiles | FsspecFiles
 
 
-def files_for(location: str, storage_options: dict[str, Any] | None = None) -> Files:
-    """LocalFiles for a local path (or file:// URL), FsspecFiles for any other URL."""
+def files_for(location: str, storage_options: dict[str, Any] | None = None, *,
+              max_open: int = 256) -> Files:
+    """LocalFiles for a local path (or file:// URL), FsspecFiles for any other URL.
+
+    `max_open`: local fds kept open for reuse (0 = close each file after its read: for the
+    many small per-shard objects that are each read about once)."""
     if "://" not in location or location.startswith("file://"):
-        return LocalFiles(os.path.abspath(location.removeprefix("file://")))
+        return LocalFiles(os.path.abspath(location.removeprefix("file://")), max_open=max_open)
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))

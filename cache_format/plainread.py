@@ -7,7 +7,7 @@ further axis). It holds the whole chunk, an edge chunk padded to the full chunk 
 UTF-8 bytes), followed by the crc32c of those bytes (4 bytes little endian). A chunk that equals
 the fill value is not stored and reads as the fill value, as in zarr. zarr-python's `array[i]`
 costs about a millisecond per call; `read_chunk` reads the same bytes with one positional read
-(vlen chunks: one more for their size) and one checksum pass. `ChunkCache` keeps a few decoded
+(vlen chunks: one read of the whole file) and one checksum pass. `ChunkCache` keeps a few decoded
 chunks, bounded in bytes.
 """
 
@@ -112,8 +112,7 @@ def read_chunk(files: Files, array: PlainArray, chunk: int, fix: str = "") -> tu
     CacheCorruptionError raised for a damaged chunk (naming array, chunk and file)."""
     key = array.chunk_key(chunk)
     if array.vlen:
-        tail = files.tail(key, 4)
-        raw = None if tail is None else files.read(key, 0, tail[1])
+        raw = files.read_all(key)
         expected = None
     else:
         expected = array.chunk_nbytes + 4

@@ -48,7 +48,7 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
     for fsspec URLs; `index_cache_entries`: shard indexes kept (1 KB each at 64 samples per
     shard); `sample_index_cache_bytes`: decoded key / view-parameter chunks each `SampleIndex`
     keeps. `verify_checksums=False` skips the crc32c check of sample reads (shard indexes and
-    the sample index are always checked): about 40 us per MB saved, corruption then goes
+    the sample index are always checked): about 19 us per MB saved, corruption then goes
     unnoticed, so keep the default unless `verify()` ran on this copy of the cache. The reader
     remembers these settings (`CacheReader.settings`) for processes that reopen the cache.
     """

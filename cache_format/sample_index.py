@@ -276,7 +276,9 @@ class SampleIndex:
         if files is None:
             with self._lock:
                 if self._files is None:
-                    self._files = files_for(self.location, self.storage_options)
+                    # No fd kept open: the index arrays are one small file per shard (millions
+                    # at scale), each read about once (decoded chunks are cached instead).
+                    self._files = files_for(self.location, self.storage_options, max_open=0)
                 files = self._files
         return files
 

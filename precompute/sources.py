@@ -220,7 +220,9 @@ class ImageSource:
         *, first: int = 0, whole: bool = True,
     ) -> None:
         self.cfg = cfg
-        self._keys = tuple(keys)
+        # Variable-width numpy strings, not a tuple of str: no Python object per key, so a
+        # forked DataLoader worker reading keys never writes a refcount into shared pages.
+        self._keys = np.array(keys, dtype=np.dtypes.StringDType())
         self.first = first  # the dataset index of the first image held
         self.whole = whole  # False for a slice
         self.max_pixels = max_pixels
@@ -229,11 +231,11 @@ class ImageSource:
 
     def keys(self) -> list[str]:
         """The image keys in source order (the sample order of the cache)."""
-        return list(self._keys)
+        return self._keys.tolist()
 
     def key(self, i: int) -> str:
         """The key of image i (without copying the whole list)."""
-        return self._keys[self._position(i)]
+        return str(self._keys[self._position(i)])
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -254,7 +256,7 @@ class ImageSource:
         if not self.first <= first <= stop <= self.stop:
             raise IndexError(f"{self.cfg.name}: slice [{first}, {stop}) is not within "
                              f"[{self.first}, {self.stop})")
-        keys = list(self._keys[first - self.first : stop - self.first])
+        keys = self._keys[first - self.first : stop - self.first].tolist()
         return type(self)(self.cfg, keys, self.max_pixels, self.unusual_modes, first=first,
                           whole=False)
 

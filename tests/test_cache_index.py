@@ -249,3 +249,27 @@ def test_a_200k_sample_index_holds_far_less_than_its_whole_arrays(tmp_path: Path
     assert index._cache.nbytes <= budget or len(cached) == 1
     assert all(chunk.dtype != object for chunk in cached)
     reader.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts fds through /proc")
+def test_reading_many_index_chunks_keeps_no_file_open(tmp_path: Path) -> None:
+    """The index arrays are one small file per shard (millions at DUNE scale): loading
+    statuses, reading view rows and verifying must not keep them open (a per-index fd cache
+    once ran a process into EMFILE after a few datasets), nor may a reader dropped without
+    close() leak its fds."""
+    build_index_cache(tmp_path / "c", "ds", num_images=600, views=1, per_shard=2)  # 300 chunks
+    before = _open_fds()
+    reader = open_cache(tmp_path / "c")
+    index = reader.index("ds")
+    assert index.ok.size == 600
+    index.view_params_of(np.arange(0, 600, 3))
+    index.keys_of(np.arange(600))
+    assert not index.verify()
+    assert _open_fds() - before < 16  # zarr's own metadata reads and at most a few fds
+    del reader, index
+    gc.collect()
+    assert _open_fds() - before <= 1

@@ -363,3 +363,18 @@ def test_dataset_config_round_trips_through_serde(data: dict[str, object]) -> No
         assert from_dict(DatasetConfig, to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="unknown field"):
         from_dict(DatasetConfig, {**to_dict(data["folder"]), "path": "x"})
+
+
+def test_a_source_holds_its_keys_without_a_python_object_per_key(tmp_path: Path) -> None:
+    """DataLoader workers fork with the training dataset's sources: keys held as Python str
+    objects would be copied page by page as their refcounts change, so they are numpy strings."""
+    make_image_folder(tmp_path / "imgs", 6, size_range=(16, 24), seed=0)
+    source = open_source(DatasetConfig(name="x", kind="folder", root=str(tmp_path / "imgs"),
+                                         domain="2d"))
+    held = source._keys  # the private field is the point of this test
+    assert isinstance(held, np.ndarray) and held.dtype.kind == "T"
+    assert source.keys() == [source.key(i) for i in range(len(source))]
+    assert all(type(k) is str for k in source.keys())
+    part = source.slice(2, 5)
+    assert part.keys() == source.keys()[2:5] and part.key(3) == source.key(3)
+    assert pickle.loads(pickle.dumps(part)).keys() == part.keys()

@@ -194,14 +194,10 @@ class CacheTrainData(Dataset):
     def _load_part(self, name: str, heldout_images: int, split_seed: int) -> _DatasetPart:
         fp = self.manifest.datasets[name]
         index = self.reader.index(name)
-        status = index.status  # 1 byte per sample; keys and view rows stay on disk
+        # 1 byte per sample; keys and view rows stay on disk. Its length is images x views:
+        # reader.index() refuses an index of any other size (CacheVersionError naming both).
+        status = index.status
         v = self.views_per_image
-        expected = fp.num_images * v
-        if status.shape != (expected,):
-            raise CacheMismatchError(
-                f"{self.location}: dataset {name} holds {status.shape[0]} index rows, expected "
-                f"{fp.num_images} images x {v} views = {expected}"
-            )
         held = np.zeros(fp.num_images, dtype=bool)
         held[heldout_image_indices(fp.num_images, heldout_images, split_seed, name)] = True
         in_split = np.repeat(held if self.split == "heldout" else ~held, v)
@@ -291,6 +287,8 @@ class CacheTrainData(Dataset):
         # File handles and thread pools do not survive a fork: each worker opens its own, the
         # way the parent's reader was opened (storage options, threads, checksum policy).
         if self.reader is None or self._reader_pid != os.getpid():
+            if self.reader is not None:  # the parent's, inherited by fork: free its fd copies
+                self.reader.close()
             self.reader = open_cache(self.source, **self.open_settings.kwargs())
             self._reader_pid = os.getpid()
         return self.reader
