@@ -22,7 +22,6 @@ bad images raise `BadImageError` whose `reason` is one of `SKIP_REASONS`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -34,6 +33,7 @@ import torch
 from PIL import Image
 
 from cache_format.errors import ConfigError
+from cache_format.manifest import keys_sha256
 from precompute.decode import (  # noqa: F401 - re-exported: sources are where callers look
     DEFAULT_MAX_PIXELS,
     SKIP_REASONS,
@@ -95,15 +95,6 @@ class DatasetConfig:
         n = self.max_images
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
             raise ConfigError(f"{where}.max_images: expected a positive int or None, found {n!r}")
-
-
-def keys_sha256(keys: list[str]) -> str:
-    """SHA-256 of the ordered keys (UTF-8, each followed by a NUL byte): the dataset fingerprint."""
-    digest = hashlib.sha256()
-    for key in keys:
-        digest.update(key.encode("utf-8"))
-        digest.update(b"\0")
-    return digest.hexdigest()
 
 
 class ImageSource:

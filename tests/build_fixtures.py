@@ -21,6 +21,7 @@ from rich.console import Console
 from precompute.build import BuildSummary, build_cache
 from precompute.config import CacheBuildConfig, load_build_config
 from precompute.synthetic import make_hdf5_dataset, make_image_folder
+from train.demo import to_toml
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = 2
@@ -44,16 +45,6 @@ def make_images(root: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-
-
 def config_toml(cache: Path | str, datasets: dict[str, dict[str, Any]], *,
                 teachers: tuple[str, ...] = ("dino", "mast3r"),
                 dataset_names: tuple[str, ...] = ("rooms", "web"),
@@ -62,22 +53,17 @@ def config_toml(cache: Path | str, datasets: dict[str, dict[str, Any]], *,
     """The TOML text of a tiny build config."""
     run = {"loader_workers": 0, "torch_threads": 1, "processes": False, "device": "cpu",
            **(runtime or {})}
-    lines = [
-        f"cache = {_toml_value(str(cache))}", f"grid = {_toml_value(list(grid))}",
-        f"views_per_image = {VIEWS}", "samples_per_shard = 4", f"seed = {seed}",
-        "", "[encoding]", f"name = {_toml_value(encoding)}",
-        "", "[build]", "batch_size = 3", "calibration_samples = 6",
-        "", "[sharing]", f"strategy = {_toml_value(sharing)}",
-        "", "[runtime]", *(f"{k} = {_toml_value(v)}" for k, v in run.items()),
-    ]
-    for name in teachers:
-        lines += ["", "[[teachers]]", f"name = {_toml_value(name)}",
-                  *(f"{k} = {_toml_value(v)}" for k, v in TEACHERS[name].items()),
-                  "embed_dim = 32", "depth = 1", "num_heads = 2"]
-    for name in dataset_names:
-        lines += ["", "[[datasets]]", f"name = {_toml_value(name)}",
-                  *(f"{k} = {_toml_value(v)}" for k, v in datasets[name].items())]
-    return "\n".join(lines) + "\n"
+    tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    return to_toml({
+        "cache": str(cache), "grid": list(grid), "views_per_image": VIEWS,
+        "samples_per_shard": 4, "seed": seed,
+        "encoding": {"name": encoding},
+        "build": {"batch_size": 3, "calibration_samples": 6},
+        "sharing": {"strategy": sharing},
+        "runtime": run,
+        "teachers": [{"name": name, **TEACHERS[name], **tiny} for name in teachers],
+        "datasets": [{"name": name, **datasets[name]} for name in dataset_names],
+    })
 
 
 def write_config(path: Path, cache: Path | str, datasets: dict[str, dict[str, Any]],

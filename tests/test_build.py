@@ -50,14 +50,8 @@ from tests.build_fixtures import (
     build_quiet,
     cache_digest,
     file_hashes,
-    make_images,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return make_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,9 @@ from tests.build_fixtures import (
     build_quiet,
     cache_digest,
     cli_command,
-    make_images,
     subprocess_env,
     write_config,
 )
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return make_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,9 @@ from precompute.build import build_cache
 from precompute.cli import app, main
 from precompute.config import load_build_config
 from precompute.synthetic import BAD_KINDS
-from tests.build_fixtures import ROOMS, WEB_GOOD, file_hashes, make_images, write_config
+from tests.build_fixtures import ROOMS, WEB_GOOD, file_hashes, write_config
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return make_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ import pytest
 
 from precompute.config import load_build_config
 from precompute.plan import make_plan
-from tests.build_fixtures import build_quiet, make_images, write_config
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    return make_images(tmp_path_factory.mktemp("images"))
+from tests.build_fixtures import build_quiet, write_config
 
 
 def _data_bytes(path: Path, *, without: Path | None = None) -> int:

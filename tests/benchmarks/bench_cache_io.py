@@ -36,7 +36,7 @@ from cache_format import (
     open_cache,
 )
 from cache_format.checksum import IMPLEMENTATION as CRC_IMPLEMENTATION
-from cache_format.fastread import _crc_value  # the reader's own checksum function
+from cache_format.checksum import crc32c_value  # the reader's own checksum function
 from cache_format.testing import synthetic_activations, tiny_dataset, tiny_manifest, tiny_teacher
 
 GRID, DIM = (32, 32), 1024
@@ -175,7 +175,7 @@ def _random_access(path: Path, rng: np.random.Generator) -> dict[str, float]:
             of all but the stored 4-byte checksum)."""
             for fd, offset, nbytes in by_sample[sample]:
                 os.preadv(fd, [record[:nbytes]], offset)
-                if crc and _crc_value(record[: nbytes - 4]) != int.from_bytes(
+                if crc and crc32c_value(record[: nbytes - 4]) != int.from_bytes(
                         record[nbytes - 4 : nbytes].tobytes(), "little"):
                     raise AssertionError(f"sample {sample}: checksum mismatch")
 

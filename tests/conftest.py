@@ -1,0 +1,13 @@
+"""Fixtures shared by the cache-build test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.build_fixtures import make_images
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The tiny two-dataset mix of tests/build_fixtures.py, written once per test module."""
+    return make_images(tmp_path_factory.mktemp("images"))
