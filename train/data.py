@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from cache_format.errors import BadImageError, CacheMismatchError, ConfigError
 from cache_format.manifest import STATUS_OK, keys_sha256
-from cache_format.reader import CacheReader, OpenSettings, open_cache
+from cache_format.reader import CacheReader, open_cache
 from precompute.config import CacheBuildConfig
 from precompute.sources import ImageSource, open_source
 from precompute.views import check_replay, render_view, sample_view
@@ -112,12 +112,8 @@ class CacheTrainData(Dataset):
             raise ConfigError(f"split: expected one of {', '.join(SPLITS)}, found {split!r}")
         if heldout_images < 0:
             raise ConfigError(f"heldout_images: expected >= 0, found {heldout_images}")
-        self.reader: CacheReader | None = (
-            cache if isinstance(cache, CacheReader) else open_cache(cache)
-        )
-        self._reader_pid: int | None = os.getpid()
-        self.open_settings: OpenSettings = self.reader.settings
-        self.source = self.reader.source  # absolute: independent of the working directory
+        self.reader: CacheReader = cache if isinstance(cache, CacheReader) else open_cache(cache)
+        self._reader_pid = os.getpid()
         manifest = self.reader.manifest
         self.manifest = manifest
         self.location = str(getattr(self.reader, "location", cache))
@@ -285,19 +281,18 @@ class CacheTrainData(Dataset):
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:
         # File handles and thread pools do not survive a fork: each worker opens its own, the
-        # way the parent's reader was opened (storage options, threads, checksum policy).
-        if self.reader is None or self._reader_pid != os.getpid():
-            if self.reader is not None:  # the parent's, inherited by fork: free its fd copies
-                self.reader.close()
-            self.reader = open_cache(self.source, **self.open_settings.kwargs())
+        # way the parent's reader was opened (CacheReader.reopen: storage options, threads,
+        # checksum policy), and frees its copies of the parent's fds.
+        if self._reader_pid != os.getpid():
+            inherited, self.reader = self.reader, self.reader.reopen()
+            inherited.close()
             self._reader_pid = os.getpid()
         return self.reader
 
-    def __getstate__(self) -> dict[str, Any]:
-        # A reader holds open files and threads: a spawned worker reopens the cache instead.
-        state = self.__dict__.copy()
-        state.update(reader=None, _reader_pid=None)
-        return state
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A spawned worker: the reader pickles as a reopen, so it was just opened here.
+        self.__dict__.update(state)
+        self._reader_pid = os.getpid()
 
     def render(self, item: int) -> Tensor:
         """The student's view of item `item`, replayed and checked against the stored row."""
