@@ -11,8 +11,11 @@ Two parts are kept apart on purpose:
 - `[runtime]` settings change only how the build runs (loader workers, threads, device, process
   model); they may differ between a run and its resume.
 
-Relative paths in the file (cache, dataset roots and list files, teacher checkpoints) are taken
-relative to the file's folder and stored absolute, so a config works from any working directory.
+Relative paths in the file (cache, dataset roots and list files, teacher checkpoints: the fields
+annotated `PathStr`) are taken relative to the file's folder and stored absolute, so a config
+works from any working directory. Reading the file, overrides and paths are shared with
+`dune-train` (`cache_format.configfile`); every field is type-checked from its annotation
+(`cache_format.serde.from_dict`).
 
 Data-sharing strategies (which teacher runs on which dataset):
 - `all`: every teacher on every dataset (what the paper found best).
@@ -27,16 +30,16 @@ Data-sharing strategies (which teacher runs on which dataset):
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from cache_format.configfile import load_config
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import ConfigError
-from cache_format.serde import from_dict, to_dict
-from precompute.sources import DEFAULT_MAX_PIXELS, UNUSUAL_MODES, DatasetConfig
+from cache_format.serde import PathStr, from_dict, to_dict
+from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES
+from precompute.sources import DatasetConfig
 from precompute.teachers.config import TeacherConfig
 from precompute.views import ViewConfig
 
@@ -150,7 +153,7 @@ class RuntimeConfig:
 class CacheBuildConfig:
     """One cache build: where, at which grid, which views, which teachers on which datasets."""
 
-    cache: str
+    cache: PathStr
     grid: tuple[int, int]
     teachers: tuple[TeacherConfig, ...]
     datasets: tuple[DatasetConfig, ...]
@@ -292,70 +295,17 @@ class CacheBuildConfig:
         return from_dict(cls, dict(data))
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-def _absolute(path: object, base: Path) -> object:
-    """`path` relative to `base` made absolute; URLs and non-strings pass through."""
-    if not isinstance(path, str) or not path or _is_url(path):
-        return path
-    return os.path.normpath(base / os.path.expanduser(path))
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    """Make the file's relative paths absolute, relative to the file's folder (in place)."""
-    if "cache" in data:
-        data["cache"] = _absolute(data["cache"], base)
-    for entry in data.get("datasets", []) or []:
-        if isinstance(entry, dict):
-            for key in ("root", "list_file"):
-                if key in entry:
-                    entry[key] = _absolute(entry[key], base)
-    for entry in data.get("teachers", []) or []:
-        if isinstance(entry, dict) and "checkpoint" in entry:
-            entry["checkpoint"] = _absolute(entry["checkpoint"], base)
-
-
-def _apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c = value` in nested dicts, creating tables on the way."""
-    parts = dotted.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {'.'.join(parts[: i + 1])} is not a table")
-        node = child
-    node[parts[-1]] = value
-
-
 def load_build_config(
     path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None
 ) -> CacheBuildConfig:
     """Read a TOML build config and apply `overrides` ({"cache": ..., "runtime.device": ...}).
 
-    Override values are taken as given (a relative `cache` is relative to the working
-    directory); unknown fields, in the file or in the overrides, are a ConfigError naming them.
+    Relative paths in the file are taken from the file's folder, relative override paths from
+    the working directory; unknown fields, missing required fields and values of the wrong
+    type, in the file or in the overrides, are a ConfigError naming them
+    (`cache_format.configfile`, shared with `dune-train`).
     """
-    file = Path(path)
-    try:
-        with file.open("rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{file}: no such config file",
-            hint="pass the path of a build config (TOML); see docs/building.md",
-        ) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML ({exc})") from None
-    _resolve_paths(data, file.resolve().parent)
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if dotted == "cache" and isinstance(value, str | os.PathLike) and not _is_url(str(value)):
-            value = os.path.abspath(os.fspath(value))
-        _apply_override(data, dotted, value)
-    try:
-        return CacheBuildConfig.from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{file}: {exc}", hint=exc.hint) from None
+    return load_config(
+        CacheBuildConfig, path, overrides,
+        missing_hint="pass the path of a build config (TOML); see docs/building.md",
+    )

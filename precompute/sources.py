@@ -34,6 +34,7 @@ from PIL import Image
 
 from cache_format.errors import ConfigError
 from cache_format.manifest import keys_sha256
+from cache_format.serde import PathStr
 from precompute.decode import (  # noqa: F401 - re-exported: sources are where callers look
     DEFAULT_MAX_PIXELS,
     SKIP_REASONS,
@@ -62,9 +63,9 @@ class DatasetConfig:
 
     name: str
     kind: str
-    root: str
+    root: PathStr
     domain: str
-    list_file: str | None = None
+    list_file: PathStr | None = None
     hdf5_key: str | None = None
     max_images: int | None = None
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+from cache_format.configfile import with_overrides
 from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError, TrainingError
 from precompute.build import build_cache
 from precompute.config import load_build_config
@@ -29,7 +30,6 @@ from train.config import (
     load_train_config,
     resolve_paths,
     resume_differences,
-    with_overrides,
 )
 from train.demo import DemoSizes, write_demo_configs
 from train.export import DistillModel, TeacherHead, export_run, load_full_model

@@ -20,8 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cache_format.configfile import with_overrides
 from cache_format.errors import DuneError
-from train.config import absolute_path, load_train_config, resolve_paths, with_overrides
+from cache_format.locations import absolute_path
+from train.config import load_train_config, resolve_paths
 
 app = typer.Typer(
     add_completion=False,

@@ -3,7 +3,9 @@
 A run is described by a TOML file whose tables mirror the nested parts below (`[student]`,
 `[projector]`, `[norm]`, `[dropping]`, `[data]`, `[optim]`, top-level keys for the loop). The
 command line overrides a few fields (`--cache`, `--out`, `--online`, `--max-steps`) through
-`with_overrides`. The run folder stores `to_dict()` of the resolved config (absolute paths), and
+`cache_format.configfile.with_overrides`, the mechanism `dune-cache build` uses too; every field
+is type-checked from its annotation (`cache_format.serde.from_dict`), with the dotted field
+named. The run folder stores `to_dict()` of the resolved config (absolute paths), and
 a rerun of the same command compares its own resolved config with the stored one before it
 resumes: only fields that cannot change the trajectory (`RESUME_FREE_FIELDS`) may differ.
 
@@ -14,20 +16,20 @@ to the current directory.
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cache_format.configfile import load_config
 from cache_format.errors import ConfigError
-from cache_format.serde import from_dict, to_dict
+from cache_format.serde import PathStr, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
 from train.student import StudentConfig
+from train.teacher_dropping import DROP_STRATEGIES
 from train.teacher_norm import NORM_MODES
 
-DROPPING_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
 # Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
 # where things live (moved runs and caches still resume; the cache's fingerprint is checked).
 RESUME_FREE_FIELDS = (
@@ -79,9 +81,9 @@ class DroppingConfig:
     p: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.strategy not in DROPPING_STRATEGIES:
+        if self.strategy not in DROP_STRATEGIES:
             raise ConfigError(
-                f"dropping.strategy: expected one of {', '.join(DROPPING_STRATEGIES)}, "
+                f"dropping.strategy: expected one of {', '.join(DROP_STRATEGIES)}, "
                 f"found {self.strategy!r}"
             )
         if not 0.0 <= self.p <= 1.0:
@@ -99,10 +101,10 @@ class DataConfig:
     kept out of training and used for the held-out loss and cosine.
     """
 
-    cache: str = ""
+    cache: PathStr = ""
     teachers: tuple[str, ...] = ()
     datasets: tuple[str, ...] = ()
-    roots: dict[str, str] = field(default_factory=dict)
+    roots: dict[str, PathStr] = field(default_factory=dict)
     sampling: str = "teacher_balanced"
     heldout_images: int = 8
     num_workers: int = 2
@@ -138,8 +140,8 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr: expected > 0, found {self.lr}")
+        if not 0 < self.lr < math.inf:  # written so that NaN fails here, not at min_lr
+            raise ConfigError(f"optim.lr: expected a finite number > 0, found {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr: expected in [0, optim.lr], found {self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -184,8 +186,8 @@ class TrainConfig:
     compile: bool = False
     amp: bool = True
     online: bool = False
-    init_from: str | None = None
-    out_dir: str = ""
+    init_from: PathStr | None = None
+    out_dir: PathStr = ""
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "epochs", "log_every", "checkpoint_every", "eval_every")
@@ -219,82 +221,35 @@ class TrainConfig:
         return from_dict(cls, data)
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    """Read a TrainConfig from a TOML file (missing tables and keys take their defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"{path}: no such config file", hint="pass the TOML file of the run, e.g. train.toml"
-        )
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    try:
-        return TrainConfig.from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}", hint=exc.hint) from None
+def load_train_config(
+    path: str | Path, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read a TrainConfig from a TOML file (missing tables and keys take their defaults).
 
-
-def with_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """Copy of `cfg` with dotted-name fields replaced, e.g. {"data.cache": "...", "online": True}.
-
-    None values are ignored, so a CLI can pass every option and only the given ones apply.
+    The file is read like a build config (`cache_format.configfile`, shared with `dune-cache`):
+    every field type-checked, relative paths taken from the file's folder, relative override
+    paths from the working directory.
     """
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        cfg = _replace_dotted(cfg, dotted.split("."), value, dotted)
-    return cfg
-
-
-def _replace_dotted(obj: Any, names: list[str], value: Any, dotted: str) -> Any:
-    valid = {f.name for f in dataclasses.fields(obj)}
-    if names[0] not in valid:
-        raise ConfigError(
-            f"override {dotted!r}: {names[0]!r} is not a field of {type(obj).__name__}"
-        )
-    if len(names) == 1:
-        return dataclasses.replace(obj, **{names[0]: value})
-    inner = _replace_dotted(getattr(obj, names[0]), names[1:], value, dotted)
-    return dataclasses.replace(obj, **{names[0]: inner})
+    return load_config(
+        TrainConfig, path, overrides, missing_hint="pass the TOML file of the run, e.g. train.toml"
+    )
 
 
 def resolve_paths(cfg: TrainConfig, config_path: str | Path | None = None) -> TrainConfig:
-    """Make every path absolute: relative paths from the TOML file are taken from the file's
-    folder (as `dune-cache build` does); a missing `out_dir` becomes runs/<config stem> under
-    the current directory. Command-line paths are made absolute by the CLI before this."""
+    """Make every path absolute: relative paths are taken from the config file's folder (as
+    `load_train_config` already does), or from the current directory without a file; a missing
+    `out_dir` becomes runs/<config stem> under the current directory."""
     if not cfg.data.cache:
         raise ConfigError(
             "data.cache: no cache path given",
             hint="set [data] cache = \"path/to/cache\" in the config or pass --cache PATH",
         )
     base = Path(config_path).resolve().parent if config_path else Path.cwd()
-    out_dir = cfg.out_dir or str(
-        Path.cwd() / "runs" / (Path(config_path).stem if config_path else "run")
-    )
-    data = dataclasses.replace(
-        cfg.data,
-        cache=absolute_path(cfg.data.cache, base),
-        roots={name: absolute_path(root, base) for name, root in cfg.data.roots.items()},
-    )
-    return dataclasses.replace(
-        cfg,
-        data=data,
-        out_dir=absolute_path(out_dir, base),
-        init_from=absolute_path(cfg.init_from, base) if cfg.init_from else None,
-    )
-
-
-def absolute_path(path: str, base: str | Path | None = None) -> str:
-    """`path` made absolute against `base` (default: the current directory); URLs (s3://,
-    gs://, ...) pass through unchanged."""
-    if "://" in path:
-        return path
-    expanded = Path(path).expanduser()
-    if not expanded.is_absolute():
-        expanded = Path(base or Path.cwd()) / expanded
-    return str(expanded.resolve())
+    data = to_dict(cfg)
+    if not data["out_dir"]:
+        stem = Path(config_path).stem if config_path else "run"
+        data["out_dir"] = str(Path.cwd() / "runs" / stem)
+    return from_dict(TrainConfig, data, base=base)
 
 
 def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

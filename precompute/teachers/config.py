@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cache_format.errors import ConfigError
+from cache_format.serde import PathStr
 from precompute.teachers.registry import check_kind, get_teacher_spec, split_kind
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -34,7 +35,7 @@ class TeacherConfig:
     name: str
     kind: str
     domain: str = ""
-    checkpoint: str | None = None
+    checkpoint: PathStr | None = None
     pretrained: bool = False
     init_seed: int = 0
     embed_dim: int | None = None

@@ -32,9 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from _report import machine_description, markdown_table, write_section  # noqa: E402
 
+from cache_format.configfile import with_overrides  # noqa: E402
 from precompute.build import build_cache  # noqa: E402
 from precompute.config import load_build_config  # noqa: E402
-from train.config import load_train_config, resolve_paths, with_overrides  # noqa: E402
+from train.config import load_train_config, resolve_paths  # noqa: E402
 from train.demo import DemoSizes, to_toml, train_config, write_demo_configs  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
