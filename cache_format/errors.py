@@ -41,7 +41,8 @@ class CacheCorruptionError(DuneError, OSError):
 
 
 class InvalidTokensError(DuneError, ValueError):
-    """Teacher tokens handed to the writer are unusable (NaN/Inf, wrong shape or dtype)."""
+    """Teacher tokens are unusable: a teacher's `forward_tokens` gave other keys or shapes than
+    it promised, or tokens handed to the writer hold NaN/Inf or have a wrong shape or dtype."""
 
 
 class CheckpointError(DuneError, KeyError):

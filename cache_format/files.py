@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from cache_format.locations import local_path
+
 
 class LocalFiles:
     """Positional reads from files under a local root, with a bounded cache of open fds.
@@ -204,8 +206,9 @@ def files_for(location: str, storage_options: dict[str, Any] | None = None, *,
 
     `max_open`: local fds kept open for reuse (0 = close each file after its read: for the
     many small per-shard objects that are each read about once)."""
-    if "://" not in location or location.startswith("file://"):
-        return LocalFiles(os.path.abspath(location.removeprefix("file://")), max_open=max_open)
+    local = local_path(location)
+    if local is not None:
+        return LocalFiles(local, max_open=max_open)
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))

@@ -22,7 +22,9 @@ from cache_format.serde import from_dict, to_dict
 
 FORMAT_VERSION = 1
 ROOT_ATTR = "dune_cache"
-TOKEN_TYPES = ("cls", "patch")
+#: The token types a teacher can give, in storage order: "patch" always, "cls" when it has one.
+#: The one definition: teachers, the writer, the reader and the trainer all use this.
+TOKEN_TYPES: tuple[str, ...] = ("cls", "patch")
 
 #: Per-sample status codes stored in each dataset's `status` array (uint8).
 STATUS_CODES: dict[str, str] = {
@@ -38,8 +40,11 @@ STATUS_CODES: dict[str, str] = {
 STATUS_OK = 1
 STATUS_PENDING = 0
 
-# Dataset and teacher names become zarr node names, so they keep to a portable character set.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Dataset and teacher names become zarr node names, TOML keys ([sharing.matrix], [data.roots])
+# and parts of dotted CLI overrides (`data.roots.<name>`), so they keep to a portable character
+# set without '.': a dotted name would read as a nested table in TOML and in an override.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
 
 
 def status_name(code: int) -> str:
@@ -61,11 +66,14 @@ def status_code(name: str) -> int:
 
 
 def check_node_name(name: str, what: str) -> None:
-    """Refuse a dataset / teacher name that is not a portable zarr node name."""
+    """Refuse a dataset / teacher / domain name that is not a portable node name (`NAME_RULE`).
+
+    The one name rule of the project: configs of both stages and the manifest call it.
+    """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(
-            f"{what}: {name!r} is not a valid name; use letters, digits, '_', '.', '-' "
-            "(starting with a letter or digit)"
+            f"{what}: expected a name of {NAME_RULE} (it names cache groups and TOML keys), "
+            f"found {name!r}"
         )
 
 

@@ -27,6 +27,7 @@ from cache_format.errors import (
 )
 from cache_format.fastread import ShardedLayout, ShardReader
 from cache_format.files import BufferPool, files_for
+from cache_format.locations import is_url
 from cache_format.manifest import ROOT_ATTR, Manifest
 from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
 from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
@@ -88,7 +89,7 @@ class CacheReader:
         self.location = location
         self.settings = settings or OpenSettings()
         #: Where a reopen finds the cache: `location`, made absolute (now) for a local path.
-        self.source = location if "://" in location else os.path.abspath(location)
+        self.source = location if is_url(location) else os.path.abspath(location)
         self._fast = fast
         self._layouts: dict[tuple[str, str, str], ShardedLayout] = {}
         self._calib: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}

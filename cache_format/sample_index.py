@@ -25,6 +25,7 @@ import zarr
 from cache_format import layout
 from cache_format.errors import CacheCorruptionError, CacheVersionError, ConfigError
 from cache_format.files import Files, files_for
+from cache_format.locations import local_path
 from cache_format.manifest import STATUS_OK
 from cache_format.plainread import ChunkCache, PlainArray, read_chunk
 
@@ -58,9 +59,8 @@ class SampleIndex:
         self.dataset = dataset
         self.views_per_image = int(views_per_image)
         self.view_param_names = tuple(view_param_names)
-        if "://" not in location or location.startswith("file://"):
-            # Absolute, so that a copy unpickled in another working directory finds the files.
-            location = os.path.abspath(location.removeprefix("file://"))
+        # Absolute, so that a copy unpickled in another working directory finds the files.
+        location = local_path(location) or location
         self.location = location
         self.storage_options = dict(storage_options) if storage_options else None
         self.cache_bytes = int(cache_bytes)

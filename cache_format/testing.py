@@ -16,6 +16,7 @@ import numpy as np
 from cache_format.encodings import EncodingSpec, fit_calibration
 from cache_format.manifest import (
     STATUS_OK,
+    TOKEN_TYPES,
     DatasetFingerprint,
     Manifest,
     TeacherFingerprint,
@@ -39,7 +40,7 @@ def tiny_manifest(encoding: EncodingSpec | None = None, *, grid: tuple[int, int]
 
 
 def tiny_teacher(name: str = "t1", dim: int = 32,
-                 token_types: tuple[str, ...] = ("cls", "patch")) -> TeacherFingerprint:
+                 token_types: tuple[str, ...] = TOKEN_TYPES) -> TeacherFingerprint:
     """A teacher fingerprint with made-up facts."""
     return TeacherFingerprint(name=name, arch="tiny_vit", checkpoint_sha256="0" * 64,
                               input_size=(56, 56), patch_size=14, mean=(0.5, 0.5, 0.5),

@@ -48,6 +48,7 @@ from rich.text import Text
 
 from cache_format import layout
 from cache_format.errors import DuneError
+from cache_format.locations import is_url
 from cache_format.manifest import STATUS_OK, Manifest, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
@@ -93,7 +94,7 @@ class BuildSummary:
 
 def directory_bytes(path: str) -> int:
     """Bytes of every file under `path` (0 for URLs or a missing folder)."""
-    if "://" in path or not os.path.isdir(path):
+    if is_url(path) or not os.path.isdir(path):
         return 0
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names)

@@ -35,6 +35,7 @@ from rich.table import Table
 
 from cache_format import layout
 from cache_format.errors import CacheMismatchError, CacheNotFoundError, DuneError
+from cache_format.locations import is_url, local_path
 from cache_format.manifest import ROOT_ATTR, DatasetFingerprint, Manifest
 from cache_format.serde import to_dict
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
@@ -173,9 +174,9 @@ def index_size(config: CacheBuildConfig, keys: list[str]) -> Footprint:
 
 def free_space(path: str) -> int | None:
     """Free bytes on the file system that will hold `path` (None for URLs)."""
-    if "://" in path and not path.startswith("file://"):
+    probe = local_path(path)
+    if probe is None:
         return None
-    probe = os.path.abspath(path.removeprefix("file://"))
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
@@ -190,7 +191,7 @@ def open_existing(path: str) -> zarr.Group | None:
     Something that exists but is not a cache (a non-empty folder, a zarr node without the
     manifest) is refused rather than written into.
     """
-    local = "://" not in path
+    local = not is_url(path)
     if local and (not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))):
         return None
     try:

@@ -23,7 +23,6 @@ bad images raise `BadImageError` whose `reason` is one of `SKIP_REASONS`.
 from __future__ import annotations
 
 import os
-import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from PIL import Image
 
 from cache_format.errors import ConfigError
-from cache_format.manifest import keys_sha256
+from cache_format.manifest import check_node_name, keys_sha256
 from cache_format.serde import PathStr
 from precompute.decode import (  # noqa: F401 - re-exported: sources are where callers look
     DEFAULT_MAX_PIXELS,
@@ -47,9 +46,6 @@ SOURCE_KINDS: tuple[str, ...] = ("folder", "list", "hdf5")
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm",
 )  # fmt: skip
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetConfig:
@@ -71,12 +67,7 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         for field in ("name", "domain"):
-            value = getattr(self, field)
-            if not isinstance(value, str) or not _NAME_RE.match(value):
-                raise ConfigError(
-                    f"DatasetConfig.{field}: expected a name of letters, digits, '_', '.', '-' "
-                    f"(it names cache groups), found {value!r}"
-                )
+            check_node_name(getattr(self, field), f"DatasetConfig.{field}")
         where = f"dataset {self.name!r}: DatasetConfig"
         if self.kind not in SOURCE_KINDS:
             raise ConfigError(

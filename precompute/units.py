@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from cache_format import layout
 from cache_format.encodings import fit_calibration
 from cache_format.errors import BadImageError, CacheMismatchError
+from cache_format.locations import is_url
 from cache_format.manifest import STATUS_OK, TeacherFingerprint, status_code, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import CacheBuildConfig
@@ -392,7 +393,7 @@ def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str,
 
 def _shard_file_bytes(cache: str, dataset: str, teacher: str, shard: int) -> int:
     """On-disk bytes of the shard's token and scale objects (local caches; 0 otherwise)."""
-    if "://" in cache:
+    if is_url(cache):
         return 0
     group = zarr.open_group(cache, mode="r")[layout.teacher_path(dataset, teacher)]
     total = 0

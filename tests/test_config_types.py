@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 
 from cache_format.configfile import load_config, with_overrides
 from cache_format.errors import ConfigError
+from cache_format.locations import absolute_path, is_url, local_path
+from cache_format.manifest import NAME_RULE
 from cache_format.serde import from_dict
+from cache_format.testing import tiny_teacher
 from precompute.config import CacheBuildConfig, load_build_config
 from train.config import DataConfig, OptimConfig, TrainConfig, load_train_config
 
@@ -261,3 +264,35 @@ def test_build_config_round_trips_through_json(
     })
     again = CacheBuildConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and math.isclose(again.views.flip_p, flip)
+
+
+@pytest.mark.parametrize("name", ["a.b", ".hidden", "", "x" * 65, "-lead", "sp ace", "é"])
+def test_one_name_rule_for_datasets_teachers_and_the_manifest(name: str) -> None:
+    """A name becomes a zarr node, a TOML key and part of a dotted override: one rule, no '.'."""
+    makers = {
+        "datasets[0].name": lambda: CacheBuildConfig.from_dict(_set(BUILD, "datasets[0].name",
+                                                                    name)),
+        "teachers[0].name": lambda: CacheBuildConfig.from_dict(_set(BUILD, "teachers[0].name",
+                                                                    name)),
+        "fingerprint": lambda: tiny_teacher(name=name),
+    }
+    messages = []
+    for make in makers.values():
+        with pytest.raises(ConfigError) as info:
+            make()
+        messages.append(str(info.value))
+    assert all(f"expected a name of {NAME_RULE}" in m and repr(name) in m for m in messages)
+    for good in ("inet", "gldv2_2", "a-b", "X" * 64):
+        tiny_teacher(name=good)
+        CacheBuildConfig.from_dict(_set(BUILD, "datasets[0].name", good))
+
+
+def test_one_url_rule() -> None:
+    for url in ("s3://b/c", "memory://x", "file:///data/c", "gs+x://y"):
+        assert is_url(url)
+    for path in ("cache", "/data/c", "a/b://c", "", "./s3://x"):
+        assert not is_url(path)
+    assert local_path("file:///data/c") == "/data/c" and local_path("s3://b/c") is None
+    assert local_path("/data/./c") == "/data/c"
+    assert absolute_path("s3://b/c", "/base") == "s3://b/c" and absolute_path("", "/b") == ""
+    assert absolute_path("../c", "/base/sub") == "/base/c"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cache_format.errors import CheckpointError, ConfigError, RegistryError
+from cache_format.errors import CheckpointError, ConfigError, InvalidTokensError, RegistryError
 from cache_format.serde import from_dict, to_dict
 from precompute.teachers import (
     LoadedTeacher,
@@ -72,6 +72,13 @@ def broken_factory() -> nn.Module:
 def wrong_shape_factory() -> nn.Module:
     teacher = TinyFactoryTeacher()
     teacher.embed_dim = 99  # lies about its width: the load-time probe must catch it
+    return teacher
+
+
+def missing_cls_factory() -> nn.Module:
+    teacher = TinyFactoryTeacher()
+    teacher.forward_tokens = lambda x: {"patch": TinyFactoryTeacher.forward_tokens(teacher, x)[
+        "patch"]}  # promises a cls token, returns none
     return teacher
 
 
@@ -286,16 +293,24 @@ def test_factory_kind_builds_the_users_module(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "message"),
+    ("kind", "message", "error"),
     [
-        ("factory:tests.test_teachers:broken_factory", "no forward_tokens"),
-        ("factory:tests.test_teachers:missing_function", "has no function 'missing_function'"),
-        ("factory:tests.no_such_module:f", "cannot import module 'tests.no_such_module'"),
-        ("factory:tests.test_teachers:wrong_shape_factory", r"shape \(1, 16\), expected \(1, 99\)"),
+        ("factory:tests.test_teachers:broken_factory", "no forward_tokens", ConfigError),
+        ("factory:tests.test_teachers:missing_function", "has no function 'missing_function'",
+         ConfigError),
+        ("factory:tests.no_such_module:f", "cannot import module 'tests.no_such_module'",
+         ConfigError),
+        # A teacher whose outputs break its promise is not a config mistake: bad tokens.
+        ("factory:tests.test_teachers:wrong_shape_factory", r"shape \(1, 16\), expected \(1, 99\)",
+         InvalidTokensError),
+        ("factory:tests.test_teachers:missing_cls_factory",
+         r"'mine'.*returned keys \['patch'\], expected \['cls', 'patch'\]", InvalidTokensError),
     ],
 )
-def test_factory_kind_refuses_what_does_not_answer_the_protocol(kind: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+def test_factory_kind_refuses_what_does_not_answer_the_protocol(
+    kind: str, message: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error, match=message):
         load_teacher(TeacherConfig(name="mine", kind=kind))
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from cache_format.errors import CheckpointError
+from cache_format.manifest import TOKEN_TYPES
 from train.checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint
 from train.config import TrainConfig
 from train.projectors import build_projector, split_tokens
@@ -70,7 +71,7 @@ class DistillModel(nn.Module):
                 name: nn.ModuleDict(
                     {
                         tok: TeacherNorm(head.dim, mode=cfg.norm.mode, total_steps=total_steps)
-                        for tok in (("cls", "patch") if head.has_cls else ("patch",))
+                        for tok in (TOKEN_TYPES if head.has_cls else ("patch",))
                     }
                 )
                 for name, head in self.teachers.items()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cache_format.manifest import TOKEN_TYPES
 from train.teacher_dropping import DROP_STRATEGIES, TeacherDropping, normalize_coefficients
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
 COS_WEIGHT = 0.5
 SMOOTH_L1_WEIGHT = 0.5
 SMOOTH_L1_BETA = 1.0
-TOKEN_TYPES = ("cls", "patch")
 
 
 def token_loss(student: Tensor, teacher: Tensor) -> Tensor:

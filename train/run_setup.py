@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError
+from cache_format.manifest import TOKEN_TYPES
 from cache_format.reader import open_cache
 from cache_format.serde import to_dict
 from precompute.config import CacheBuildConfig
@@ -140,7 +141,7 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
             tok: _stats_tensors(
                 reader.stats(t, tok, [d for d in datasets if d in reader.datasets_for(t)])
             )
-            for tok in (("cls", "patch") if heads[t].has_cls else ("patch",))
+            for tok in (TOKEN_TYPES if heads[t].has_cls else ("patch",))
         }
         for t in teachers
     }

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from cache_format.encodings import decode_tokens_torch
 from cache_format.errors import CacheMismatchError, ConfigError
-from cache_format.manifest import Manifest
+from cache_format.manifest import TOKEN_TYPES, Manifest
 from cache_format.reader import CacheReader
 from precompute.config import CacheBuildConfig
 from precompute.teachers import LoadedTeacher, load_teacher
@@ -103,7 +103,7 @@ class CachedTargets:
         fps = {t: manifest.teachers[t] for t in self.teacher_names}
         self.dims: dict[str, int] = {t: fp.dim for t, fp in fps.items()}
         self.token_types: dict[str, tuple[str, ...]] = {
-            t: tuple(tok for tok in ("cls", "patch") if tok in fp.token_types)
+            t: tuple(tok for tok in TOKEN_TYPES if tok in fp.token_types)
             for t, fp in fps.items()
         }
         self._calib: dict[tuple[str, str, str], tuple[Tensor, Tensor]] = {}
@@ -198,7 +198,7 @@ class OnlineTargets:
             self.teachers[name] = teacher
         self.dims: dict[str, int] = {t: m.dim for t, m in self.teachers.items()}
         self.token_types: dict[str, tuple[str, ...]] = {
-            t: tuple(tok for tok in ("cls", "patch") if tok in m.token_types)
+            t: tuple(tok for tok in TOKEN_TYPES if tok in m.token_types)
             for t, m in self.teachers.items()
         }
         self.input_sizes: dict[str, tuple[int, int]] = {

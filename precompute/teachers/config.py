@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import keyword
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cache_format.errors import ConfigError
+from cache_format.manifest import check_node_name
 from cache_format.serde import PathStr
 from precompute.teachers.registry import check_kind, get_teacher_spec, split_kind
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-# A teacher's name becomes a group name in the cache: keep it a plain path component.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_DOTTED_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 @dataclass(frozen=True)
@@ -44,11 +41,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         where = f"TeacherConfig({self.name!r})" if isinstance(self.name, str) else "TeacherConfig"
-        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
-            raise ConfigError(
-                f"{where}.name: expected 1-64 letters, digits, '_' or '-' (a cache group name), "
-                f"found {self.name!r}"
-            )
+        check_node_name(self.name, f"{where}.name")  # it names the teacher's cache groups
         if not isinstance(self.kind, str) or not self.kind:
             raise ConfigError(f"{where}.kind: expected a teacher kind, found {self.kind!r}")
         self._check_kind(where)
@@ -111,7 +104,7 @@ class TeacherConfig:
             module, sep, function = rest.rpartition(":")
             if (
                 not sep
-                or not _DOTTED_RE.match(module)
+                or not all(part.isidentifier() for part in module.split("."))
                 or not function.isidentifier()
                 or keyword.iskeyword(function)
             ):

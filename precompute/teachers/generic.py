@@ -10,7 +10,7 @@ a checkpoint downloads timm's hub weights.
 `factory:<module>:<function>` imports the module and calls the function with the overrides that
 are set (`embed_dim=`, `depth=`, `num_heads=`) inside `seeded_init(init_seed)`. The returned
 `nn.Module` must have `forward_tokens(x) -> {"cls"?: [B, D], "patch": [B, T, D]}` and the
-attributes `patch_size` (int), `embed_dim` (int) and `token_types` (("cls", "patch") or
+attributes `patch_size` (int), `embed_dim` (int) and `token_types` (`TOKEN_TYPES` or
 ("patch",)); `mean` / `std` are optional (ImageNet's by default). A factory that loads its own
 weights may set `checkpoint_sha256`, which the manifest then records.
 """
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cache_format.errors import ConfigError, RegistryError
+from cache_format.manifest import TOKEN_TYPES
 from precompute.teachers.checkpoints import (
     MappedState,
     initial_weights,
@@ -38,7 +39,6 @@ from precompute.teachers.config import TeacherConfig
 from precompute.teachers.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    TOKEN_TYPES,
     BuiltTeacher,
     TeacherSpec,
     register_teacher_prefix,
@@ -195,7 +195,7 @@ def _check_factory_module(module: Any, kind: str) -> nn.Module:
         types = tuple(getattr(module, "token_types", ()))
         if types not in (TOKEN_TYPES, ("patch",)):
             problems.append(
-                f"attribute token_types should be ('cls', 'patch') or ('patch',), found {types!r}"
+                f"attribute token_types should be {TOKEN_TYPES} or ('patch',), found {types!r}"
             )
     if problems:
         raise ConfigError(f"teacher kind {kind!r}: the factory's module " + "; ".join(problems))

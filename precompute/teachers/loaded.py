@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cache_format.errors import ConfigError
+from cache_format.errors import InvalidTokensError
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.registry import TeacherSpec, get_builder, get_teacher_spec
 
@@ -75,7 +75,7 @@ class LoadedTeacher:
         self, raw: dict[str, torch.Tensor], batch: int, count: int
     ) -> dict[str, torch.Tensor]:
         if set(raw) != set(self.token_types):
-            raise ConfigError(
+            raise InvalidTokensError(
                 f"teacher {self.name!r} ({self.kind}): forward_tokens returned keys "
                 f"{sorted(raw)}, expected {sorted(self.token_types)}"
             )
@@ -84,7 +84,7 @@ class LoadedTeacher:
         for token_type in self.token_types:
             tensor = raw[token_type]
             if tuple(tensor.shape) != expected[token_type]:
-                raise ConfigError(
+                raise InvalidTokensError(
                     f"teacher {self.name!r} ({self.kind}): {token_type!r} tokens have shape "
                     f"{tuple(tensor.shape)}, expected {expected[token_type]}"
                 )

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from cache_format.errors import ConfigError, RegistryError
+from cache_format.manifest import TOKEN_TYPES
 
 if TYPE_CHECKING:
     from precompute.teachers.config import TeacherConfig
 
-TOKEN_TYPES = ("cls", "patch")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_MEAN = (0.5, 0.5, 0.5)
@@ -63,7 +63,7 @@ class TeacherSpec:
             raise ConfigError(f"{where}.std: expected positive values, found {self.std!r}")
         if "patch" not in self.token_types or not set(self.token_types) <= set(TOKEN_TYPES):
             raise ConfigError(
-                f"{where}.token_types: expected ('cls', 'patch') or ('patch',), "
+                f"{where}.token_types: expected {TOKEN_TYPES} or ('patch',), "
                 f"found {self.token_types!r}"
             )
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cache_format.errors import ConfigError
+from cache_format.manifest import TOKEN_TYPES
 from precompute.teachers.checkpoints import (
     MappedState,
     initial_weights,
@@ -248,7 +249,7 @@ def build_dinov2_teacher(
     dim=1024,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
-    token_types=("cls", "patch"),
+    token_types=TOKEN_TYPES,
     domain="2d",
     description="DINOv2 ViT-L/14 with 4 registers (registers dropped), final-norm cls + patch",
     checkpoint_file=DINOV2_CHECKPOINT,
@@ -256,7 +257,7 @@ def build_dinov2_teacher(
 def build_dino2reg(cfg: TeacherConfig) -> BuiltTeacher:
     """DINOv2 ViT-L/14 reg4: original or timm checkpoint, or timm's hub weights when pretrained."""
     return build_dinov2_teacher(
-        cfg, dims=(1024, 24, 16), reg_tokens=4, token_types=("cls", "patch"), hub_name=DINOV2_HUB
+        cfg, dims=(1024, 24, 16), reg_tokens=4, token_types=TOKEN_TYPES, hub_name=DINOV2_HUB
     )
 
 
@@ -266,10 +267,10 @@ def build_dino2reg(cfg: TeacherConfig) -> BuiltTeacher:
     dim=32,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
-    token_types=("cls", "patch"),
+    token_types=TOKEN_TYPES,
     domain="2d",
     description="tiny random-init DINOv2-reg-style ViT (patch 14, dim 32, 2 blocks) for tests",
 )
 def build_test_vit_p14(cfg: TeacherConfig) -> BuiltTeacher:
     """A tiny stand-in with the DINOv2-reg architecture, for fast tests."""
-    return build_dinov2_teacher(cfg, dims=(32, 2, 2), reg_tokens=4, token_types=("cls", "patch"))
+    return build_dinov2_teacher(cfg, dims=(32, 2, 2), reg_tokens=4, token_types=TOKEN_TYPES)
