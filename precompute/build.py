@@ -66,7 +66,7 @@ from precompute.units import (
     run_teacher_unit,
     shard_images,
 )
-from precompute.views import VIEW_PARAM_NAMES
+from precompute.view_params import VIEW_PARAM_NAMES
 
 log = logging.getLogger("dune.build")
 

@@ -130,7 +130,7 @@ def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> 
     """Re-run each teacher on n random ok samples (spread over its datasets) and compare."""
     from precompute.config import CacheBuildConfig
     from precompute.sources import open_source
-    from precompute.teachers import load_teacher
+    from precompute.teachers.loaded import load_teacher
     from precompute.units import UnitSettings, compute_tokens
 
     m = reader.manifest

@@ -40,8 +40,8 @@ from cache_format.manifest import ROOT_ATTR, DatasetFingerprint, Manifest
 from cache_format.serde import to_dict
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
 from precompute.sources import ImageSource, open_source
-from precompute.teachers import get_teacher_spec
-from precompute.views import NUM_VIEW_PARAMS
+from precompute.teachers.specs import get_teacher_spec
+from precompute.view_params import NUM_VIEW_PARAMS
 
 #: zarr's framing with codec none: a crc32c after every chunk, and 16 bytes (offset, length)
 #: per chunk slot in a shard's index.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as nnf
@@ -19,9 +18,7 @@ import torchvision.transforms.v2.functional as tvf
 from torch import Tensor
 
 from cache_format.errors import CacheMismatchError
-
-if TYPE_CHECKING:  # views.py re-exports this module, so import it lazily
-    from precompute.views import ViewParams
+from precompute.view_params import ViewParams
 
 
 def _to_hw(out_hw: Sequence[int], who: str) -> tuple[int, int]:

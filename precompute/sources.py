@@ -17,7 +17,7 @@ its `keys_sha256` is the SHA-256 of the keys in order, each encoded as UTF-8 and
 NUL byte.
 
 Decoding (`decode.py`) follows the reference loader but refuses what it would silently mangle:
-bad images raise `BadImageError` whose `reason` is one of `SKIP_REASONS`.
+bad images raise `BadImageError` whose `reason` is one of `precompute.decode.SKIP_REASONS`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,7 @@ from PIL import Image
 from cache_format.errors import ConfigError
 from cache_format.manifest import check_node_name, keys_sha256
 from cache_format.serde import PathStr
-from precompute.decode import (  # noqa: F401 - re-exported: sources are where callers look
-    DEFAULT_MAX_PIXELS,
-    SKIP_REASONS,
-    UNUSUAL_MODES,
-    bad_image,
-    decode_image,
-)
+from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES, bad_image, decode_image
 
 SOURCE_KINDS: tuple[str, ...] = ("folder", "list", "hdf5")
 IMAGE_EXTENSIONS: tuple[str, ...] = (

@@ -54,16 +54,12 @@ from cache_format.locations import is_url
 from cache_format.manifest import STATUS_OK, TeacherFingerprint, status_code, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import CacheBuildConfig
+from precompute.render import normalize, render_view, resize_for_teacher
 from precompute.sources import ImageSource
-from precompute.teachers import LoadedTeacher, TeacherConfig, load_teacher
-from precompute.views import (
-    NUM_VIEW_PARAMS,
-    ViewParams,
-    normalize,
-    render_view,
-    resize_for_teacher,
-    sample_view,
-)
+from precompute.teachers.config import TeacherConfig
+from precompute.teachers.loaded import LoadedTeacher, load_teacher
+from precompute.view_params import NUM_VIEW_PARAMS, ViewParams
+from precompute.views import sample_view
 
 
 @dataclass(frozen=True)

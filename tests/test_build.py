@@ -32,10 +32,13 @@ from precompute import plan as plan_module
 from precompute import sources as sources_module
 from precompute.build import _open_writer
 from precompute.config import CacheBuildConfig, SharingConfig, load_build_config
+from precompute.decode import DEFAULT_MAX_PIXELS
 from precompute.plan import make_plan
-from precompute.sources import DEFAULT_MAX_PIXELS, DatasetConfig, FileSource, open_source
+from precompute.render import normalize, render_view, resize_for_teacher
+from precompute.sources import DatasetConfig, FileSource, open_source
 from precompute.synthetic import BAD_FILE_NAMES, BAD_KINDS
-from precompute.teachers import TeacherConfig, load_teacher
+from precompute.teachers.config import TeacherConfig
+from precompute.teachers.loaded import load_teacher
 from precompute.units import (
     CalibrationViews,
     UnitSettings,
@@ -44,7 +47,7 @@ from precompute.units import (
     run_index_unit,
     shard_images,
 )
-from precompute.views import ViewParams, normalize, render_view, resize_for_teacher
+from precompute.view_params import ViewParams
 from tests.build_fixtures import (
     VIEWS,
     build_quiet,

@@ -17,15 +17,10 @@ import torch
 from PIL import Image
 
 from cache_format.errors import BadImageError, ConfigError
+from cache_format.manifest import keys_sha256
 from cache_format.serde import from_dict, to_dict
-from precompute.sources import (
-    SKIP_REASONS,
-    DatasetConfig,
-    ImageSource,
-    decode_image,
-    keys_sha256,
-    open_source,
-)
+from precompute.decode import SKIP_REASONS, decode_image
+from precompute.sources import DatasetConfig, ImageSource, open_source
 from precompute.synthetic import (
     BAD_FILE_NAMES,
     BAD_KINDS,

@@ -14,14 +14,10 @@ from torch import nn
 
 from cache_format.errors import CheckpointError, ConfigError, InvalidTokensError, RegistryError
 from cache_format.serde import from_dict, to_dict
-from precompute.teachers import (
-    LoadedTeacher,
-    TeacherConfig,
-    get_teacher_spec,
-    list_teachers,
-    load_teacher,
-    sha256_file,
-)
+from precompute.teachers.checkpoints import sha256_file
+from precompute.teachers.config import TeacherConfig
+from precompute.teachers.loaded import LoadedTeacher, load_teacher
+from precompute.teachers.specs import get_teacher_spec, list_teachers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}

@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from cache_format.errors import CheckpointError
-from precompute.teachers import TeacherConfig, load_teacher, sha256_file
-from precompute.teachers.checkpoints import MappedState, compare_keys
+from precompute.teachers.checkpoints import MappedState, compare_keys, sha256_file
+from precompute.teachers.config import TeacherConfig
 from precompute.teachers.croco import CrocoEncoder
+from precompute.teachers.loaded import load_teacher
 from precompute.teachers.mast3r import map_mast3r_keys
 from precompute.teachers.multihmr import map_multihmr_keys
 from precompute.teachers.vit_dinov2 import create_dinov2_vit, map_dinov2_keys

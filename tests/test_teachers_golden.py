@@ -16,8 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from precompute.teachers import TeacherConfig, load_teacher
+from precompute.teachers.config import TeacherConfig
 from precompute.teachers.croco import CrocoEncoder
+from precompute.teachers.loaded import load_teacher
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOLERANCE = 1e-4  # fp32, max absolute difference

@@ -28,10 +28,11 @@ from cache_format.reader import OpenSettings, open_cache
 from cache_format.writer import CacheWriter
 from precompute.build import build_cache
 from precompute.config import CacheBuildConfig, RuntimeConfig, SharingConfig
+from precompute.render import render_view
 from precompute.sources import DatasetConfig, open_source
 from precompute.synthetic import make_image_folder
-from precompute.teachers import TeacherConfig
-from precompute.views import VIEW_PARAM_NAMES, ViewParams, render_view
+from precompute.teachers.config import TeacherConfig
+from precompute.view_params import VIEW_PARAM_NAMES, ViewParams
 from train.data import Batch, CacheTrainData, collate_cached, heldout_image_indices
 from train.sampling import ViewEpochSampler
 

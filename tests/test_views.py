@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import math
 import threading
+import typing
 
 import numpy as np
 import pytest
@@ -15,19 +17,14 @@ from hypothesis import strategies as st
 
 from cache_format.errors import CacheCorruptionError, CacheMismatchError, ConfigError
 from cache_format.serde import from_dict, to_dict
-from precompute.render import _adjust_hue_  # private, checked against torchvision
-from precompute.views import (
-    NUM_VIEW_PARAMS,
-    VIEW_PARAM_NAMES,
-    ViewConfig,
-    ViewParams,
-    check_replay,
-    derived_blur_kernel,
+from precompute.render import (
+    _adjust_hue_,  # private, checked against torchvision
     normalize,
     render_view,
     resize_for_teacher,
-    sample_view,
 )
+from precompute.view_params import NUM_VIEW_PARAMS, VIEW_PARAM_NAMES, ViewParams, check_replay
+from precompute.views import ViewConfig, derived_blur_kernel, sample_view
 
 AUG = ViewConfig()
 CENTER = ViewConfig(mode="center")
@@ -309,6 +306,23 @@ def test_to_array_from_array_round_trip_and_damaged_rows() -> None:
             ViewParams.from_array(bad)
     with pytest.raises(CacheCorruptionError, match="expected 20 values"):
         ViewParams.from_array(row[:-1])
+
+
+def test_from_array_reads_real_types_not_annotation_strings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without `from __future__ import annotations`, `field.type` holds real types, not strings:
+    stored rows must still read back (they used to be compared against "float" and "bool")."""
+    hints = typing.get_type_hints(ViewParams)
+    for f in dataclasses.fields(ViewParams):
+        monkeypatch.setattr(f, "type", hints[f.name])
+    for i in range(20):
+        p = sample_view(5, "types", i, 0, (61, 83), AUG)
+        assert ViewParams.from_array(p.to_array()) == p
+    bad = p.to_array()
+    bad[VIEW_PARAM_NAMES.index("grayscale")] = 2.0
+    with pytest.raises(CacheCorruptionError, match="flag grayscale is 2.0"):
+        ViewParams.from_array(bad)
 
 
 @pytest.mark.parametrize(

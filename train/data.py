@@ -41,8 +41,10 @@ from cache_format.errors import BadImageError, CacheMismatchError, ConfigError
 from cache_format.manifest import STATUS_OK, keys_sha256
 from cache_format.reader import CacheReader, open_cache
 from precompute.config import CacheBuildConfig
+from precompute.render import render_view
 from precompute.sources import ImageSource, open_source
-from precompute.views import check_replay, render_view, sample_view
+from precompute.view_params import check_replay
+from precompute.views import sample_view
 from train.batch import Batch, EncodedBatch, EncodedItem, collate_cached, split_encoded
 
 __all__ = ["SPLITS", "Batch", "CacheTrainData", "EncodedBatch", "EncodedItem", "collate_cached",

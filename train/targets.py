@@ -29,8 +29,8 @@ from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.manifest import TOKEN_TYPES, Manifest
 from cache_format.reader import CacheReader
 from precompute.config import CacheBuildConfig
-from precompute.teachers import LoadedTeacher, load_teacher
-from precompute.views import normalize, resize_for_teacher
+from precompute.render import normalize, resize_for_teacher
+from precompute.teachers.loaded import LoadedTeacher, load_teacher
 from train.data import Batch
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from cache_format.errors import ConfigError
 from cache_format.manifest import check_node_name
 from cache_format.serde import PathStr
-from precompute.teachers.registry import check_kind, get_teacher_spec, split_kind
+from precompute.teachers.specs import check_kind, get_teacher_spec, split_kind
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 

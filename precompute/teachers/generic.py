@@ -36,13 +36,8 @@ from precompute.teachers.checkpoints import (
     seeded_init,
 )
 from precompute.teachers.config import TeacherConfig
-from precompute.teachers.registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BuiltTeacher,
-    TeacherSpec,
-    register_teacher_prefix,
-)
+from precompute.teachers.registry import BuiltTeacher, register_teacher_prefix
+from precompute.teachers.specs import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec
 
 _CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
 

@@ -9,7 +9,8 @@ from torch import nn
 
 from cache_format.errors import InvalidTokensError
 from precompute.teachers.config import TeacherConfig
-from precompute.teachers.registry import TeacherSpec, get_builder, get_teacher_spec
+from precompute.teachers.registry import get_builder
+from precompute.teachers.specs import TeacherSpec, get_teacher_spec
 
 _PROBE_GRID = (2, 3)  # a tiny non-square grid: one cheap forward checks every teacher's shapes
 

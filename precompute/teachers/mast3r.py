@@ -26,7 +26,8 @@ from precompute.teachers.checkpoints import (
 )
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.croco import CrocoEncoder
-from precompute.teachers.registry import HALF_MEAN, HALF_STD, BuiltTeacher, register_teacher
+from precompute.teachers.registry import BuiltTeacher, register_teacher
+from precompute.teachers.specs import HALF_MEAN, HALF_STD
 
 ENCODER_PREFIXES = ("patch_embed.", "enc_blocks.", "enc_norm.", "enc_pos_embed")
 MAST3R_CHECKPOINT = "MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric.pth"

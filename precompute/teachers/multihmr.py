@@ -20,7 +20,8 @@ from torch import nn
 from cache_format.errors import CheckpointError
 from precompute.teachers.checkpoints import MappedState
 from precompute.teachers.config import TeacherConfig
-from precompute.teachers.registry import IMAGENET_MEAN, IMAGENET_STD, BuiltTeacher, register_teacher
+from precompute.teachers.registry import BuiltTeacher, register_teacher
+from precompute.teachers.specs import IMAGENET_MEAN, IMAGENET_STD
 from precompute.teachers.vit_dinov2 import build_dinov2_teacher, map_dinov2_keys
 
 BACKBONE_PREFIX = "backbone.encoder."

@@ -1,71 +1,29 @@
-"""The registry of teacher kinds: one facts dataclass and one builder per name.
+"""The registry of teacher builders: one builder per kind, registered with its facts.
 
-A teacher kind is either a registered name (`dino2reg_vitlarge_14`, `mast3r_vitlarge_16`, ...)
-or a prefixed kind whose second half names a model elsewhere (`timm:<model>`,
-`factory:<module>:<function>`). Registered names carry a `TeacherSpec` written by hand; prefixed
-kinds compute theirs on demand. The builder behind each kind turns a `TeacherConfig` into a
+`@register_teacher(name, ...facts)` records a `TeacherSpec` (in `precompute.teachers.specs`,
+where `TeacherConfig` checks kinds) and the function that turns a `TeacherConfig` into a
 `BuiltTeacher` (the module, a description of its architecture, and where its weights came from);
-`precompute.teachers.loaded.load_teacher` is the one caller.
+`@register_teacher_prefix` does the same for an open-ended family such as `timm:<model>`.
+`precompute.teachers.loaded.load_teacher` is the one caller of `get_builder`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import nn
 
-from cache_format.errors import ConfigError, RegistryError
-from cache_format.manifest import TOKEN_TYPES
-
-if TYPE_CHECKING:
-    from precompute.teachers.config import TeacherConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """What the builder and the docs need to know about a teacher kind before loading it.
-
-    `dim` and `patch_size` are those of the full-size architecture; a `TeacherConfig` with
-    overrides builds a smaller module whose real dim is on the `LoadedTeacher`.
-    `checkpoint_file` is the official file name, for docs and error hints only.
-    """
-
-    name: str
-    patch_size: int
-    dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    token_types: tuple[str, ...]
-    domain: str
-    description: str
-    checkpoint_file: str = ""
-
-    def __post_init__(self) -> None:
-        where = f"TeacherSpec({self.name!r})"
-        if not self.name:
-            raise ConfigError("TeacherSpec.name: expected a non-empty name, found ''")
-        for field in ("patch_size", "dim"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{where}.{field}: expected a positive int, found {value!r}")
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            if len(value) != 3 or not all(isinstance(v, int | float) for v in value):
-                raise ConfigError(f"{where}.{field}: expected 3 floats (RGB), found {value!r}")
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"{where}.std: expected positive values, found {self.std!r}")
-        if "patch" not in self.token_types or not set(self.token_types) <= set(TOKEN_TYPES):
-            raise ConfigError(
-                f"{where}.token_types: expected {TOKEN_TYPES} or ('patch',), "
-                f"found {self.token_types!r}"
-            )
+from precompute.teachers.config import TeacherConfig
+from precompute.teachers.specs import (
+    KindCheck,
+    SpecResolver,
+    TeacherSpec,
+    add_prefix,
+    add_spec,
+    split_kind,
+    unknown_kind,
+)
 
 
 @dataclass(frozen=True)
@@ -83,14 +41,10 @@ class BuiltTeacher:
     spec: TeacherSpec | None = None  # set by prefixed kinds, whose spec depends on the module
 
 
-Builder = Callable[["TeacherConfig"], BuiltTeacher]
-SpecResolver = Callable[[str], TeacherSpec]
-KindCheck = Callable[[str], None]
+Builder = Callable[[TeacherConfig], BuiltTeacher]
 
-_ENTRIES: dict[str, tuple[TeacherSpec, Builder]] = {}
-_PREFIXES: dict[str, tuple[SpecResolver, Builder]] = {}
-_PREFIX_CHECKS: dict[str, KindCheck] = {}
-PREFIX_FORMS = {"timm": "timm:<timm model name>", "factory": "factory:<module>:<function>"}
+_BUILDERS: dict[str, Builder] = {}
+_PREFIX_BUILDERS: dict[str, Builder] = {}
 
 
 def register_teacher(
@@ -117,13 +71,10 @@ def register_teacher(
         description=description,
         checkpoint_file=checkpoint_file,
     )
-    if ":" in name:
-        raise ConfigError(f"register_teacher: name {name!r} may not contain ':' (kind prefixes)")
 
     def decorate(builder: Builder) -> Builder:
-        if name in _ENTRIES:
-            raise RegistryError(f"teacher kind {name!r} is registered twice; pick another name")
-        _ENTRIES[name] = (spec, builder)
+        add_spec(spec)  # refuses a name registered twice
+        _BUILDERS[name] = builder
         return builder
 
     return decorate
@@ -138,67 +89,18 @@ def register_teacher_prefix(
     """
 
     def decorate(builder: Builder) -> Builder:
-        if prefix in _PREFIXES:
-            raise RegistryError(f"teacher kind prefix {prefix!r} is registered twice")
-        _PREFIXES[prefix] = (spec_resolver, builder)
-        if check is not None:
-            _PREFIX_CHECKS[prefix] = check
+        add_prefix(prefix, spec_resolver, check)  # refuses a prefix registered twice
+        _PREFIX_BUILDERS[prefix] = builder
         return builder
 
     return decorate
-
-
-def list_teachers() -> list[str]:
-    """The registered teacher names, sorted (prefixed kinds are open-ended and not listed)."""
-    return sorted(_ENTRIES)
-
-
-def _unknown(kind: str) -> RegistryError:
-    forms = ", ".join(PREFIX_FORMS[p] for p in sorted(_PREFIXES) if p in PREFIX_FORMS)
-    return RegistryError(
-        f"unknown teacher kind {kind!r}; valid kinds are: {', '.join(list_teachers())}"
-        + (f", or {forms}" if forms else ""),
-        hint="fix `kind` in the teacher's config",
-    )
-
-
-def split_kind(kind: str) -> tuple[str, str]:
-    """`'timm:vit_small'` -> `('timm', 'vit_small')`; a registered name -> `('', name)`."""
-    prefix, sep, rest = kind.partition(":")
-    if sep and prefix in _PREFIXES:
-        return prefix, rest
-    return "", kind
-
-
-def check_kind(kind: str) -> None:
-    """Raise `RegistryError` (listing the valid names) unless `kind` can be built.
-
-    Prefixed kinds get their prefix's cheap check (a timm name must exist); a factory's module
-    is imported only when the teacher is loaded.
-    """
-    prefix, rest = split_kind(kind)
-    if not prefix:
-        if kind not in _ENTRIES:
-            raise _unknown(kind)
-    elif prefix in _PREFIX_CHECKS:
-        _PREFIX_CHECKS[prefix](rest)
-
-
-def get_teacher_spec(kind: str) -> TeacherSpec:
-    """The facts of `kind`; prefixed kinds are resolved (timm builds on the meta device)."""
-    prefix, rest = split_kind(kind)
-    if prefix:
-        return _PREFIXES[prefix][0](rest)
-    if kind not in _ENTRIES:
-        raise _unknown(kind)
-    return _ENTRIES[kind][0]
 
 
 def get_builder(kind: str) -> Builder:
     """The function that builds `kind` from a `TeacherConfig`."""
     prefix, _ = split_kind(kind)
     if prefix:
-        return _PREFIXES[prefix][1]
-    if kind not in _ENTRIES:
-        raise _unknown(kind)
-    return _ENTRIES[kind][1]
+        return _PREFIX_BUILDERS[prefix]
+    if kind not in _BUILDERS:
+        raise unknown_kind(kind)
+    return _BUILDERS[kind]

@@ -42,12 +42,8 @@ from precompute.teachers.checkpoints import (
     random_init_id,
 )
 from precompute.teachers.config import TeacherConfig
-from precompute.teachers.registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BuiltTeacher,
-    register_teacher,
-)
+from precompute.teachers.registry import BuiltTeacher, register_teacher
+from precompute.teachers.specs import IMAGENET_MEAN, IMAGENET_STD
 
 TIMM_DINOV2 = "vit_large_patch14_reg4_dinov2"
 DINOV2_HUB = "vit_large_patch14_reg4_dinov2.lvd142m"

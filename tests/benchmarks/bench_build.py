@@ -48,7 +48,7 @@ from precompute.build import build_cache  # noqa: E402
 from precompute.config import CacheBuildConfig, load_build_config  # noqa: E402
 from precompute.sources import open_source  # noqa: E402
 from precompute.synthetic import make_image_folder  # noqa: E402
-from precompute.teachers import load_teacher  # noqa: E402
+from precompute.teachers.loaded import load_teacher  # noqa: E402
 
 VIEWS = 2
 
