@@ -146,11 +146,10 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr: expected in [0, optim.lr], found {self.min_lr}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas: expected two values in [0, 1), found {self.betas}")
-        if self.eps <= 0 or self.weight_decay < 0:
-            raise ConfigError(
-                f"optim.eps / optim.weight_decay: expected eps > 0 and weight_decay >= 0, "
-                f"found {self.eps} and {self.weight_decay}"
-            )
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps: expected > 0, found {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optim.weight_decay: expected >= 0, found {self.weight_decay}")
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigError(
                 f"optim.warmup_fraction: expected in [0, 1), found {self.warmup_fraction}"

@@ -47,6 +47,8 @@ class TeacherConfig:
         self._check_kind(where)
         if not isinstance(self.domain, str):
             raise ConfigError(f"{where}.domain: expected a string, found {self.domain!r}")
+        if self.domain:  # "" means the kind's default domain
+            check_node_name(self.domain, f"{where}.domain")
         if self.checkpoint is not None:
             if not isinstance(self.checkpoint, str) or not self.checkpoint:
                 raise ConfigError(

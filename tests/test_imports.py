@@ -1,0 +1,94 @@
+"""Import hygiene: each name is imported from the module that defines it, and no cycles.
+
+A module that only re-exports a name (a shim) lets two copies of an API drift apart, and an
+import cycle (even one hidden behind `TYPE_CHECKING` or a late import) means two modules are
+one job split badly. Both are checked by reading the source, without importing anything.
+
+`CHECKED` lists the packages held to it so far; add a package when its shims are gone.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("cache_format", "precompute", "train", "heads", "tests")
+#: Packages whose modules must not be imported through a re-export, nor sit in an import cycle.
+CHECKED = ("precompute",)
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in PACKAGES:
+            found[".".join(rel.with_suffix("").parts).removesuffix(".__init__")] = path
+    return found
+
+
+def _top_level(tree: ast.Module) -> list[ast.stmt]:
+    """Module-level statements, with the bodies of `if` blocks (TYPE_CHECKING) included."""
+    out: list[ast.stmt] = []
+    for node in tree.body:
+        out.extend(_top_level(ast.Module(body=node.body + node.orelse, type_ignores=[]))
+                   if isinstance(node, ast.If) else [node])
+    return out
+
+
+def _defined(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in _top_level(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_names_are_imported_from_the_module_that_defines_them() -> None:
+    modules = _modules()
+    trees = {name: ast.parse(path.read_text()) for name, path in modules.items()}
+    wrong = []
+    for importer, tree in trees.items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and node.module in trees):
+                continue
+            if not node.module.startswith(CHECKED):
+                continue
+            defined = _defined(trees[node.module])
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in modules or alias.name in defined:
+                    continue  # a submodule, or defined there
+                wrong.append(f"{importer}:{node.lineno} imports {alias.name} from {node.module}")
+    assert not wrong, "names imported through a module that does not define them:\n" + "\n".join(
+        wrong)
+
+
+def test_no_import_cycles() -> None:
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in _top_level(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    deps.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {alias.name for alias in node.names}
+        # A package's submodules import the package itself on the way: not an edge.
+        graph[name] = {d for d in deps if d in modules and d != name
+                       and not name.startswith(d + ".")}
+    cycles = []
+    for start in (m for m in graph if m.startswith(CHECKED)):
+        stack = [(start, (start,))]
+        while stack:
+            node, path = stack.pop()
+            for dep in graph[node]:
+                if dep == start:
+                    cycles.append(" -> ".join((*path, start)))
+                elif dep not in path and dep.startswith(CHECKED):
+                    stack.append((dep, (*path, dep)))
+    assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles)))
