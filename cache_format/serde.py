@@ -12,14 +12,16 @@ config's shape, from each field's annotation:
 - a field annotated `PathStr` is a file-system path: given `base`, a relative one is made
   absolute against it (how a config file's paths are taken relative to the file).
 
-Errors are ConfigError naming the dotted field, what was expected and what was found. Checks
-that involve a value's range or several fields stay in each dataclass's `__post_init__`.
+Errors are ConfigError naming the dotted field, what was expected and what was found. A config
+dataclass calls `check_types(self)` first in its `__post_init__` (the same rule for configs
+built in Python); checks of a value's range or of several fields follow it there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import os
 import types
@@ -59,9 +61,23 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
     """{field name: annotation} of dataclass `cls`, annotations evaluated (markers kept)."""
     return typing.get_type_hints(cls, include_extras=True)
+
+
+def check_types(obj: Any, where: str = "") -> None:
+    """Raise ConfigError naming the first field of dataclass `obj` whose value does not have
+    its annotated type.
+
+    Config dataclasses call it first thing in `__post_init__`, so that a config built in
+    Python (`TrainConfig(batch_size="128")`) meets the same rule as one read by `from_dict`
+    (which has checked, and converted, its values already); range checks follow it.
+    """
+    prefix = f"{where}." if where else ""
+    for name, annotation in field_types(type(obj)).items():
+        convert(getattr(obj, name), annotation, prefix + name)
 
 
 def is_path_type(annotation: Any) -> bool:

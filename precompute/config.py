@@ -37,7 +37,7 @@ from typing import Any
 from cache_format.configfile import load_config
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import ConfigError
-from cache_format.serde import PathStr, from_dict, to_dict
+from cache_format.serde import PathStr, check_types, from_dict, to_dict
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES
 from precompute.sources import DatasetConfig
 from precompute.teachers.config import TeacherConfig
@@ -49,11 +49,10 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 RUNTIME_FIELDS: tuple[str, ...] = ("cache", "runtime")
 
 
-def _positive_int(value: object, where: str, *, zero_ok: bool = False) -> None:
-    low = 0 if zero_ok else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        expected = "an int >= 0" if zero_ok else "a positive int"
-        raise ConfigError(f"{where}: expected {expected}, found {value!r}")
+def _at_least(value: int, where: str, low: int = 1) -> None:
+    """Range check of an int field (its type was checked by `check_types`)."""
+    if value < low:
+        raise ConfigError(f"{where}: expected an integer >= {low}, found {value!r}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +64,7 @@ class SharingConfig:
     matrix: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_types(self, "sharing")
         if self.strategy not in SHARING_STRATEGIES:
             raise ConfigError(
                 f"sharing.strategy: expected one of {', '.join(SHARING_STRATEGIES)}, "
@@ -104,9 +104,10 @@ class BuildSettings:
     unusual_modes: str = "skip"
 
     def __post_init__(self) -> None:
-        _positive_int(self.batch_size, "build.batch_size")
-        _positive_int(self.calibration_samples, "build.calibration_samples")
-        _positive_int(self.max_pixels, "build.max_pixels")
+        check_types(self, "build")
+        _at_least(self.batch_size, "build.batch_size")
+        _at_least(self.calibration_samples, "build.calibration_samples")
+        _at_least(self.max_pixels, "build.max_pixels")
         if self.unusual_modes not in UNUSUAL_MODES:
             raise ConfigError(
                 f"build.unusual_modes: expected one of {', '.join(UNUSUAL_MODES)}, "
@@ -138,11 +139,10 @@ class RuntimeConfig:
     units_per_worker: int = 0
 
     def __post_init__(self) -> None:
-        _positive_int(self.loader_workers, "runtime.loader_workers", zero_ok=True)
-        _positive_int(self.torch_threads, "runtime.torch_threads", zero_ok=True)
-        _positive_int(self.units_per_worker, "runtime.units_per_worker", zero_ok=True)
-        if not isinstance(self.processes, bool):
-            raise ConfigError(f"runtime.processes: expected true/false, found {self.processes!r}")
+        check_types(self, "runtime")
+        _at_least(self.loader_workers, "runtime.loader_workers", 0)
+        _at_least(self.torch_threads, "runtime.torch_threads", 0)
+        _at_least(self.units_per_worker, "runtime.units_per_worker", 0)
         if self.device not in DEVICES:
             raise ConfigError(
                 f"runtime.device: expected one of {', '.join(DEVICES)}, found {self.device!r}"
@@ -168,20 +168,18 @@ class CacheBuildConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cache, str) or not self.cache:
+        check_types(self)
+        if not self.cache:
             raise ConfigError(
                 f"cache: expected the cache's path, found {self.cache!r}",
                 hint="set `cache = \"...\"` in the config file or pass --cache PATH",
             )
-        grid = self.grid
-        if not isinstance(grid, tuple) or len(grid) != 2:
-            raise ConfigError(f"grid: expected [rows, cols], found {grid!r}")
-        for i, value in enumerate(grid):
-            _positive_int(value, f"grid[{i}]")
-        _positive_int(self.student_patch, "student_patch")
-        _positive_int(self.views_per_image, "views_per_image")
-        _positive_int(self.seed, "seed", zero_ok=True)
-        _positive_int(self.samples_per_shard, "samples_per_shard")
+        for i, value in enumerate(self.grid):
+            _at_least(value, f"grid[{i}]")
+        _at_least(self.student_patch, "student_patch")
+        _at_least(self.views_per_image, "views_per_image")
+        _at_least(self.seed, "seed", 0)
+        _at_least(self.samples_per_shard, "samples_per_shard")
         if self.samples_per_shard % self.views_per_image:
             lower = max(self.views_per_image, self.samples_per_shard // self.views_per_image
                         * self.views_per_image)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from cache_format.errors import ConfigError
 from cache_format.manifest import check_node_name, keys_sha256
-from cache_format.serde import PathStr
+from cache_format.serde import PathStr, check_types
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES, bad_image, decode_image
 
 SOURCE_KINDS: tuple[str, ...] = ("folder", "list", "hdf5")
@@ -60,6 +60,7 @@ class DatasetConfig:
     max_images: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self, "DatasetConfig")
         for field in ("name", "domain"):
             check_node_name(getattr(self, field), f"DatasetConfig.{field}")
         where = f"dataset {self.name!r}: DatasetConfig"
@@ -67,11 +68,11 @@ class DatasetConfig:
             raise ConfigError(
                 f"{where}.kind: expected one of {', '.join(SOURCE_KINDS)}, found {self.kind!r}"
             )
-        if not isinstance(self.root, str) or not self.root:
+        if not self.root:
             raise ConfigError(f"{where}.root: expected a path, found {self.root!r}")
         for field, kind in (("list_file", "list"), ("hdf5_key", "hdf5")):
             value = getattr(self, field)
-            if self.kind == kind and (not isinstance(value, str) or not value):
+            if self.kind == kind and not value:
                 raise ConfigError(f"{where}.{field}: required for kind {kind!r}, found {value!r}")
             if self.kind != kind and value is not None:
                 raise ConfigError(
@@ -79,7 +80,7 @@ class DatasetConfig:
                     f"(remove {field})"
                 )
         n = self.max_images
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        if n is not None and n < 1:
             raise ConfigError(f"{where}.max_images: expected a positive int or None, found {n!r}")
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache_format.errors import ConfigError
+from cache_format.serde import check_types
 from precompute.view_params import ViewParams
 
 VIEW_MODES: tuple[str, ...] = ("augment", "center")
@@ -52,21 +53,16 @@ _SLOT_SOLARIZE = _SLOT_BLUR_SIGMA + 1
 _NUM_SLOTS = _SLOT_SOLARIZE + 1
 
 
+# Range checks of ViewConfig fields; their types were checked by `check_types`.
 def _check_prob(value: float, field: str) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:
         raise ConfigError(f"ViewConfig.{field}: expected a probability in [0, 1], found {value!r}")
 
 
 def _check_range(
     value: tuple[float, float], field: str, *, low: float, high: float = math.inf
 ) -> None:
-    ok = (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        and low < value[0] <= value[1] <= high
-    )
-    if not ok:
+    if not low < value[0] <= value[1] <= high:
         bound = f" and <= {high}" if math.isfinite(high) else ""
         raise ConfigError(
             f"ViewConfig.{field}: expected a pair (min, max) with {low} < min <= max{bound}, "
@@ -100,6 +96,7 @@ class ViewConfig:
     solarize_threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        check_types(self, "ViewConfig")
         if self.mode not in VIEW_MODES:
             raise ConfigError(
                 f"ViewConfig.mode: expected one of {', '.join(VIEW_MODES)}, found {self.mode!r}"
@@ -110,25 +107,19 @@ class ViewConfig:
         for field in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             _check_prob(getattr(self, field), field)
         jitter = self.jitter
-        if (
-            not isinstance(jitter, tuple)
-            or len(jitter) != 4
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in jitter)
-            or min(jitter) < 0
-            or jitter[3] > 0.5
-        ):
+        if min(jitter) < 0 or jitter[3] > 0.5:
             raise ConfigError(
                 "ViewConfig.jitter: expected (brightness, contrast, saturation, hue) >= 0 with "
                 f"hue <= 0.5, found {jitter!r}"
             )
         k = self.blur_kernel_size
-        if not isinstance(k, int) or isinstance(k, bool) or not (k == 0 or (k >= 3 and k % 2)):
+        if not (k == 0 or (k >= 3 and k % 2)):
             raise ConfigError(
                 "ViewConfig.blur_kernel_size: expected an odd size >= 3, or 0 to derive it from "
                 f"sigma, found {k!r}"
             )
         t = self.solarize_threshold
-        if not isinstance(t, int | float) or isinstance(t, bool) or not 0.0 < t <= 1.0:
+        if not 0.0 < t <= 1.0:
             raise ConfigError(
                 f"ViewConfig.solarize_threshold: expected a value in (0, 1], found {t!r}"
             )

@@ -22,7 +22,10 @@ from cache_format.locations import absolute_path, is_url, local_path
 from cache_format.manifest import NAME_RULE
 from cache_format.serde import from_dict
 from cache_format.testing import tiny_teacher
-from precompute.config import CacheBuildConfig, load_build_config
+from precompute.config import BuildSettings, CacheBuildConfig, RuntimeConfig, load_build_config
+from precompute.sources import DatasetConfig
+from precompute.teachers.config import TeacherConfig
+from precompute.views import ViewConfig
 from train.config import DataConfig, OptimConfig, TrainConfig, load_train_config
 
 BUILD: dict[str, Any] = {
@@ -296,3 +299,22 @@ def test_one_url_rule() -> None:
     assert local_path("/data/./c") == "/data/c"
     assert absolute_path("s3://b/c", "/base") == "s3://b/c" and absolute_path("", "/b") == ""
     assert absolute_path("../c", "/base/sub") == "/base/c"
+
+
+def test_configs_built_in_python_meet_the_same_type_rule() -> None:
+    """`check_types` in each `__post_init__`: no bare TypeError from a comparison later."""
+    cases = [
+        (lambda: TrainConfig(batch_size="128"), r"^batch_size: expected an integer"),  # type: ignore[arg-type]
+        (lambda: OptimConfig(betas=(0.9, "x")), r"^optim\.betas\[1\]: expected a number"),  # type: ignore[arg-type]
+        (lambda: DataConfig(num_workers=None), r"^data\.num_workers: expected an integer"),  # type: ignore[arg-type]
+        (lambda: BuildSettings(batch_size=1.5), r"^build\.batch_size: expected an integer"),  # type: ignore[arg-type]
+        (lambda: RuntimeConfig(processes=1), r"^runtime\.processes: expected true or false"),  # type: ignore[arg-type]
+        (lambda: TeacherConfig(name="t", kind="test_vit_p14", init_seed=True),  # type: ignore[arg-type]
+         r"^TeacherConfig\('t'\)\.init_seed: expected an integer"),
+        (lambda: DatasetConfig(name="d", kind="folder", root=3, domain="2d"),  # type: ignore[arg-type]
+         r"^DatasetConfig\.root: expected a string"),
+        (lambda: ViewConfig(flip_p="0.5"), r"^ViewConfig\.flip_p: expected a number"),  # type: ignore[arg-type]
+    ]
+    for make, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            make()

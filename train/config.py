@@ -23,7 +23,7 @@ from typing import Any
 
 from cache_format.configfile import load_config
 from cache_format.errors import ConfigError
-from cache_format.serde import PathStr, from_dict, to_dict
+from cache_format.serde import PathStr, check_types, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
 from train.student import StudentConfig
@@ -52,6 +52,7 @@ class ProjectorConfig:
     n_blocks: int = 1
 
     def __post_init__(self) -> None:
+        check_types(self, "projector")
         if self.kind not in PROJECTOR_KINDS:
             raise ConfigError(
                 f"projector.kind: expected one of {', '.join(PROJECTOR_KINDS)}, found {self.kind!r}"
@@ -67,6 +68,7 @@ class NormConfig:
     mode: str = "exact"
 
     def __post_init__(self) -> None:
+        check_types(self, "norm")
         if self.mode not in NORM_MODES:
             raise ConfigError(
                 f"norm.mode: expected one of {', '.join(NORM_MODES)}, found {self.mode!r}"
@@ -81,6 +83,7 @@ class DroppingConfig:
     p: float = 0.5
 
     def __post_init__(self) -> None:
+        check_types(self, "dropping")
         if self.strategy not in DROP_STRATEGIES:
             raise ConfigError(
                 f"dropping.strategy: expected one of {', '.join(DROP_STRATEGIES)}, "
@@ -111,6 +114,7 @@ class DataConfig:
     expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_types(self, "data")
         if self.sampling not in SAMPLING_MODES:
             raise ConfigError(
                 f"data.sampling: expected one of {', '.join(SAMPLING_MODES)}, "
@@ -140,6 +144,7 @@ class OptimConfig:
     clip_grad: float = 1.0
 
     def __post_init__(self) -> None:
+        check_types(self, "optim")
         if not 0 < self.lr < math.inf:  # written so that NaN fails here, not at min_lr
             raise ConfigError(f"optim.lr: expected a finite number > 0, found {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -189,6 +194,7 @@ class TrainConfig:
     out_dir: PathStr = ""
 
     def __post_init__(self) -> None:
+        check_types(self)
         positive = ("batch_size", "epochs", "log_every", "checkpoint_every", "eval_every")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cache_format.errors import ConfigError
 from cache_format.manifest import check_node_name
-from cache_format.serde import PathStr
+from cache_format.serde import PathStr, check_types
 from precompute.teachers.specs import check_kind, get_teacher_spec, split_kind
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -41,42 +41,31 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         where = f"TeacherConfig({self.name!r})" if isinstance(self.name, str) else "TeacherConfig"
+        check_types(self, where)
         check_node_name(self.name, f"{where}.name")  # it names the teacher's cache groups
-        if not isinstance(self.kind, str) or not self.kind:
+        if not self.kind:
             raise ConfigError(f"{where}.kind: expected a teacher kind, found {self.kind!r}")
         self._check_kind(where)
-        if not isinstance(self.domain, str):
-            raise ConfigError(f"{where}.domain: expected a string, found {self.domain!r}")
         if self.domain:  # "" means the kind's default domain
             check_node_name(self.domain, f"{where}.domain")
         if self.checkpoint is not None:
-            if not isinstance(self.checkpoint, str) or not self.checkpoint:
-                raise ConfigError(
-                    f"{where}.checkpoint: expected a file path or None, found {self.checkpoint!r}"
-                )
             if Path(self.checkpoint).suffix.lower() not in CHECKPOINT_SUFFIXES:
                 raise ConfigError(
                     f"{where}.checkpoint: expected a file ending in "
                     f"{', '.join(CHECKPOINT_SUFFIXES)}, found {self.checkpoint!r}"
                 )
-        if not isinstance(self.pretrained, bool):
-            raise ConfigError(f"{where}.pretrained: expected true/false, found {self.pretrained!r}")
         if self.pretrained and self.checkpoint is not None:
             raise ConfigError(
                 f"{where}.pretrained: set either checkpoint (a local file) or pretrained=true "
                 f"(a hub download), not both; found checkpoint={self.checkpoint!r}"
             )
-        if isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int):
-            raise ConfigError(f"{where}.init_seed: expected an int, found {self.init_seed!r}")
         if not 0 <= self.init_seed < 2**63:
             raise ConfigError(
                 f"{where}.init_seed: expected 0 <= seed < 2**63, found {self.init_seed}"
             )
         for field in ("embed_dim", "depth", "num_heads"):
             value = getattr(self, field)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value <= 0
-            ):
+            if value is not None and value <= 0:
                 raise ConfigError(
                     f"{where}.{field}: expected a positive int or None, found {value!r}"
                 )
