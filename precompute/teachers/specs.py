@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from cache_format.errors import ConfigError, RegistryError
 from cache_format.manifest import TOKEN_TYPES
+from cache_format.serde import check_types
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,16 +45,14 @@ class TeacherSpec:
 
     def __post_init__(self) -> None:
         where = f"TeacherSpec({self.name!r})"
+        check_types(self, where)
         if not self.name:
             raise ConfigError("TeacherSpec.name: expected a non-empty name, found ''")
         for field in ("patch_size", "dim"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{where}.{field}: expected a positive int, found {value!r}")
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            if len(value) != 3 or not all(isinstance(v, int | float) for v in value):
-                raise ConfigError(f"{where}.{field}: expected 3 floats (RGB), found {value!r}")
+            if getattr(self, field) <= 0:
+                raise ConfigError(
+                    f"{where}.{field}: expected a positive int, found {getattr(self, field)!r}"
+                )
         if any(s <= 0 for s in self.std):
             raise ConfigError(f"{where}.std: expected positive values, found {self.std!r}")
         if "patch" not in self.token_types or not set(self.token_types) <= set(TOKEN_TYPES):
