@@ -11,8 +11,6 @@ print as one line plus a hint; set DUNE_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import enum
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cache_format.errors import DuneError
+from cache_format.errors import run_cli
 from train.config import absolute_path, load_train_config, resolve_paths, with_overrides
 
 app = typer.Typer(
@@ -120,23 +118,9 @@ def print_fit_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app; this project's errors become one line and a hint.
-
-    Usage errors, --help and their exit codes stay typer's; DuneError, which typer lets
-    through, exits with 1 (DUNE_DEBUG=1 re-raises it with the traceback).
-    """
-    try:
-        app()
-    except DuneError as exc:
-        if os.environ.get("DUNE_DEBUG") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        print(f"hint: {exc.hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        sys.exit(130)
+    """Console-script entry point: our errors become one line and a hint (see `run_cli`)."""
+    run_cli(app, interrupted="interrupted; rerun the same command to resume from the last "
+            "checkpoint")
 
 
 if __name__ == "__main__":
