@@ -25,9 +25,9 @@ from cache_format.serde import from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
 from train.student import StudentConfig
+from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
 
-DROPPING_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
 # Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
 # where things live (moved runs and caches still resume; the cache's fingerprint is checked).
 RESUME_FREE_FIELDS = (
@@ -79,13 +79,7 @@ class DroppingConfig:
     p: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.strategy not in DROPPING_STRATEGIES:
-            raise ConfigError(
-                f"dropping.strategy: expected one of {', '.join(DROPPING_STRATEGIES)}, "
-                f"found {self.strategy!r}"
-            )
-        if not 0.0 <= self.p <= 1.0:
-            raise ConfigError(f"dropping.p: expected a probability in [0, 1], found {self.p}")
+        check_dropping(self.strategy, self.p)
 
 
 @dataclass(frozen=True)
