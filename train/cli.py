@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cache_format.errors import run_cli
 from train.config import absolute_path, load_train_config, resolve_paths, with_overrides
+from train.metrics import first_last
 
 app = typer.Typer(
     add_completion=False,
@@ -91,12 +92,6 @@ def export(
         "load the student with: timm.create_model(cfg['architecture'], "
         "checkpoint_path='student.safetensors', **cfg['model_args']) where cfg = student.json"
     )
-
-
-def first_last(rows: list[dict[str, Any]], key: str, kind: str = "train") -> tuple[float, float]:
-    """First and last logged value of a metric (NaN when never logged)."""
-    values = [r[key] for r in rows if r.get("kind") == kind and key in r]
-    return (values[0], values[-1]) if values else (float("nan"), float("nan"))
 
 
 def print_fit_summary(summary: dict[str, Any], console: Console) -> None:

@@ -28,7 +28,8 @@ from precompute.config import CacheBuildConfig
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfig, resume_differences
 from train.data import CacheTrainData, collate_cached
-from train.export import CONFIG_FILE, TEACHERS_FILE, DistillModel, TeacherHead
+from train.export import CONFIG_FILE, TEACHERS_FILE
+from train.model import DistillModel, TeacherHead
 from train.sampling import ViewEpochSampler
 from train.student import build_student
 from train.targets import CachedTargets, OnlineTargets
