@@ -311,7 +311,7 @@ def poison_targets(trainer: Trainer, *, evaluating: bool, at_step: int | None = 
     Training and evaluation are told apart by the model's mode (evaluation runs it in eval
     mode), not by counting calls, so the poison lands where the test says whatever the number
     of held-out batches."""
-    real = trainer.losses.targets
+    real = trainer.batch_losses.targets
 
     def poisoned(batch):  # noqa: ANN001, ANN202 - same signature as the real targets
         targets = real(batch)
@@ -320,7 +320,7 @@ def poison_targets(trainer: Trainer, *, evaluating: bool, at_step: int | None = 
             targets["mast3r"]["patch"][:] = math.nan
         return targets
 
-    trainer.losses.targets = poisoned
+    trainer.batch_losses.targets = poisoned
 
 
 def test_non_finite_loss_names_the_step_and_each_teacher(cache_base: Path, tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ class Trainer:
             )
         self.forward = torch.compile(forward) if cfg.compile else forward
         # -- a batch's losses (shared with evaluation) and teacher dropping -----------------------
-        self.losses = DistillStep(
+        self.batch_losses = DistillStep(
             self.model,
             self.ctx.make_targets(self.device),
             self.teachers,
@@ -256,7 +256,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # -- forward: student + projectors, targets, per-teacher losses, dropping ------------------
-        out = self.losses(batch, forward=self.forward)
+        out = self.batch_losses(batch, forward=self.forward)
         coeffs = self.dropping(out.losses.detach(), out.present, list(batch.domains))
         loss = total_loss(out.losses, coeffs)
         logged = self._reduce_for_log(loss, out.losses, out.present)
@@ -318,7 +318,7 @@ class Trainer:
         # evaluates at its stop step and is then resumed draws what an uninterrupted one draws.
         with torch.random.fork_rng(devices=[]):
             result = evaluate_heldout(
-                self.losses, self.ctx.heldout_data, batch_size=self.local_batch,
+                self.batch_losses, self.ctx.heldout_data, batch_size=self.local_batch,
                 collate=self.ctx.collate, at_step=self.step, rank=self.dist.rank,
                 world_size=self.dist.world_size,
             )
