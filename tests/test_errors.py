@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cache_format.errors import BadImageError, CacheNotFoundError, CheckpointError, DuneError
+from cache_format.errors import (
+    BadImageError,
+    BatchMismatchError,
+    CacheNotFoundError,
+    CheckpointError,
+    DuneError,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +28,8 @@ def test_bad_image_error_survives_pickling_with_its_reason_and_path() -> None:
 
 @pytest.mark.parametrize(
     ("error", "builtin"),
-    [(CacheNotFoundError("x"), FileNotFoundError), (CheckpointError("missing keys: a"), KeyError)],
+    [(CacheNotFoundError("x"), FileNotFoundError), (CheckpointError("missing keys: a"), KeyError),
+     (BatchMismatchError("token_loss: shapes differ"), ValueError)],
 )
 def test_errors_are_also_their_builtin(error: DuneError, builtin: type) -> None:
     assert isinstance(error, DuneError) and isinstance(error, builtin)
