@@ -83,7 +83,7 @@ class DistillStep:
             self.device.type, dtype=self.autocast_dtype or torch.float32,
             enabled=self.autocast_dtype is not None,
         ):
-            preds = (forward or self.model)(images)
+            preds = (forward if forward is not None else self.model)(images)
         with torch.no_grad():
             targets = self.targets(batch)
         present = batch.presence.to(self.device)
