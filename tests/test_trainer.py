@@ -33,8 +33,8 @@ from train.config import (
 )
 from train.demo import DemoSizes, write_demo_configs
 from train.export import DistillModel, TeacherHead, export_run, load_full_model
+from train.init_from import init_model_from
 from train.metrics import MetricsLog, draw_loss_curves, read_metrics
-from train.run_setup import init_model_from
 from train.student import interpolate_pos_embed
 from train.trainer import Trainer, lr_at
 

@@ -34,18 +34,14 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import TrainConfig
+from train.distributed import setup_distributed
 from train.evaluation import evaluate_heldout
 from train.export import DistillModel
+from train.init_from import init_model_from
 from train.losses import TeacherDropping, masked_teacher_losses, total_loss
 from train.metrics import LiveProgress, MetricsLog, draw_loss_curves, read_metrics
-from train.run_setup import (
-    RunContext,
-    check_resume,
-    init_model_from,
-    open_run_data,
-    setup_distributed,
-    write_run_files,
-)
+from train.run_data import RunContext, open_run_data
+from train.run_folder import check_resume, write_run_files
 
 
 def lr_at(step: int, total_steps: int, peak: float, min_lr: float, warmup_fraction: float) -> float:
