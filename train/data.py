@@ -21,13 +21,10 @@ Items are numbered dataset by dataset, then by sample index, so the usable views
 are consecutive (`image_first`, `image_count`): the samplers in `train.sampling` draw one of
 them per image and epoch. `collate_cached` (train/batch.py) stacks items into a `Batch`.
 
-Memory: the item tables are per image, not per sample: for each image of the split with a usable
-view, its first item (uint32), its index in its dataset (uint32), its usable views as a bit mask,
-its view count and its domain id (one byte each): 11 bytes per image, under 2 bytes per sample at
-6 views per image, and no per-sample table at all (`locate` finds an item's image by binary
-search). No whole [N, P] view array is held either: stored view rows are read per batch through
-the reader's `SampleIndex.view_params_of`. Workers reopen the cache with the parent reader's
-`settings` (fsspec storage options, threads, checksum policy).
+Memory: the item table is per image, not per sample (`train.item_table`: under 2 bytes per
+sample at 6 views per image). No whole [N, P] view array is held either: stored view rows are
+read per batch through the reader's `SampleIndex.view_params_of`. Workers reopen the cache with
+the parent reader's `settings` (fsspec storage options, threads, checksum policy).
 """
 
 from __future__ import annotations
@@ -47,13 +44,11 @@ from cache_format.manifest import STATUS_OK
 from cache_format.reader import CacheReader, open_cache
 from precompute.sources import ImageSource
 from train.batch import EncodedItem, split_encoded
+from train.item_table import ItemTable
 from train.preflight import grid_hint, grid_problem, replay_spec, select_names
-from train.sampling import index_dtype
 from train.view_replay import open_replay_source, replay_view, view_config
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
-#: Usable views of an image are a bit mask in one unsigned integer: at most 64 views per image.
-MAX_VIEWS_PER_IMAGE = 64
 
 
 def heldout_image_indices(num_images: int, count: int, seed: int, dataset: str) -> np.ndarray:
@@ -74,21 +69,6 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     if len(pair) != 2:
         raise ConfigError(f"img_size: expected an int or (height, width), found {size!r}")
     return pair  # type: ignore[return-value]
-
-
-def _mask_dtype(views_per_image: int) -> np.dtype:
-    return np.dtype(next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64)
-                         if np.iinfo(t).bits >= views_per_image))
-
-
-def _kth_set_bit(mask: int, k: int) -> int:
-    """The position of the k-th (0-based) set bit of `mask`, from the least significant."""
-    for position in range(mask.bit_length()):
-        if mask >> position & 1:
-            if k == 0:
-                return position
-            k -= 1
-    raise IndexError(f"mask {mask:b} has no set bit number {k}")
 
 
 @dataclass(frozen=True)
@@ -153,11 +133,6 @@ class CacheTrainData(Dataset):
         self.view_config = view_config(self.replay)
         self.seed = self.replay.seed
         self.views_per_image = self.replay.views_per_image
-        if self.views_per_image > MAX_VIEWS_PER_IMAGE:
-            raise ConfigError(
-                f"{self.location}: {self.views_per_image} views per image; training reads at "
-                f"most {MAX_VIEWS_PER_IMAGE} (an image's usable views are a 64-bit mask)"
-            )
         roots = dict(roots or {})
         unknown_roots = sorted(set(roots) - set(manifest.datasets))
         if unknown_roots:
@@ -204,33 +179,12 @@ class CacheTrainData(Dataset):
         return (status == STATUS_OK) & in_split[:, None]
 
     def _build_item_tables(self, heldout_images: int, split_seed: int) -> None:
-        """The per-image tables: global item numbering and the grouping the samplers use."""
-        v = self.views_per_image
-        bits = (np.ones(1, _mask_dtype(v)) << np.arange(v, dtype=_mask_dtype(v)))
-        indices, masks, counts, domains = [], [], [], []
-        image_offsets = [0]
-        for part in self._parts:
-            usable = self._usable_views(part.name, heldout_images, split_seed)
-            images = np.flatnonzero(usable.any(axis=1))
-            indices.append(images.astype(index_dtype(len(usable))))
-            masks.append(np.bitwise_or.reduce(usable[images] * bits, axis=1))
-            counts.append(usable[images].sum(axis=1, dtype=np.uint8))
-            domains.append(np.full(len(images), self.domain_names.index(part.domain)))
-            image_offsets.append(image_offsets[-1] + len(images))
-        domain_dtype = np.min_scalar_type(max(len(self.domain_names) - 1, 0))
-        self.image_index = np.concatenate(indices) if indices else np.zeros(0, np.uint32)
-        self.image_views = np.concatenate(masks).astype(_mask_dtype(v))
-        self.image_count = np.concatenate(counts).astype(np.uint8)
-        self.image_domain = np.concatenate(domains).astype(domain_dtype)
-        total = int(self.image_count.sum(dtype=np.int64))
-        first = np.zeros(len(self.image_count), dtype=index_dtype(total))
-        np.cumsum(self.image_count[:-1], out=first[1:], dtype=first.dtype)
-        self.image_first = first
-        self._image_offsets = np.asarray(image_offsets, dtype=np.int64)
-        self._offsets = np.array(
-            [0, *[int(self.image_count[a:b].sum(dtype=np.int64)) for a, b
-                  in zip(image_offsets[:-1], image_offsets[1:], strict=True)]], dtype=np.int64
-        ).cumsum()
+        """The per-image item tables (`train.item_table`) and the per-dataset facts of items."""
+        self.items = ItemTable.build(
+            [self._usable_views(p.name, heldout_images, split_seed) for p in self._parts],
+            [self.domain_names.index(p.domain) for p in self._parts],
+            self.views_per_image, len(self.domain_names),
+        )
         self._dataset_domain = np.array(
             [self.domain_names.index(p.domain) for p in self._parts], dtype=np.int64
         )
@@ -240,27 +194,31 @@ class CacheTrainData(Dataset):
 
     # -- facts ------------------------------------------------------------------------------
     @property
+    def image_first(self) -> np.ndarray:
+        """Each image's first item (the samplers' view of the table)."""
+        return self.items.image_first
+
+    @property
+    def image_count(self) -> np.ndarray:
+        """Each image's number of usable views."""
+        return self.items.image_count
+
+    @property
+    def image_domain(self) -> np.ndarray:
+        """Each image's domain id (an index into `domain_names`)."""
+        return self.items.image_domain
+
+    @property
     def num_images(self) -> int:
         """Images with at least one usable view in this split."""
-        return len(self.image_first)
-
-    def table_nbytes(self) -> int:
-        """Bytes of the per-image item tables (what a worker inherits besides the sources)."""
-        return sum(a.nbytes for a in (self.image_first, self.image_count, self.image_domain,
-                                      self.image_index, self.image_views))
+        return self.items.num_images
 
     def locate(self, item: int) -> tuple[int, int]:
         """(dataset id, sample index within the dataset) of item `item`."""
-        if not 0 <= item < len(self):
-            raise IndexError(f"item {item} out of range [0, {len(self)})")
-        image = int(np.searchsorted(self.image_first, item, side="right")) - 1
-        d = int(np.searchsorted(self._image_offsets, image, side="right")) - 1
-        # The item is the k-th usable view of its image: the k-th set bit of the image's mask.
-        view = _kth_set_bit(int(self.image_views[image]), item - int(self.image_first[image]))
-        return d, int(self.image_index[image]) * self.views_per_image + view
+        return self.items.locate(item)
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return len(self.items)
 
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:

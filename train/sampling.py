@@ -42,6 +42,8 @@ SamplingMode = Literal["uniform", "teacher_balanced"]
 SAMPLING_MODES: tuple[str, ...] = ("uniform", "teacher_balanced")
 #: Indices handed to the DataLoader per Python list (bounds what iteration holds as objects).
 _YIELD_CHUNK = 4096
+#: Images whose views are drawn at once while an epoch's order is made.
+_PICK_CHUNK = 1 << 16
 
 
 def index_dtype(count: int) -> np.dtype:
@@ -73,17 +75,19 @@ def _stream(
     dtype: np.dtype,
 ) -> np.ndarray:
     """`length` dataset indices (`dtype`): passes over `images`, each a fresh permutation and
-    view draw."""
+    view draw. Views are drawn in chunks (the generator's uniforms come out the same as in one
+    call), so that drawing an epoch holds little beyond the permutation and the result."""
     out = np.empty(length, dtype=dtype)
     have = 0
     pass_index = 0
     while have < length:
         rng = np.random.default_rng([seed, epoch, pass_index, tag])
-        order = images[rng.permutation(len(images))]
-        picked = _pick_views(groups, order, rng)
-        take = min(len(picked), length - have)
-        out[have : have + take] = picked[:take]
-        have += take
+        order = rng.permutation(len(images))
+        for start in range(0, min(len(order), length - have), _PICK_CHUNK):
+            picked = _pick_views(groups, images[order[start : start + _PICK_CHUNK]], rng)
+            take = min(len(picked), length - have)
+            out[have : have + take] = picked[:take]
+            have += take
         pass_index += 1
     return out
 

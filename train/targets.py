@@ -32,6 +32,7 @@ from cache_format.encodings import decode_tokens_torch
 from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.manifest import Manifest
 from cache_format.reader import CacheReader
+from cache_format.serde import from_dict
 from precompute.render import normalize, resize_for_teacher
 from train.batch import Batch
 from train.preflight import select_names
@@ -221,20 +222,23 @@ def _load_cached_teachers(
 ) -> dict[str, LoadedTeacher]:
     """The cache's teachers, rebuilt from the manifest's build config and checked against their
     fingerprints. The one place stage two imports the teacher code and reads `build_config`."""
-    from precompute.config import CacheBuildConfig
-    from precompute.teachers import load_teacher
+    from precompute.teachers import TeacherConfig, load_teacher
 
-    if not manifest.build_config:
+    stored = manifest.build_config.get("teachers")
+    entries = {e.get("name"): e for e in stored or [] if isinstance(e, Mapping)}
+    missing = [name for name in names if name not in entries]
+    if missing:
         raise CacheMismatchError(
-            "OnlineTargets: the manifest holds no build_config, so the cached teachers "
-            "cannot be rebuilt",
+            f"OnlineTargets: the manifest's build_config does not say how teachers {missing} "
+            "were loaded, so they cannot be rebuilt",
             hint="rebuild the cache with `dune-cache build`",
         )
-    build = CacheBuildConfig.from_dict(manifest.build_config)
+    configs = {name: from_dict(TeacherConfig, dict(entries[name]),
+                               where=f"build_config.teachers[{name}]") for name in names}
     grid = (int(manifest.grid[0]), int(manifest.grid[1]))
     teachers = {}
     for name in names:
-        teacher = load_teacher(build.teacher(name), device)
+        teacher = load_teacher(configs[name], device)
         _check_fingerprint(teacher, manifest, grid)
         teachers[name] = teacher
     return teachers
