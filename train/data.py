@@ -123,10 +123,8 @@ class CacheTrainData(Dataset):
         self.grid: tuple[int, int] = (int(manifest.grid[0]), int(manifest.grid[1]))
         self.student_patch = int(manifest.student_patch)
         self.img_size = self._check_student(img_size, student_patch)
-        self.teacher_names = select_names("teachers", teachers, list(manifest.teachers),
-                                          self.location)
-        self.dataset_names = select_names("datasets", datasets, list(manifest.datasets),
-                                          self.location)
+        self.teacher_names = select_names("teachers", teachers, manifest, self.location)
+        self.dataset_names = select_names("datasets", datasets, manifest, self.location)
         # Domain ids follow the cache's dataset order, so they do not depend on the selection.
         all_domains = [manifest.datasets[d].domain for d in manifest.datasets]
         self.domain_names: tuple[str, ...] = tuple(dict.fromkeys(all_domains))

@@ -63,16 +63,18 @@ def replay_spec(manifest: Manifest, location: str) -> ReplaySpec:
 
 
 def select_names(
-    what: str, wanted: Sequence[str] | None, available: Sequence[str], location: str
+    what: str, wanted: Sequence[str] | None, manifest: Manifest, location: str
 ) -> tuple[str, ...]:
-    """`wanted` (all of `available` when empty), refused unless each is available, once."""
+    """`wanted` teachers or datasets (`what`), all of the cache's when empty; refused unless the
+    cache holds each (the manifest's comparison) and each is named once."""
     if not wanted:
-        return tuple(available)
-    missing = [n for n in wanted if n not in available]
-    if missing or len(set(wanted)) != len(wanted):
+        return tuple(getattr(manifest, what))
+    problems = [_describe(d) for d in manifest.differences(**{what: {n: {} for n in wanted}})]
+    if len(set(wanted)) != len(wanted):
+        problems.append(f"{what}: {list(wanted)} names some more than once")
+    if problems:
         raise CacheMismatchError(
-            f"{what}: {list(wanted)} asks for {missing or 'repeated names'}, but the cache "
-            f"{location} has {list(available)}",
+            f"{location}: " + "; ".join(problems),
             hint=f"choose {what} the cache holds (each once), or add them to the cache with "
             "`dune-cache build`",
         )
@@ -132,15 +134,17 @@ def domain_problems(
     return problems
 
 
-def _describe(difference: FieldDifference) -> str:
+def _describe(difference: FieldDifference, config: str = "") -> str:
+    """A manifest difference in the run's words (`config`: the prefix of the run's fields)."""
     kind, _, rest = difference.path.partition(".")
     name, _, field = rest.partition(".")
     what = {"teachers": "teacher", "datasets": "dataset"}.get(kind, kind)
     if difference.missing_entry:
-        return f"data.{kind}: {what} {name!r} is not in the cache{difference.note}"
+        return f"{config}{kind}: {what} {name!r} is not in the cache{difference.note}"
     if kind == "teachers" and field == "checkpoint_sha256":
-        return (f"data.expect_checkpoint_sha256: teacher {name!r} was cached from a checkpoint "
-                f"with sha256 {difference.found}, but the run expects {difference.expected}")
+        return (f"{config}expect_checkpoint_sha256: teacher {name!r} was cached from a "
+                f"checkpoint with sha256 {difference.found}, but the run expects "
+                f"{difference.expected}")
     return str(difference)
 
 
@@ -156,26 +160,30 @@ def preflight(cfg: TrainConfig, manifest: Manifest, location: str, *, student_pa
         expected_teachers[teacher] = {"checkpoint_sha256": sha}
     differences = manifest.differences(teachers=expected_teachers,
                                        datasets={d: {} for d in datasets})
-    problems = [_describe(d) for d in differences]
-    hints = ["choose teachers and datasets the cache holds"] if problems else []
+    # (problem, how to fix it), in the order a reader fixes them.
+    problems: list[tuple[str, str]] = []
     size = cfg.student.img_size
     grid = grid_problem(manifest, (size, size), student_patch)
     if grid:
-        problems.insert(0, f"student {cfg.student.arch} at img_size {size}: {grid}")
-        hints.insert(0, grid_hint(manifest))
+        problems.append((f"student {cfg.student.arch} at img_size {size}: {grid}",
+                         grid_hint(manifest)))
+    for difference in differences:
+        problems.append((_describe(difference, "data."), (
+            "choose teachers and datasets the cache holds" if difference.missing_entry else
+            "rebuild the cache with the expected weights, or fix data.expect_checkpoint_sha256")))
     unknown_roots = sorted(set(cfg.data.roots) - set(manifest.datasets))
     if unknown_roots:
-        problems.append(f"data.roots: {unknown_roots} are not datasets of the cache (it has "
-                        f"{sorted(manifest.datasets)})")
+        problems.append((f"data.roots: {unknown_roots} are not datasets of the cache (it has "
+                         f"{sorted(manifest.datasets)})", "remove them from data.roots"))
+    # Domains are only compared once every selected teacher and dataset exists.
     if not any(d.missing_entry for d in differences):
-        domain = domain_problems(cfg.dropping.strategy, teachers, datasets, spec)
-        problems += domain
-        hints += ["pick another dropping.strategy, or select teachers for every domain"] * bool(
-            domain)
+        problems += [(p, "pick another dropping.strategy, or select teachers for every domain")
+                     for p in domain_problems(cfg.dropping.strategy, teachers, datasets, spec)]
     if problems:
-        lines = problems[0] if len(problems) == 1 else "".join(f"\n  - {p}" for p in problems)
+        text = [p for p, _ in problems]
+        lines = text[0] if len(text) == 1 else "".join(f"\n  - {p}" for p in text)
         raise CacheMismatchError(f"{location} does not fit this run: {lines}",
-                                 hint="; ".join(hints) or "fix the run's config")
+                                 hint="; ".join(dict.fromkeys(h for _, h in problems)))
     return Preflight(
         teachers=teachers,
         datasets=datasets,

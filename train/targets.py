@@ -93,8 +93,7 @@ class CachedTargets:
         self.device = torch.device(device)
         self.spec = manifest.encoding
         self.num_tokens = manifest.num_tokens
-        self.teacher_names = select_names("teachers", teachers, list(manifest.teachers),
-                                          reader.location)
+        self.teacher_names = select_names("teachers", teachers, manifest, reader.location)
         fps = {t: manifest.teachers[t] for t in self.teacher_names}
         self.dims: dict[str, int] = {t: fp.dim for t, fp in fps.items()}
         self.token_types: dict[str, tuple[str, ...]] = {
@@ -172,8 +171,7 @@ class OnlineTargets:
         self.device = torch.device(device)
         self.grid: tuple[int, int] = (int(manifest.grid[0]), int(manifest.grid[1]))
         self.num_tokens = manifest.num_tokens
-        self.teacher_names = select_names("teachers", teachers, list(manifest.teachers),
-                                          "OnlineTargets")
+        self.teacher_names = select_names("teachers", teachers, manifest, "OnlineTargets")
         self.teachers = _load_cached_teachers(manifest, self.teacher_names, self.device)
         self.dims: dict[str, int] = {t: m.dim for t, m in self.teachers.items()}
         self.token_types: dict[str, tuple[str, ...]] = {
