@@ -45,7 +45,7 @@ from cache_format.reader import CacheReader, open_cache
 from precompute.sources import ImageSource
 from train.batch import EncodedItem, split_encoded
 from train.item_table import ItemTable
-from train.preflight import grid_hint, grid_problem, replay_spec, select_names
+from train.preflight import grid_hint, grid_problem, replay_spec, roots_problem, select_names
 from train.view_replay import open_replay_source, replay_view, view_config
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
@@ -132,12 +132,9 @@ class CacheTrainData(Dataset):
         self.seed = self.replay.seed
         self.views_per_image = self.replay.views_per_image
         roots = dict(roots or {})
-        unknown_roots = sorted(set(roots) - set(manifest.datasets))
-        if unknown_roots:
-            raise ConfigError(
-                f"roots: {unknown_roots} are not datasets of the cache {self.location} "
-                f"(it has {sorted(manifest.datasets)})"
-            )
+        problem = roots_problem(roots, manifest)
+        if problem:
+            raise ConfigError(f"{self.location}: {problem}")
         split_seed = self.seed if split_seed is None else int(split_seed)
         assigned = manifest.assignment
         self._parts = [

@@ -97,6 +97,14 @@ def grid_problem(manifest: Manifest, size: tuple[int, int], patch: int) -> str |
     )
 
 
+def roots_problem(roots: Mapping[str, str], manifest: Manifest) -> str | None:
+    """Why `roots` (dataset -> where its images are now) does not fit the cache, if it does not."""
+    unknown = sorted(set(roots) - set(manifest.datasets))
+    if not unknown:
+        return None
+    return f"roots: {unknown} are not datasets of the cache (it has {sorted(manifest.datasets)})"
+
+
 def grid_hint(manifest: Manifest) -> str:
     """How to fix a grid problem."""
     size = (manifest.grid[0] * manifest.student_patch, manifest.grid[1] * manifest.student_patch)
@@ -171,10 +179,9 @@ def preflight(cfg: TrainConfig, manifest: Manifest, location: str, *, student_pa
         problems.append((_describe(difference, "data."), (
             "choose teachers and datasets the cache holds" if difference.missing_entry else
             "rebuild the cache with the expected weights, or fix data.expect_checkpoint_sha256")))
-    unknown_roots = sorted(set(cfg.data.roots) - set(manifest.datasets))
-    if unknown_roots:
-        problems.append((f"data.roots: {unknown_roots} are not datasets of the cache (it has "
-                         f"{sorted(manifest.datasets)})", "remove them from data.roots"))
+    roots = roots_problem(cfg.data.roots, manifest)
+    if roots:
+        problems.append((f"data.{roots}", "remove them from data.roots"))
     # Domains are only compared once every selected teacher and dataset exists.
     if not any(d.missing_entry for d in differences):
         problems += [(p, "pick another dropping.strategy, or select teachers for every domain")
