@@ -34,9 +34,9 @@ from train.config import (
 from train.curves import draw_loss_curves
 from train.demo import DemoSizes, write_demo_configs
 from train.export import export_run, load_full_model
+from train.init_from import init_model_from
 from train.metrics import MetricsLog, read_metrics
 from train.model import DistillModel, TeacherHead
-from train.run_setup import init_model_from
 from train.student import interpolate_pos_embed
 from train.trainer import Trainer, lr_at
 

@@ -35,19 +35,15 @@ from train.checkpoint import (
 )
 from train.config import TrainConfig
 from train.curves import draw_loss_curves
+from train.distributed import setup_distributed
 from train.evaluation import evaluate_heldout
+from train.init_from import init_model_from
 from train.losses import total_loss
 from train.metrics import MetricsLog, read_metrics
 from train.model import DistillModel
 from train.progress import LiveProgress
-from train.run_setup import (
-    RunContext,
-    check_resume,
-    init_model_from,
-    open_run_data,
-    setup_distributed,
-    write_run_files,
-)
+from train.run_data import RunContext, open_run_data
+from train.run_folder import check_resume, write_run_files
 from train.step import DistillStep, check_finite
 from train.teacher_dropping import TeacherDropping
 
