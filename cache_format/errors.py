@@ -2,11 +2,15 @@
 
 Every error we raise on purpose derives from `DuneError` and also from the builtin it
 resembles, so callers can catch either. Messages name the path, the field, what was expected
-and what was found, and say how to fix it. The CLIs map `DuneError` to one readable line
-(set DUNE_DEBUG=1 for the traceback).
+and what was found, and say how to fix it. Both CLIs map `DuneError` to one readable line
+through `run_cli` (set DUNE_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
 
 
 class DuneError(Exception):
@@ -79,3 +83,30 @@ class RegistryError(DuneError, KeyError):
 
 class TrainingError(DuneError, RuntimeError):
     """Training cannot go on (non-finite loss: names the step and each teacher's loss)."""
+
+
+class BatchMismatchError(DuneError, ValueError):
+    """What a batch hands the student, a projector, a norm, the loss or teacher dropping does
+    not fit what it expects (shapes, token types, presence mask, the images' domains); the
+    message names both sides."""
+
+
+def run_cli(app: Callable[[], object], *, interrupted: str) -> None:
+    """Run a CLI app as a console script's `main()`; both `dune-cache` and `dune-train` use it.
+
+    A `DuneError` becomes two lines on stderr, `error: <message>` and `hint: <hint>`, and exit
+    code 1; with DUNE_DEBUG=1 it is re-raised, so Python prints the full traceback. Ctrl-C
+    prints `interrupted` and exits with 130. Usage errors, --help and their exit codes stay
+    the app's (typer lets only exceptions of the commands through).
+    """
+    try:
+        app()
+    except DuneError as exc:
+        if os.environ.get("DUNE_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        print(f"hint: {exc.hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)

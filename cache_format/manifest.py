@@ -18,6 +18,7 @@ from typing import Any
 
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheMismatchError, CacheVersionError, ConfigError
+from cache_format.replay import ReplaySpec
 from cache_format.serde import from_dict, to_dict
 
 FORMAT_VERSION = 1
@@ -166,6 +167,8 @@ class Manifest:
     view_param_names: tuple[str, ...] = ()
     status_codes: dict[str, str] = field(default_factory=lambda: dict(STATUS_CODES))
     build_config: dict[str, Any] = field(default_factory=dict)
+    #: What stage two replays views from (cache_format/replay.py); None in older caches.
+    replay: ReplaySpec | None = None
 
     def __post_init__(self) -> None:
         if len(self.grid) != 2 or min(self.grid) <= 0:
@@ -191,6 +194,14 @@ class Manifest:
         for name, fp in [*self.teachers.items(), *self.datasets.items()]:
             if fp.name != name:
                 raise ConfigError(f"manifest: entry {name!r} holds a fingerprint named {fp.name!r}")
+        replay = self.replay
+        if replay is not None and (replay.seed, replay.views_per_image, replay.views.mode) != (
+                self.seed, self.views_per_image, self.view_mode):
+            raise ConfigError(
+                f"manifest.replay: seed {replay.seed}, views_per_image {replay.views_per_image} "
+                f"and view mode {replay.views.mode!r} must equal the manifest's ({self.seed}, "
+                f"{self.views_per_image}, {self.view_mode!r})"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -218,17 +229,22 @@ class Manifest:
                 f"dune-distill reads format versions up to {FORMAT_VERSION}",
                 hint="upgrade dune-distill (pip install -U dune-distill) to read this cache",
             )
-        return from_dict(cls, dict(data), where="manifest")
+        data = dict(data)
+        if data.get("replay") is not None:  # versioned on its own: parsed (and refused) first
+            data["replay"] = ReplaySpec.from_dict(data["replay"], where=f"{where}: manifest.replay")
+        return from_dict(cls, data, where="manifest")
 
-    def check_against(self, **expected: Any) -> None:
-        """Raise CacheMismatchError naming the first field that differs from `expected`.
+    def differences(self, **expected: Any) -> list[FieldDifference]:
+        """Every field that differs from `expected`, innermost key first named (empty: equal).
 
         Keyword names are manifest fields. `teachers` / `datasets` take a mapping (or an
         iterable) of fingerprints: each named entry must exist and match field by field; entries
-        of the cache that are not named are fine (a trainer may use a subset). `assignment`
+        of the cache that are not named are fine (a trainer may use a subset). A mapping's value
+        may also be a dict of some fingerprint fields ({} = only "must exist"). `assignment`
         compares the named teachers only. Other fields compare by value (tuples and lists alike).
         """
         known = {f.name for f in fields(self)}
+        out: list[FieldDifference] = []
         for name, value in expected.items():
             if name not in known:
                 raise ConfigError(
@@ -236,40 +252,70 @@ class Manifest:
                 )
             found = getattr(self, name)
             if name in ("teachers", "datasets"):
-                entries = value.values() if isinstance(value, Mapping) else value
-                for fp in entries:
-                    if fp.name not in found:
-                        raise CacheMismatchError(
-                            f"cache manifest {name}.{fp.name}: expected present, found absent "
-                            f"(the cache has {sorted(found)})",
-                            hint="build the missing part into the cache, or use another cache",
-                        )
-                    _compare(f"{name}.{fp.name}", to_dict(fp), to_dict(found[fp.name]))
+                entries = value.items() if isinstance(value, Mapping) else (
+                    (fp.name, fp) for fp in value)
+                for entry, fp in entries:
+                    if entry not in found:
+                        out.append(FieldDifference(f"{name}.{entry}", "present", "absent",
+                                                   missing_entry=True, note=f" (the cache has "
+                                                   f"{sorted(found)})"))
+                        continue
+                    want, have = to_dict(fp), to_dict(found[entry])
+                    if isinstance(fp, Mapping):  # some fields only
+                        have = {k: v for k, v in have.items() if k in want}
+                    _compare(f"{name}.{entry}", want, have, out)
             elif name == "assignment":
                 for teacher, datasets in dict(value).items():
                     _compare(f"assignment.{teacher}", sorted(datasets),
-                             sorted(found.get(teacher, ())))
+                             sorted(found.get(teacher, ())), out)
             else:
-                _compare(name, to_dict(value), to_dict(found))
+                _compare(name, to_dict(value), to_dict(found), out)
+        return out
+
+    def check_against(self, **expected: Any) -> None:
+        """Raise CacheMismatchError naming every field that differs (see `differences`)."""
+        differ = self.differences(**expected)
+        if differ:
+            raise CacheMismatchError(
+                "; ".join(str(d) for d in differ),
+                hint="rebuild the cache with this config, or point the config at a matching "
+                "cache" if not any(d.missing_entry for d in differ) else
+                "build the missing part into the cache, or use another cache",
+            )
 
 
-def _compare(path: str, expected: Any, found: Any) -> None:
-    """Recursive equality of JSON-like values; the error names the innermost differing key."""
+@dataclass(frozen=True)
+class FieldDifference:
+    """One manifest field that differs: its dotted path, the expected and the found value."""
+
+    path: str
+    expected: Any
+    found: Any
+    missing_entry: bool = False  # a named teacher / dataset the cache does not hold
+    note: str = ""
+
+    def __str__(self) -> str:
+        if self.missing_entry:
+            return f"cache manifest {self.path}: expected present, found absent{self.note}"
+        return f"cache manifest field {self.path}: expected {self.expected!r}, found {self.found!r}"
+
+
+def _compare(path: str, expected: Any, found: Any, out: list[FieldDifference]) -> None:
+    """Recursive equality of JSON-like values; appends each innermost differing key to `out`."""
     if isinstance(expected, dict) and isinstance(found, dict):
         for key in sorted(set(expected) | set(found)):
             if key not in found or key not in expected:
-                _mismatch(f"{path}.{key}", expected.get(key, "<absent>"),
-                          found.get(key, "<absent>"))
-            _compare(f"{path}.{key}", expected[key], found[key])
+                out.append(FieldDifference(f"{path}.{key}", expected.get(key, "<absent>"),
+                                           found.get(key, "<absent>")))
+            else:
+                _compare(f"{path}.{key}", expected[key], found[key], out)
         return
     if isinstance(expected, list | tuple) and isinstance(found, list | tuple):
-        if len(expected) == len(found) and all(
-            _equal(a, b) for a, b in zip(expected, found, strict=True)
-        ):
-            return
-        _mismatch(path, list(expected), list(found))
+        if not _equal(expected, found):
+            out.append(FieldDifference(path, list(expected), list(found)))
+        return
     if not _equal(expected, found):
-        _mismatch(path, expected, found)
+        out.append(FieldDifference(path, expected, found))
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -278,10 +324,3 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     return bool(a == b)
-
-
-def _mismatch(path: str, expected: Any, found: Any) -> None:
-    raise CacheMismatchError(
-        f"cache manifest field {path}: expected {expected!r}, found {found!r}",
-        hint="rebuild the cache with this config, or point the config at a matching cache",
-    )

@@ -151,7 +151,7 @@ class CacheReader:
         return layout.num_shards(self.num_samples(dataset), self.manifest.samples_per_shard)
 
     def check(self, **expected: Any) -> None:
-        """`Manifest.check_against`: raise CacheMismatchError naming the first differing field."""
+        """`Manifest.check_against`: raise CacheMismatchError naming every differing field."""
         self.manifest.check_against(**expected)
 
     def _check_dataset(self, dataset: str) -> None:

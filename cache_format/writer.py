@@ -34,6 +34,7 @@ from cache_format.manifest import (
     TeacherFingerprint,
     keys_sha256,
 )
+from cache_format.replay import ReplaySpec
 from cache_format.serde import json_problem, to_dict
 from cache_format.stats import ChannelStats, merge, merge_all
 
@@ -81,8 +82,8 @@ class CacheWriter:
                     hint="use CacheWriter.open() to extend it, or pick another path",
                 ) from None
             writer = cls.open(location, storage_options=storage_options)
-            settings = {k: v for k, v in to_dict(manifest).items()
-                        if k not in ("teachers", "datasets", "assignment", "build_config")}
+            grown = ("teachers", "datasets", "assignment", "build_config", "replay")
+            settings = {k: v for k, v in to_dict(manifest).items() if k not in grown}
             settings["encoding"] = manifest.encoding
             writer.manifest.check_against(**settings)
             return writer
@@ -131,6 +132,11 @@ class CacheWriter:
                 hint="store CacheBuildConfig.to_dict() (serde.to_dict gives JSON types)")
         stored = json.loads(json.dumps(config))  # a copy, as a reader will see it
         self._save_manifest(replace(self._manifest, build_config=stored))
+
+    def set_replay(self, spec: ReplaySpec) -> None:
+        """Replace the manifest's replay section (what stage two replays views from; see
+        cache_format/replay.py). Only the root manifest attribute is rewritten."""
+        self._save_manifest(replace(self._manifest, replay=spec))
 
     def _array(self, path: str) -> zarr.Array:
         if path not in self._arrays:

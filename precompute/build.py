@@ -53,6 +53,7 @@ from cache_format.manifest import STATUS_OK, Manifest, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
 from precompute.plan import BuildPlan, PairPlan, check_fits, make_plan, plan_lines
+from precompute.replay_spec import replay_spec_from_build_config
 from precompute.sources import ImageSource
 from precompute.units import (
     CalibrationViews,
@@ -269,6 +270,9 @@ def _record_build_config(writer: CacheWriter, config: CacheBuildConfig) -> None:
     wanted = {**config.to_dict(), **{k: stored[k] for k in RUNTIME_FIELDS if k in stored}}
     if stored != wanted:
         writer.set_build_config(wanted)
+    replay = replay_spec_from_build_config(wanted)  # what training reads (cache_format/replay.py)
+    if writer.manifest.replay != replay:
+        writer.set_replay(replay)
 
 
 def _status_counts(cache: str, dataset: str) -> dict[str, int]:

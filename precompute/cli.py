@@ -7,15 +7,12 @@
     dune-cache ls DIR
 
 Commands parse their arguments and call one library function. `main()` turns the project's own
-errors into one red line and a hint (DUNE_DEBUG=1 shows the traceback).
+errors into one line and a hint (DUNE_DEBUG=1 re-raises them with the traceback).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -24,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from cache_format.errors import DuneError
+from cache_format.errors import run_cli
 
 app = typer.Typer(
     name="dune-cache",
@@ -175,23 +172,9 @@ def list_caches(
 
 
 def main() -> None:
-    """Console-script entry point: run the app; our errors become one red line and a hint.
-
-    Usage errors, --help and exit codes stay typer's (standalone mode); only DuneError, which
-    typer lets through, is caught here.
-    """
-    try:
-        app()
-    except DuneError as exc:
-        if os.environ.get("DUNE_DEBUG") == "1":
-            traceback.print_exc()
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        hint = exc.hint or "set DUNE_DEBUG=1 for the traceback"
-        err.print(f"hint: {escape(hint)}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("interrupted; rerun the same command to resume (finished shards are kept)")
-        sys.exit(130)
+    """Console-script entry point: our errors become one line and a hint (see `run_cli`)."""
+    run_cli(app, interrupted="interrupted; rerun the same command to resume (finished shards "
+            "are kept)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,22 @@
 """The error hierarchy: builtin compatibility and crossing process boundaries."""
 
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from cache_format.errors import BadImageError, CacheNotFoundError, CheckpointError, DuneError
+from cache_format.errors import (
+    BadImageError,
+    BatchMismatchError,
+    CacheNotFoundError,
+    CheckpointError,
+    DuneError,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bad_image_error_survives_pickling_with_its_reason_and_path() -> None:
@@ -16,8 +28,36 @@ def test_bad_image_error_survives_pickling_with_its_reason_and_path() -> None:
 
 @pytest.mark.parametrize(
     ("error", "builtin"),
-    [(CacheNotFoundError("x"), FileNotFoundError), (CheckpointError("missing keys: a"), KeyError)],
+    [(CacheNotFoundError("x"), FileNotFoundError), (CheckpointError("missing keys: a"), KeyError),
+     (BatchMismatchError("token_loss: shapes differ"), ValueError)],
 )
 def test_errors_are_also_their_builtin(error: DuneError, builtin: type) -> None:
     assert isinstance(error, DuneError) and isinstance(error, builtin)
     assert "'" not in str(error)  # KeyError subclasses print the message, not its repr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["precompute.cli", "build"], ["train.cli", "fit"]],
+    ids=["dune-cache", "dune-train"],
+)
+def test_both_clis_print_one_line_or_with_dune_debug_the_traceback(
+    argv: list[str], tmp_path: Path
+) -> None:
+    """The same `run_cli` mapping in both console scripts, run as a user runs them."""
+    command = [sys.executable, "-m", *argv, str(tmp_path / "missing.toml")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("DUNE_DEBUG", None)
+    plain = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120, check=False)
+    lines = plain.stderr.strip().splitlines()
+    assert plain.returncode == 1, plain.stderr
+    assert len(lines) == 2 and "Traceback" not in plain.stderr
+    assert lines[0].startswith("error: ") and "missing.toml: no such config file" in lines[0]
+    assert lines[1].startswith("hint: ")
+    debug = subprocess.run(command, cwd=REPO, env={**env, "DUNE_DEBUG": "1"},
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert debug.returncode == 1  # an uncaught exception
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert "ConfigError: " in debug.stderr and "missing.toml: no such config file" in debug.stderr
+    assert "\nhint: " not in debug.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from cache_format.errors import CheckpointError, ConfigError, RegistryError
 from cache_format.serde import from_dict, to_dict
@@ -50,6 +52,31 @@ def test_forward_tokens_drops_registers_and_is_not_final_normed() -> None:
     # ... and our tokens themselves are not that normed output.
     assert (tokens - without_registers).abs().max() > 1e-2
     assert torch.equal(student(x), tokens)
+
+
+def test_forward_tokens_is_embed_positions_blocks_then_cls_and_patches_by_hand() -> None:
+    """What `forward_tokens` takes from timm's `forward_intermediates`, computed by hand from the
+    ViT's parts: patch embedding, positions on the patches, [cls; registers; patches], every
+    block, no final norm, registers dropped. A timm release that changes any of it (prefix
+    order, where positions go, an extra norm) fails here."""
+    student = randomize(tiny_student())
+    vit = student.vit
+    # The by-hand forward below leaves these out: they must be identities in this student.
+    assert isinstance(vit.patch_embed.norm, nn.Identity) and isinstance(vit.norm_pre, nn.Identity)
+    assert vit.no_embed_class and vit.num_reg_tokens == 4  # DINOv2 style: positions on patches
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        proj = vit.patch_embed.proj
+        patches = F.conv2d(x, proj.weight, proj.bias, stride=14).flatten(2).transpose(1, 2)
+        patches = patches + vit.pos_embed
+        prefix = [vit.cls_token.expand(2, -1, -1), vit.reg_token.expand(2, -1, -1)]
+        tokens = torch.cat([*prefix, patches], dim=1)
+        for block in vit.blocks:
+            tokens = block(tokens)
+        expected = torch.cat([tokens[:, :1], tokens[:, 5:]], dim=1)
+        got = student.forward_tokens(x)
+    assert got.shape == (2, 1 + 16, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
 
 
 def test_dynamic_input_size_and_bad_sizes() -> None:

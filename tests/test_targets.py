@@ -12,7 +12,8 @@ from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.reader import open_cache
 from precompute.config import CacheBuildConfig
 from tests.test_train_data import build_tiny_cache
-from train.data import Batch, CacheTrainData, collate_cached
+from train.batch import Batch, collate_cached
+from train.data import CacheTrainData
 from train.targets import CachedTargets, OnlineTargets
 
 

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cache_format.errors import ConfigError
-from train.losses import TeacherDropping, normalize_coefficients, total_loss
+from train.losses import total_loss
+from train.teacher_dropping import TeacherDropping, normalize_coefficients
 
 N_IMAGES = 4000
 
@@ -68,6 +69,34 @@ def test_draws_are_one_rand_of_shape_b_by_n_whatever_the_mask() -> None:
     expected = _gen(1)
     torch.rand(8, 3, generator=expected)
     assert torch.equal(used.get_state(), expected.get_state())
+
+
+def test_ranks_draw_their_slice_of_the_global_batch_and_stay_in_step() -> None:
+    """Two ranks of 4 images each drop what one process drops for the 8, call after call, and
+    every generator ends each call in the same state (what a DDP run relies on)."""
+    one = TeacherDropping(seed=3)
+    ranks = [TeacherDropping(seed=3, rank=r, world_size=2) for r in range(2)]
+    for step in range(3):
+        losses = _losses(8, 3, seed=step)
+        full = one.coefficients(losses)
+        halves = [ranks[r].coefficients(losses[4 * r : 4 * r + 4]) for r in range(2)]
+        assert torch.equal(torch.cat(halves), full), step
+        for rank in ranks:
+            assert torch.equal(rank.rng_state(), one.rng_state())
+    with pytest.raises(ConfigError, match="teacher_dropping.rank"):
+        TeacherDropping(rank=2, world_size=2)
+
+
+def test_rng_state_resumes_the_draws_exactly() -> None:
+    losses = _losses(16, 3)
+    dropping = TeacherDropping(seed=11)
+    dropping.coefficients(losses)
+    saved = dropping.rng_state()
+    expected = dropping.coefficients(losses)
+    resumed = TeacherDropping(seed=0)
+    resumed.set_rng_state(saved)
+    assert torch.equal(resumed.coefficients(losses), expected)
+    assert not torch.equal(TeacherDropping(seed=0).coefficients(losses), expected)
 
 
 def test_coefficients_are_normalised_by_their_total() -> None:

@@ -33,7 +33,8 @@ from precompute.sources import DatasetConfig, open_source
 from precompute.synthetic import make_image_folder
 from precompute.teachers.config import TeacherConfig
 from precompute.view_params import VIEW_PARAM_NAMES, ViewParams
-from train.data import Batch, CacheTrainData, collate_cached, heldout_image_indices
+from train.batch import Batch, collate_cached
+from train.data import CacheTrainData, heldout_image_indices
 from train.sampling import ViewEpochSampler
 
 VIEWS = 2

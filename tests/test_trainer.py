@@ -31,10 +31,12 @@ from train.config import (
     resolve_paths,
     resume_differences,
 )
+from train.curves import draw_loss_curves
 from train.demo import DemoSizes, write_demo_configs
-from train.export import DistillModel, TeacherHead, export_run, load_full_model
-from train.metrics import MetricsLog, draw_loss_curves, read_metrics
-from train.run_setup import init_model_from
+from train.export import export_run, load_full_model
+from train.init_from import init_model_from
+from train.metrics import MetricsLog, read_metrics
+from train.model import DistillModel, TeacherHead
 from train.student import interpolate_pos_embed
 from train.trainer import Trainer, lr_at
 
@@ -302,23 +304,51 @@ def test_mismatched_caches_are_refused_before_step_zero(cache_base: Path, tmp_pa
     assert not (tmp_path / "a").exists()  # nothing was written for the refused runs
 
 
-def test_non_finite_loss_names_the_step_and_each_teacher(cache_base: Path, tmp_path: Path) -> None:
-    root = tiny_cache(cache_base, "int8")
-    trainer = Trainer(tiny_config(root, tmp_path / "run", max_steps=5), progress="off")
-    real = trainer.targets
-    calls = {"n": 0}
+def poison_targets(trainer: Trainer, *, evaluating: bool, at_step: int | None = None) -> None:
+    """Make mast3r's patch targets NaN in the training batches (`evaluating=False`) or in the
+    held-out batches (`evaluating=True`), optionally only at trainer step `at_step`.
+
+    Training and evaluation are told apart by the model's mode (evaluation runs it in eval
+    mode), not by counting calls, so the poison lands where the test says whatever the number
+    of held-out batches."""
+    real = trainer.batch_losses.targets
 
     def poisoned(batch):  # noqa: ANN001, ANN202 - same signature as the real targets
         targets = real(batch)
-        calls["n"] += 1
-        if calls["n"] == 3:  # the third training step (held-out evaluation runs first)
+        in_evaluation = not trainer.model.training
+        if in_evaluation == evaluating and at_step in (None, trainer.step):
             targets["mast3r"]["patch"][:] = math.nan
         return targets
 
-    trainer.targets = poisoned
+    trainer.batch_losses.targets = poisoned
+
+
+def test_non_finite_loss_names_the_step_and_each_teacher(cache_base: Path, tmp_path: Path) -> None:
+    root = tiny_cache(cache_base, "int8")
+    trainer = Trainer(tiny_config(root, tmp_path / "run", max_steps=5), progress="off")
+    poison_targets(trainer, evaluating=False)  # every training step; the step-0 eval is clean
     with pytest.raises(TrainingError, match=r"step 1: non-finite loss .*mast3r=nan") as info:
         trainer.fit()
     assert "dinov2=" in str(info.value) and "multihmr=" in str(info.value)
+
+
+def test_non_finite_heldout_values_stop_the_run_naming_the_step(
+    cache_base: Path, tmp_path: Path
+) -> None:
+    root = tiny_cache(cache_base, "int8")
+    cfg = tiny_config(root, tmp_path / "run", max_steps=6, eval_every=2, checkpoint_every=2)
+    trainer = Trainer(cfg, progress="off")
+    poison_targets(trainer, evaluating=True, at_step=4)  # training and other evals are clean
+    with pytest.raises(
+        TrainingError, match=r"step 4: non-finite held-out loss or cosine .*heldout/loss/mast3r=nan"
+    ) as info:
+        trainer.fit()
+    assert "heldout/cos/mast3r=nan" in str(info.value)
+    assert "heldout/loss/dinov2=" in str(info.value) and "heldout/cos/multihmr=" in str(info.value)
+    # Nothing non-finite was logged, and the run stopped before saving step 4.
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
 
 
 def test_own_data_sharing_masks_absent_teachers(cache_base: Path, tmp_path: Path) -> None:

@@ -11,8 +11,6 @@ print as one line plus a hint; set DUNE_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import enum
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,9 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_format.configfile import with_overrides
-from cache_format.errors import DuneError
+from cache_format.errors import run_cli
 from cache_format.locations import absolute_path
 from train.config import load_train_config, resolve_paths
+from train.metrics import first_last
 
 app = typer.Typer(
     add_completion=False,
@@ -97,12 +96,6 @@ def export(
     )
 
 
-def first_last(rows: list[dict[str, Any]], key: str, kind: str = "train") -> tuple[float, float]:
-    """First and last logged value of a metric (NaN when never logged)."""
-    values = [r[key] for r in rows if r.get("kind") == kind and key in r]
-    return (values[0], values[-1]) if values else (float("nan"), float("nan"))
-
-
 def print_fit_summary(summary: dict[str, Any], console: Console) -> None:
     """A table of each teacher's loss and held-out cosine at the start and the end."""
     rows = summary["rows"]
@@ -122,23 +115,9 @@ def print_fit_summary(summary: dict[str, Any], console: Console) -> None:
 
 
 def main() -> None:
-    """Entry point: run the app; this project's errors become one line and a hint.
-
-    Usage errors, --help and their exit codes stay typer's; DuneError, which typer lets
-    through, exits with 1 (DUNE_DEBUG=1 re-raises it with the traceback).
-    """
-    try:
-        app()
-    except DuneError as exc:
-        if os.environ.get("DUNE_DEBUG") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        print(f"hint: {exc.hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
-        sys.exit(130)
+    """Console-script entry point: our errors become one line and a hint (see `run_cli`)."""
+    run_cli(app, interrupted="interrupted; rerun the same command to resume from the last "
+            "checkpoint")
 
 
 if __name__ == "__main__":

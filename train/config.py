@@ -27,7 +27,7 @@ from cache_format.serde import PathStr, check_types, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
 from train.student import StudentConfig
-from train.teacher_dropping import DROP_STRATEGIES
+from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
 
 # Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
@@ -84,13 +84,7 @@ class DroppingConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "dropping")
-        if self.strategy not in DROP_STRATEGIES:
-            raise ConfigError(
-                f"dropping.strategy: expected one of {', '.join(DROP_STRATEGIES)}, "
-                f"found {self.strategy!r}"
-            )
-        if not 0.0 <= self.p <= 1.0:
-            raise ConfigError(f"dropping.p: expected a probability in [0, 1], found {self.p}")
+        check_dropping(self.strategy, self.p)
 
 
 @dataclass(frozen=True)

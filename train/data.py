@@ -4,10 +4,11 @@ Item j is one cached sample (image, view) whose status is ok. Getting it
 
 1. loads the source image (from where the dataset lives now: `roots` overrides the root the cache
    was built from; the ordered key list must hash to the cached fingerprint);
-2. replays the view: `sample_view` is called again with the build's seed and view config and the
-   result is compared with the stored row (`check_replay`), so a change in the view code, the
-   seed or the images can never silently desynchronise student and teachers; the view is then
-   rendered at the student's resolution (`render_view`, float32 in [0, 1], unnormalized);
+2. replays the view (`train.view_replay`): `sample_view` is called again with the seed and view
+   settings of the manifest's replay section and the result is compared with the stored row
+   (`check_replay`), so a change in the view code, the seed or the images can never silently
+   desynchronise student and teachers; the view is then rendered at the student's resolution
+   (`render_view`, float32 in [0, 1], unnormalized);
 3. reads the teachers' tokens of that sample still encoded (int8 + scales, fp16, or bf16 bits)
    through the reader's byte-range fast path, so that dequantization happens on the device.
 
@@ -20,9 +21,10 @@ Items are numbered dataset by dataset, then by sample index, so the usable views
 are consecutive (`image_first`, `image_count`): the samplers in `train.sampling` draw one of
 them per image and epoch. `collate_cached` (train/batch.py) stacks items into a `Batch`.
 
-Memory: no whole [N, P] view array is held; stored view rows are read per batch through the
-reader's `SampleIndex.view_params_of`. Workers reopen the cache with the parent reader's
-`settings` (fsspec storage options, threads, checksum policy).
+Memory: the item table is per image, not per sample (`train.item_table`: under 2 bytes per
+sample at 6 views per image). No whole [N, P] view array is held either: stored view rows are
+read per batch through the reader's `SampleIndex.view_params_of`. Workers reopen the cache with
+the parent reader's `settings` (fsspec storage options, threads, checksum policy).
 """
 
 from __future__ import annotations
@@ -30,25 +32,21 @@ from __future__ import annotations
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from cache_format.errors import BadImageError, CacheMismatchError, ConfigError
-from cache_format.manifest import STATUS_OK, keys_sha256
+from cache_format.errors import CacheMismatchError, ConfigError
+from cache_format.manifest import STATUS_OK
 from cache_format.reader import CacheReader, open_cache
-from precompute.config import CacheBuildConfig
-from precompute.render import render_view
-from precompute.sources import ImageSource, open_source
-from precompute.view_params import check_replay
-from precompute.views import sample_view
-from train.batch import Batch, EncodedBatch, EncodedItem, collate_cached, split_encoded
-
-__all__ = ["SPLITS", "Batch", "CacheTrainData", "EncodedBatch", "EncodedItem", "collate_cached",
-           "heldout_image_indices"]
+from precompute.sources import ImageSource
+from train.batch import EncodedItem, split_encoded
+from train.item_table import ItemTable
+from train.preflight import grid_hint, grid_problem, replay_spec, roots_problem, select_names
+from train.view_replay import open_replay_source, replay_view, view_config
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
@@ -75,13 +73,12 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _DatasetPart:
-    """One selected dataset: its sample indices kept for this split, and its teachers (the
-    stored view rows are read on demand from the reader's index)."""
+    """One selected dataset: its name, domain and teachers (its items live in the per-image
+    tables; the stored view rows are read on demand from the reader's index)."""
 
     name: str
     domain: str
     teachers: tuple[str, ...]  # selected teachers with features for this dataset, run order
-    samples: np.ndarray  # int64 [n], sample indices (status ok, image in the split), sorted
 
 
 class CacheTrainData(Dataset):
@@ -94,6 +91,7 @@ class CacheTrainData(Dataset):
     grid x student patch (a mismatch is a CacheMismatchError naming both grids).
     `student_patch`: the student's patch size, checked against the cache's when given.
     `read_tokens=False` skips the token reads (online training computes targets live).
+    A cache without the manifest's replay section is a CacheVersionError (`dune-cache upgrade`).
     """
 
     def __init__(
@@ -121,37 +119,35 @@ class CacheTrainData(Dataset):
         self.location = str(getattr(self.reader, "location", cache))
         self.split = split
         self.read_tokens = read_tokens
+        self.replay = replay_spec(manifest, self.location)
         self.grid: tuple[int, int] = (int(manifest.grid[0]), int(manifest.grid[1]))
         self.student_patch = int(manifest.student_patch)
         self.img_size = self._check_student(img_size, student_patch)
-        self.teacher_names: tuple[str, ...] = self._select(
-            "teachers", teachers, list(manifest.teachers)
-        )
-        self.dataset_names: tuple[str, ...] = self._select(
-            "datasets", datasets, list(manifest.datasets)
-        )
+        self.teacher_names = select_names("teachers", teachers, manifest, self.location)
+        self.dataset_names = select_names("datasets", datasets, manifest, self.location)
         # Domain ids follow the cache's dataset order, so they do not depend on the selection.
         all_domains = [manifest.datasets[d].domain for d in manifest.datasets]
         self.domain_names: tuple[str, ...] = tuple(dict.fromkeys(all_domains))
-        build = _build_config(manifest.build_config, self.location)
-        self.view_config = build.views
-        self.seed = int(manifest.seed)
-        self.views_per_image = int(manifest.views_per_image)
-        self._build = build
+        self.view_config = view_config(self.replay)
+        self.seed = self.replay.seed
+        self.views_per_image = self.replay.views_per_image
         roots = dict(roots or {})
-        unknown_roots = sorted(set(roots) - set(manifest.datasets))
-        if unknown_roots:
-            raise ConfigError(
-                f"roots: {unknown_roots} are not datasets of the cache {self.location} "
-                f"(it has {sorted(manifest.datasets)})"
-            )
+        problem = roots_problem(roots, manifest)
+        if problem:
+            raise ConfigError(f"{self.location}: {problem}")
         split_seed = self.seed if split_seed is None else int(split_seed)
-        self._parts: list[_DatasetPart] = []
-        self._sources: list[ImageSource] = []
-        for name in self.dataset_names:
-            self._parts.append(self._load_part(name, heldout_images, split_seed))
-            self._sources.append(self._open_source(name, roots.get(name)))
-        self._build_item_tables()
+        assigned = manifest.assignment
+        self._parts = [
+            _DatasetPart(name, manifest.datasets[name].domain,
+                         tuple(t for t in self.teacher_names if name in assigned.get(t, ())))
+            for name in self.dataset_names
+        ]
+        self._sources: list[ImageSource] = [
+            open_replay_source(self.replay, manifest.datasets[name], self.location,
+                               roots.get(name))
+            for name in self.dataset_names
+        ]
+        self._build_item_tables(heldout_images, split_seed)
 
     # -- construction helpers -----------------------------------------------------------------
     def _check_student(
@@ -159,100 +155,31 @@ class CacheTrainData(Dataset):
     ) -> tuple[int, int]:
         """The student's input size, refused unless its token grid is the cache's grid."""
         gh, gw = self.grid
-        cached = (gh * self.student_patch, gw * self.student_patch)
         patch = self.student_patch if student_patch is None else int(student_patch)
-        size = cached if img_size is None else _size_pair(img_size)
-        grid = (size[0] // patch, size[1] // patch)
-        if patch != self.student_patch or size != cached:
-            raise CacheMismatchError(
-                f"{self.location}: the cache was built for the token grid {gh}x{gw} at student "
-                f"patch {self.student_patch} ({cached[0]}x{cached[1]} px), but the student "
-                f"takes {size[0]}x{size[1]} px with patch {patch}, i.e. the grid "
-                f"{grid[0]}x{grid[1]}"
-                + ("" if size[0] % patch == 0 and size[1] % patch == 0 else " (not a whole grid)"),
-                hint=f"set the student's img_size to {cached[0]} with patch "
-                f"{self.student_patch}, or build a cache for the student's grid",
-            )
+        size = (gh * patch, gw * patch) if img_size is None else _size_pair(img_size)
+        problem = grid_problem(self.manifest, size, patch)
+        if problem:
+            raise CacheMismatchError(f"{self.location}: {problem}", hint=grid_hint(self.manifest))
         return size
 
-    def _select(
-        self, what: str, wanted: Sequence[str] | None, available: list[str]
-    ) -> tuple[str, ...]:
-        if wanted is None or len(wanted) == 0:
-            return tuple(available)
-        missing = [n for n in wanted if n not in available]
-        if missing or len(set(wanted)) != len(wanted):
-            raise CacheMismatchError(
-                f"{what}: {list(wanted)} asks for {missing or 'repeated names'}, but the cache "
-                f"{self.location} has {available}",
-                hint=f"choose {what} the cache holds (each once)",
-            )
-        return tuple(wanted)
+    def _usable_views(self, name: str, heldout_images: int, split_seed: int) -> np.ndarray:
+        """bool [images, views]: the views of `name` whose status is ok and whose image is in
+        this split. Statuses are 1 byte per sample, kept by the reader's index; keys and view
+        rows stay on disk. reader.index() refuses an index whose length is not images x views."""
+        num_images = self.manifest.datasets[name].num_images
+        status = self.reader.index(name).status.reshape(num_images, self.views_per_image)
+        held = np.zeros(num_images, dtype=bool)
+        held[heldout_image_indices(num_images, heldout_images, split_seed, name)] = True
+        in_split = held if self.split == "heldout" else ~held
+        return (status == STATUS_OK) & in_split[:, None]
 
-    def _load_part(self, name: str, heldout_images: int, split_seed: int) -> _DatasetPart:
-        fp = self.manifest.datasets[name]
-        index = self.reader.index(name)
-        # 1 byte per sample; keys and view rows stay on disk. Its length is images x views:
-        # reader.index() refuses an index of any other size (CacheVersionError naming both).
-        status = index.status
-        v = self.views_per_image
-        held = np.zeros(fp.num_images, dtype=bool)
-        held[heldout_image_indices(fp.num_images, heldout_images, split_seed, name)] = True
-        in_split = np.repeat(held if self.split == "heldout" else ~held, v)
-        samples = np.flatnonzero((status == STATUS_OK) & in_split).astype(np.int64)
-        assigned = self.manifest.assignment
-        teachers = tuple(t for t in self.teacher_names if name in assigned.get(t, ()))
-        return _DatasetPart(
-            name=name,
-            domain=fp.domain,
-            teachers=teachers,
-            samples=samples,
+    def _build_item_tables(self, heldout_images: int, split_seed: int) -> None:
+        """The per-image item tables (`train.item_table`) and the per-dataset facts of items."""
+        self.items = ItemTable.build(
+            [self._usable_views(p.name, heldout_images, split_seed) for p in self._parts],
+            [self.domain_names.index(p.domain) for p in self._parts],
+            self.views_per_image, len(self.domain_names),
         )
-
-    def _open_source(self, name: str, root: str | None) -> ImageSource:
-        """Open where the dataset's images are now and check they are the cached list."""
-        fp = self.manifest.datasets[name]
-        if name not in self._build.dataset_names:
-            raise CacheMismatchError(
-                f"{self.location}: the manifest's build_config has no dataset {name!r}, so its "
-                "source images cannot be found",
-                hint="rebuild the cache with `dune-cache build`",
-            )
-        cfg = self._build.dataset(name)
-        if root is not None:
-            cfg = replace(cfg, root=str(root))
-        # The build's decoding settings, so that every pixel decodes as the teachers saw it.
-        source = open_source(
-            cfg,
-            max_pixels=self._build.build.max_pixels,
-            unusual_modes=self._build.build.unusual_modes,
-        )
-        keys = source.keys()
-        if len(keys) != fp.num_images or keys_sha256(keys) != fp.keys_sha256:
-            raise CacheMismatchError(
-                f"dataset {name}: the images under {cfg.root!r} are not the ones the cache "
-                f"{self.location} was built from (found {len(keys)} images with key hash "
-                f"{keys_sha256(keys)[:12]}..., the cache has {fp.num_images} with "
-                f"{fp.keys_sha256[:12]}...)",
-                hint=f"point roots.{name} at the original images, or rebuild the cache",
-            )
-        return source
-
-    def _build_item_tables(self) -> None:
-        """Global item numbering and the per-image grouping the samplers use."""
-        counts = [len(p.samples) for p in self._parts]
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        firsts, sizes, domains = [], [], []
-        for d, part in enumerate(self._parts):
-            images = part.samples // self.views_per_image
-            uniq, first, size = np.unique(images, return_index=True, return_counts=True)
-            firsts.append(first.astype(np.int64) + self._offsets[d])
-            sizes.append(size.astype(np.int64))
-            domains.append(np.full(len(uniq), self.domain_names.index(part.domain), np.int64))
-        empty = np.zeros(0, dtype=np.int64)
-        self.image_first = np.concatenate(firsts) if firsts else empty
-        self.image_count = np.concatenate(sizes) if sizes else empty
-        self.image_domain = np.concatenate(domains) if domains else empty
         self._dataset_domain = np.array(
             [self.domain_names.index(p.domain) for p in self._parts], dtype=np.int64
         )
@@ -262,23 +189,31 @@ class CacheTrainData(Dataset):
 
     # -- facts ------------------------------------------------------------------------------
     @property
+    def image_first(self) -> np.ndarray:
+        """Each image's first item (the samplers' view of the table)."""
+        return self.items.image_first
+
+    @property
+    def image_count(self) -> np.ndarray:
+        """Each image's number of usable views."""
+        return self.items.image_count
+
+    @property
+    def image_domain(self) -> np.ndarray:
+        """Each image's domain id (an index into `domain_names`)."""
+        return self.items.image_domain
+
+    @property
     def num_images(self) -> int:
         """Images with at least one usable view in this split."""
-        return len(self.image_first)
-
-    def dataset_samples(self, dataset: str) -> np.ndarray:
-        """Sample indices (within `dataset`) of this split's items of that dataset, in order."""
-        return self._parts[self.dataset_names.index(dataset)].samples
+        return self.items.num_images
 
     def locate(self, item: int) -> tuple[int, int]:
         """(dataset id, sample index within the dataset) of item `item`."""
-        if not 0 <= item < len(self):
-            raise IndexError(f"item {item} out of range [0, {len(self)})")
-        d = int(np.searchsorted(self._offsets, item, side="right")) - 1
-        return d, int(self._parts[d].samples[item - self._offsets[d]])
+        return self.items.locate(item)
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return len(self.items)
 
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:
@@ -306,31 +241,8 @@ class CacheTrainData(Dataset):
         return self._reader().index(self._parts[d].name).view_params_of(samples)
 
     def _render(self, d: int, sample: int, stored: np.ndarray) -> Tensor:
-        part = self._parts[d]
-        image_index, view_index = divmod(sample, self.views_per_image)
-        try:
-            image = self._sources[d].load(image_index)
-        except BadImageError as exc:
-            raise CacheMismatchError(
-                f"dataset {part.name}, sample {sample}: the source image was usable when the "
-                f"cache was built but now fails ({exc})",
-                hint="restore the original image file",
-            ) from exc
-        params = sample_view(
-            self.seed,
-            part.name,
-            image_index,
-            view_index,
-            (int(image.shape[1]), int(image.shape[2])),
-            self.view_config,
-        )
-        check_replay(
-            stored,
-            params,
-            where=f"{self.location}: dataset {part.name}, sample {sample} (image {image_index}, "
-            f"view {view_index})",
-        )
-        return render_view(image, params, self.img_size)
+        return replay_view(self._sources[d], self.replay, self.view_config, sample, stored,
+                           self.img_size, self.location)
 
     def _read(self, d: int, samples: Sequence[int]) -> list[EncodedItem]:
         """Encoded tokens of `samples` of dataset `d`, one batched fast-path read per dataset."""
@@ -375,19 +287,3 @@ class CacheTrainData(Dataset):
             for (d, s), row, tok in zip(located, rows, tokens, strict=True)
         ]
 
-
-def _build_config(data: Mapping[str, Any], location: str) -> CacheBuildConfig:
-    """The build config stored in the manifest: views, dataset sources and decoding settings."""
-    if not data:
-        raise CacheMismatchError(
-            f"{location}: the manifest holds no build_config, so the cached views cannot be "
-            "replayed (no view config, no dataset sources)",
-            hint="rebuild the cache with `dune-cache build`",
-        )
-    try:
-        return CacheBuildConfig.from_dict(data)
-    except ConfigError as exc:
-        raise CacheMismatchError(
-            f"{location}: the manifest's build_config cannot be read by this version ({exc})",
-            hint="train with the dune-distill version that built the cache, or rebuild it",
-        ) from exc

@@ -19,7 +19,6 @@ docs/training.md). `write_demo_configs` is also what the tests use, with tinier 
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -159,37 +159,21 @@ def write_demo_configs(root: Path, sizes: DemoSizes = DemoSizes()) -> tuple[Path
     return cache_toml, train_toml
 
 
-# -- a minimal TOML writer (tomllib only reads) -----------------------------------------------
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+def to_toml(data: dict[str, Any]) -> str:
+    """TOML text of a config dict (None values are left out: TOML has no null).
+
+    tomli-w quotes every key that is not a bare key, so a dataset named `a.b` stays one key
+    instead of becoming a nested table.
+    """
+    return tomli_w.dumps(_drop_none(data))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"to_toml: cannot write {type(value).__name__} {value!r}")
-
-
-def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """TOML text of nested dicts: scalars first, then tables, then arrays of tables."""
-    lines, tables, arrays = [], [], []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            tables.append((key, value))
-        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            arrays.append((key, value))
-        elif value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for key, value in tables:
-        name = f"{prefix}{key}"
-        out += f"\n[{name}]\n" + to_toml(value, prefix=f"{name}.")
-    for key, items in arrays:
-        for item in items:
-            out += f"\n[[{prefix}{key}]]\n" + to_toml(item, prefix=f"{prefix}{key}.")
-    return out
+        return [_drop_none(v) for v in value]
+    return value
 
 
 # -- the demo itself ---------------------------------------------------------------------------
@@ -216,13 +200,12 @@ def summarize(
     `root` holds cache.toml, train.toml and cache/; the run is root/train unless given.
     """
     from cache_format.reader import open_cache
-    from train.metrics import read_metrics
+    from train.metrics import first_last, read_metrics
 
     cache, run = root / "cache", run or root / "train"
     manifest = open_cache(cache).manifest
     rows = read_metrics(run)
     train_rows = [r for r in rows if r.get("kind") == "train"]
-    eval_rows = [r for r in rows if r.get("kind") == "eval"]
     images = sum(fp.num_images for fp in manifest.datasets.values())
     samples = images * manifest.views_per_image
     table = Table(title="teachers: loss at the first and last logged step, held-out cosine")
@@ -233,10 +216,8 @@ def summarize(
         if name not in manifest.teachers:
             continue
         key, cos = f"loss/{name}", f"heldout/cos/{name}"
-        first = next((r[key] for r in train_rows if key in r), float("nan"))
-        last = next((r[key] for r in reversed(train_rows) if key in r), float("nan"))
-        c0 = next((r[cos] for r in eval_rows if cos in r), float("nan"))
-        c1 = next((r[cos] for r in reversed(eval_rows) if cos in r), float("nan"))
+        first, last = first_last(rows, key)
+        c0, c1 = first_last(rows, cos, kind="eval")
         table.add_row(name, label, str(manifest.teachers[name].dim), f"{first:.4f}",
                       f"{last:.4f}", f"{c0:.3f}", f"{c1:.3f}")
     console.rule("[bold]demo summary")

@@ -1,25 +1,28 @@
 """Held-out evaluation: each teacher's loss and student-to-teacher cosine on held-out cached views.
 
 The held-out images never enter training (see `DataConfig.heldout_images`); their cached views are
-read in a fixed order, the norms run in eval mode (exact statistics, or the EMA in `batch`
-mode) and nothing is dropped. The cosine is the mean per-token cosine between the projected
-student tokens and the normalized teacher tokens, cls and patch averaged the way the loss is:
-the number that says how well the student reproduces each teacher.
+read in a fixed order, each batch goes through the same `DistillStep` as training, with the model
+in eval mode (the norms use exact statistics, or the EMA in `batch` mode) and nothing dropped.
+The cosine is the mean per-token cosine between the projected student tokens and the normalized
+teacher tokens, cls and patch averaged the way the loss is: the number that says how well the
+student reproduces each teacher.
+
+A non-finite held-out loss or cosine stops the run as a non-finite training loss does
+(`TrainingError` naming the step and each teacher's values): a NaN in held-out targets or
+predictions is never logged silently.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from train.losses import masked_teacher_losses
-
-if TYPE_CHECKING:
-    from train.trainer import Trainer
+from train.step import DistillStep, check_finite
 
 
 def token_cosine(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -32,63 +35,64 @@ def token_cosine(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor])
 
 
 @torch.no_grad()
-def evaluate_heldout(trainer: Trainer, data: Any) -> dict[str, float]:
-    """`heldout/loss`, and `heldout/loss/<t>` and `heldout/cos/<t>` per teacher, over all ranks."""
-    rank, world = trainer.dist.rank, trainer.dist.world_size
+def evaluate_heldout(
+    step: DistillStep,
+    data: Dataset,
+    *,
+    batch_size: int,
+    collate: Callable[[list[Any]], Any],
+    at_step: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """`heldout/loss`, and `heldout/loss/<t>` and `heldout/cos/<t>` per teacher, over all ranks.
+
+    Rank `rank` of `world_size` evaluates every world_size-th sample, `batch_size` at a time;
+    `at_step` is the training step the numbers belong to (named by a non-finite error).
+    """
     loader = DataLoader(
         data,
-        batch_size=trainer.local_batch,
-        sampler=list(range(rank, len(data), world)),
+        batch_size=batch_size,
+        sampler=list(range(rank, len(data), world_size)),
         num_workers=0,
-        collate_fn=trainer.ctx.collate,
+        collate_fn=collate,
     )
-    n = len(trainer.teachers)
-    sums = torch.zeros(3, n, dtype=torch.float64, device=trainer.device)  # loss, cosine, count
-    model = trainer.model
+    n = len(step.teachers)
+    sums = torch.zeros(3, n, dtype=torch.float64, device=step.device)  # loss, cosine, count
+    model = step.model
     was_training = model.training
     model.eval()
     try:
         for batch in loader:
-            batch = batch.to(trainer.device)
-            images = (batch.images - trainer.mean) / trainer.std
-            with torch.autocast(
-                trainer.device.type, dtype=trainer.autocast_dtype or torch.float32,
-                enabled=trainer.autocast_dtype is not None,
-            ):
-                preds = model(images)
-            targets = trainer.targets(batch)
-            present = batch.presence.to(trainer.device)
-            for i, teacher in enumerate(trainer.teachers):
-                mask = present[:, i]
+            out = step(batch)
+            for i, teacher in enumerate(step.teachers):
+                mask = out.present[:, i]
                 if not mask.any():
                     continue
-                normed = {
-                    tok: model.norms[teacher][tok](value, mask=mask)
-                    for tok, value in targets[teacher].items()
-                }
-                losses = masked_teacher_losses(preds[teacher], normed, mask)
                 rows = mask.nonzero().squeeze(1)
                 cos = token_cosine(
-                    {k: v.index_select(0, rows) for k, v in preds[teacher].items()},
+                    {k: v.index_select(0, rows) for k, v in out.preds[teacher].items()},
                     {k: (v.index_select(0, rows) if v.shape[0] == mask.shape[0] else v)
-                     for k, v in normed.items()},
+                     for k, v in out.targets[teacher].items()},
                 )
-                sums[0, i] += losses[mask].double().sum()
+                sums[0, i] += out.losses[:, i][mask].double().sum()
                 sums[1, i] += cos.double().sum()
                 sums[2, i] += mask.sum()
     finally:
         model.train(was_training)
-    if world > 1:
+    if world_size > 1:
         dist.all_reduce(sums)
     result: dict[str, float] = {}
     per_teacher = []
-    for i, teacher in enumerate(trainer.teachers):
+    for i, teacher in enumerate(step.teachers):
         count = float(sums[2, i])
         if count == 0:
             continue
         result[f"heldout/loss/{teacher}"] = float(sums[0, i]) / count
         result[f"heldout/cos/{teacher}"] = float(sums[1, i]) / count
         per_teacher.append(result[f"heldout/loss/{teacher}"])
+    # Every rank holds the same reduced sums, so every rank stops here together.
+    check_finite(result, step=at_step, what="held-out loss or cosine")
     result["heldout/loss"] = sum(per_teacher) / len(per_teacher) if per_teacher else float("nan")
     result["heldout/samples"] = float(sums[2].max()) if n else 0.0
     return result

@@ -20,21 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cache_format.errors import BatchMismatchError
 from cache_format.manifest import TOKEN_TYPES
-from train.teacher_dropping import DROP_STRATEGIES, TeacherDropping, normalize_coefficients
-
-__all__ = [
-    "COS_WEIGHT",
-    "DROP_STRATEGIES",
-    "SMOOTH_L1_WEIGHT",
-    "TOKEN_TYPES",
-    "TeacherDropping",
-    "masked_teacher_losses",
-    "normalize_coefficients",
-    "teacher_losses",
-    "token_loss",
-    "total_loss",
-]
 
 COS_WEIGHT = 0.5
 SMOOTH_L1_WEIGHT = 0.5
@@ -44,7 +31,7 @@ SMOOTH_L1_BETA = 1.0
 def token_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """Loss of every token: [..., D] x [..., D] -> [...], float32 whatever the input dtypes."""
     if student.shape != teacher.shape:
-        raise ValueError(
+        raise BatchMismatchError(
             f"token_loss: student tokens {tuple(student.shape)} and teacher tokens "
             f"{tuple(teacher.shape)} differ in shape; is the projector's width the teacher's?"
         )
@@ -66,14 +53,14 @@ def teacher_losses(pred: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> 
     kinds = [kind for kind in TOKEN_TYPES if kind in target]
     unknown = sorted(set(target) - set(TOKEN_TYPES))
     if unknown or not kinds:
-        raise ValueError(
+        raise BatchMismatchError(
             f"teacher_losses: target token types must be among {TOKEN_TYPES}, "
             f"found {sorted(target)}"
         )
     per_kind = []
     for kind in kinds:
         if kind not in pred:
-            raise ValueError(
+            raise BatchMismatchError(
                 f"teacher_losses: the teacher has {kind!r} tokens but the prediction has only "
                 f"{sorted(pred)}"
             )
@@ -105,7 +92,7 @@ def masked_teacher_losses(
         elif value.shape[0] == n_present:
             target_rows[kind] = value
         else:
-            raise ValueError(
+            raise BatchMismatchError(
                 f"masked_teacher_losses: target {kind!r} has {value.shape[0]} rows; expected "
                 f"the batch ({batch}) or its present samples ({n_present})"
             )
@@ -123,7 +110,7 @@ def total_loss(losses: Tensor, coeffs: Tensor) -> Tensor:
     contribute neither value nor gradient even if they hold NaN.
     """
     if losses.shape != coeffs.shape:
-        raise ValueError(
+        raise BatchMismatchError(
             f"total_loss: losses {tuple(losses.shape)} and coefficients {tuple(coeffs.shape)} "
             "must have the same [B, n_teachers] shape"
         )

@@ -15,7 +15,7 @@ from functools import partial
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from cache_format.errors import ConfigError
+from cache_format.errors import BatchMismatchError, ConfigError
 
 PROJECTOR_KINDS = ("tp", "mlp", "linear")
 
@@ -129,7 +129,7 @@ def split_tokens(y: Tensor, has_cls: bool = True) -> dict[str, Tensor]:
     MASt3R encoder) drops it so that only the patch tokens are compared.
     """
     if y.ndim != 3 or y.shape[1] < 2:
-        raise ValueError(
+        raise BatchMismatchError(
             f"split_tokens: expected [B, 1 + T, D] with T >= 1, found shape {tuple(y.shape)}"
         )
     tokens = {"patch": y[:, 1:]}

@@ -21,6 +21,11 @@ ranks take the same number of steps.
 Resuming: `state_dict(consumed)` records the epoch and how many samples this rank has consumed
 in it; after `load_state_dict`, iteration restarts at exactly the next sample of the same
 sequence.
+
+Memory: the sampler holds only this rank's order of the current epoch, as uint32 dataset indices
+(uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size. The
+global sequence, the permutations and each domain's image list exist only while an epoch's order
+is drawn, and iteration hands out indices in chunks, never as one Python list of the epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +40,15 @@ from cache_format.errors import ConfigError
 
 SamplingMode = Literal["uniform", "teacher_balanced"]
 SAMPLING_MODES: tuple[str, ...] = ("uniform", "teacher_balanced")
+#: Indices handed to the DataLoader per Python list (bounds what iteration holds as objects).
+_YIELD_CHUNK = 4096
+#: Images whose views are drawn at once while an epoch's order is made.
+_PICK_CHUNK = 1 << 16
+
+
+def index_dtype(count: int) -> np.dtype:
+    """The unsigned dtype that holds indices in [0, count): uint32, or uint64 past 2**32."""
+    return np.dtype(np.uint32 if count <= 2**32 else np.uint64)
 
 
 class ViewGroups(Protocol):
@@ -44,32 +58,38 @@ class ViewGroups(Protocol):
     `image_first[i] : image_first[i] + image_count[i]` of dataset indices.
     """
 
-    image_first: np.ndarray  # int64 [num_images]
-    image_count: np.ndarray  # int64 [num_images], >= 1
-    image_domain: np.ndarray  # int64 [num_images], in [0, num_domains)
+    image_first: np.ndarray  # unsigned or int64 [num_images]
+    image_count: np.ndarray  # unsigned or int64 [num_images], >= 1
+    image_domain: np.ndarray  # unsigned or int64 [num_images], in [0, num_domains)
 
 
 def _pick_views(groups: ViewGroups, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Dataset indices of one view chosen uniformly among the usable views of each image."""
-    counts = groups.image_count[images]
+    counts = groups.image_count[images].astype(np.int64)
     offsets = np.floor(rng.random(len(images)) * counts).astype(np.int64)
     return groups.image_first[images] + np.minimum(offsets, counts - 1)
 
 
 def _stream(
-    groups: ViewGroups, images: np.ndarray, length: int, seed: int, epoch: int, tag: int
+    groups: ViewGroups, images: np.ndarray, length: int, seed: int, epoch: int, tag: int,
+    dtype: np.dtype,
 ) -> np.ndarray:
-    """`length` dataset indices: passes over `images`, each a fresh permutation and view draw."""
-    parts: list[np.ndarray] = []
+    """`length` dataset indices (`dtype`): passes over `images`, each a fresh permutation and
+    view draw. Views are drawn in chunks (the generator's uniforms come out the same as in one
+    call), so that drawing an epoch holds little beyond the permutation and the result."""
+    out = np.empty(length, dtype=dtype)
     have = 0
     pass_index = 0
     while have < length:
         rng = np.random.default_rng([seed, epoch, pass_index, tag])
-        order = images[rng.permutation(len(images))]
-        parts.append(_pick_views(groups, order, rng))
-        have += len(order)
+        order = rng.permutation(len(images))
+        for start in range(0, min(len(order), length - have), _PICK_CHUNK):
+            picked = _pick_views(groups, images[order[start : start + _PICK_CHUNK]], rng)
+            take = min(len(picked), length - have)
+            out[have : have + take] = picked[:take]
+            have += take
         pass_index += 1
-    return np.concatenate(parts)[:length] if parts else np.zeros(0, dtype=np.int64)
+    return out
 
 
 class ViewEpochSampler(Sampler[int]):
@@ -112,21 +132,24 @@ class ViewEpochSampler(Sampler[int]):
         num_images = len(data.image_first)
         if num_images == 0:
             raise ConfigError("sampler: the dataset has no usable image (every sample skipped?)")
-        domains = np.asarray(data.image_domain, dtype=np.int64)
-        # Domains with at least one image, in id order; empty domains take no share.
-        self._domain_images = [np.flatnonzero(domains == d) for d in np.unique(domains)]
+        # Domains with at least one image, in id order; empty domains take no share. Their
+        # image lists are made when an epoch's order is drawn, not kept.
+        self._domains, sizes = np.unique(np.asarray(data.image_domain), return_counts=True)
         if mode == "uniform":
             default_size = num_images
             default_block = 1
         else:
-            default_size = len(self._domain_images) * max(len(g) for g in self._domain_images)
-            default_block = len(self._domain_images)
+            default_size = len(self._domains) * int(sizes.max())
+            default_block = len(self._domains)
         self.epoch_size = int(epoch_size) if epoch_size is not None else default_size
         self.batch_size = batch_size
         self.block = int(batch_size) if batch_size is not None else default_block
         per_round = self.block * world_size
         self.padded_size = -(-self.epoch_size // per_round) * per_round
         self.samples_per_rank = self.padded_size // world_size
+        # The dtype of dataset indices: what the epoch order is kept as.
+        items = int(data.image_first[-1]) + int(data.image_count[-1])
+        self._dtype = index_dtype(items)
         self.epoch = 0
         self.start_index = 0
         self._yielded = 0
@@ -137,17 +160,20 @@ class ViewEpochSampler(Sampler[int]):
     def global_sequence(self, epoch: int) -> np.ndarray:
         """All ranks' dataset indices of `epoch`, in the order one process would read them."""
         length = self.padded_size
+        num_images = len(self.groups.image_first)
+        image_dtype = index_dtype(num_images)
         if self.mode == "uniform":
-            every = np.arange(len(self.groups.image_first), dtype=np.int64)
-            return _stream(self.groups, every, length, self.seed, epoch, tag=0)
-        n_domains = len(self._domain_images)
+            every = np.arange(num_images, dtype=image_dtype)
+            return _stream(self.groups, every, length, self.seed, epoch, 0, self._dtype)
+        n_domains = len(self._domains)
         per_domain = -(-length // n_domains)
-        streams = [
-            _stream(self.groups, images, per_domain, self.seed, epoch, tag=1 + slot)
-            for slot, images in enumerate(self._domain_images)
-        ]
+        sequence = np.empty((per_domain, n_domains), dtype=self._dtype)
+        for slot, domain in enumerate(self._domains):
+            images = np.flatnonzero(self.groups.image_domain == domain).astype(image_dtype)
+            sequence[:, slot] = _stream(self.groups, images, per_domain, self.seed, epoch,
+                                        1 + slot, self._dtype)
         # Round-robin: position k reads domain k % n_domains, element k // n_domains of it.
-        return np.stack(streams, axis=1).reshape(-1)[:length]
+        return sequence.reshape(-1)[:length]
 
     def rank_sequence(self, epoch: int) -> np.ndarray:
         """This rank's dataset indices for `epoch`: its blocks of the global sequence."""
@@ -176,9 +202,10 @@ class ViewEpochSampler(Sampler[int]):
         self._resume_base = start
         # A later iteration of the same epoch starts from its beginning again.
         self.start_index = 0
-        for index in sequence[start:].tolist():
-            self._yielded += 1
-            yield index
+        for chunk in range(start, len(sequence), _YIELD_CHUNK):
+            for index in sequence[chunk : chunk + _YIELD_CHUNK].tolist():
+                self._yielded += 1
+                yield index
 
     def __len__(self) -> int:
         return self.samples_per_rank - self.start_index

@@ -21,11 +21,10 @@ from typing import Any
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cache_format.errors import CheckpointError, ConfigError, RegistryError
+from cache_format.errors import BatchMismatchError, CheckpointError, ConfigError, RegistryError
 
 DEFAULT_ARCH = "vit_base_patch14_reg4_dinov2"
 
@@ -137,21 +136,18 @@ class Student(nn.Module):
         """
         height, width = x.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
+            raise BatchMismatchError(
                 f"student input: image size {height}x{width} is not a multiple of the patch size "
                 f"{self.patch_size}; resize or crop the view to a multiple of it"
             )
-        vit = self.vit
-        tokens = vit.patch_embed(x)
-        tokens = vit._pos_embed(tokens)  # cls, registers, then patches with positions
-        tokens = vit.patch_drop(tokens)
-        tokens = vit.norm_pre(tokens)
-        if vit.grad_checkpointing and torch.is_grad_enabled():
-            tokens = checkpoint_seq(vit.blocks, tokens)
-        else:
-            tokens = vit.blocks(tokens)
-        # The final `vit.norm` is deliberately not applied: DUNE distils the pre-norm stream.
-        return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens :]], dim=1)
+        # timm's public feature API: the last block's tokens, split into prefix (cls, then
+        # registers) and patches, without the final norm (DUNE distils the pre-norm stream).
+        # It honours grad checkpointing (`set_grad_checkpointing`) itself.
+        ((patches, prefix),) = self.vit.forward_intermediates(
+            x, indices=1, norm=False, return_prefix_tokens=True, output_fmt="NLC",
+            intermediates_only=True,
+        )
+        return torch.cat([prefix[:, :1], patches], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Same as `forward_tokens`, so that DDP and `torch.compile` wrap the right call."""

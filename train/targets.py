@@ -13,13 +13,17 @@ the loss and the teacher statistics must mask them (they never stand for a teach
   exactly as stage one does: resize to the teacher's input size (`resize_for_teacher`),
   normalize with its mean / std, `forward_tokens` without gradients (bf16 autocast on CUDA).
   It is the reference's way of training and the baseline for the cached-vs-online parity.
+
+Online mode is the only part of stage two that needs stage one's teacher code, and the only
+reader of the manifest's `build_config` (the record of how each teacher was loaded): both are
+imported in `_load_cached_teachers` alone, when online targets are built, so that a cached run
+never imports the teacher registry, its models or the builder's config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,10 +32,13 @@ from cache_format.encodings import decode_tokens_torch
 from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.manifest import TOKEN_TYPES, Manifest
 from cache_format.reader import CacheReader
-from precompute.config import CacheBuildConfig
+from cache_format.serde import from_dict
 from precompute.render import normalize, resize_for_teacher
-from precompute.teachers.loaded import LoadedTeacher, load_teacher
-from train.data import Batch
+from train.batch import Batch
+from train.preflight import select_names
+
+if TYPE_CHECKING:  # annotations only: the teacher code is imported when online targets are built
+    from precompute.teachers.loaded import LoadedTeacher
 
 
 class Targets(dict[str, dict[str, Tensor]]):
@@ -53,19 +60,6 @@ class Targets(dict[str, dict[str, Tensor]]):
     def present(self, teacher: str) -> Tensor:
         """bool [B]: the rows where `teacher` has features."""
         return self.presence[:, self.teacher_names.index(teacher)]
-
-
-def _select_teachers(
-    manifest: Manifest, teachers: Sequence[str] | None, where: str
-) -> tuple[str, ...]:
-    names = tuple(teachers) if teachers else tuple(manifest.teachers)
-    missing = [t for t in names if t not in manifest.teachers]
-    if missing:
-        raise CacheMismatchError(
-            f"{where}: teachers {missing} are not in the cache (it has {list(manifest.teachers)})",
-            hint="choose teachers the cache holds",
-        )
-    return names
 
 
 def _check_batch(batch: Batch, teacher_names: tuple[str, ...], who: str) -> None:
@@ -99,7 +93,7 @@ class CachedTargets:
         self.device = torch.device(device)
         self.spec = manifest.encoding
         self.num_tokens = manifest.num_tokens
-        self.teacher_names = _select_teachers(manifest, teachers, reader.location)
+        self.teacher_names = select_names("teachers", teachers, manifest, reader.location)
         fps = {t: manifest.teachers[t] for t in self.teacher_names}
         self.dims: dict[str, int] = {t: fp.dim for t, fp in fps.items()}
         self.token_types: dict[str, tuple[str, ...]] = {
@@ -162,10 +156,10 @@ class CachedTargets:
 class OnlineTargets:
     """Targets computed live by the cache's own teachers on `batch.images` (see module doc).
 
-    The teachers are rebuilt from the manifest's build config; each must reproduce the cached
-    fingerprint (checkpoint sha256 or random-init seed, architecture, dims, patch size, token
-    types, normalization), else CacheMismatchError. `checkpoints` maps a teacher to where its
-    weights file lives now, when it moved since the build (the sha256 must still match).
+    The teachers are rebuilt from the manifest's build config (`_load_cached_teachers`): each
+    must reproduce the cached fingerprint (checkpoint sha256 or random-init seed, architecture,
+    dims, patch size, token types, normalization), else CacheMismatchError. Its checkpoint file
+    must therefore still be where the build read it.
     """
 
     def __init__(
@@ -173,29 +167,12 @@ class OnlineTargets:
         manifest: Manifest,
         teachers: Sequence[str] | None = None,
         device: torch.device | str = "cpu",
-        *,
-        checkpoints: Mapping[str, str] | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.grid: tuple[int, int] = (int(manifest.grid[0]), int(manifest.grid[1]))
         self.num_tokens = manifest.num_tokens
-        self.teacher_names = _select_teachers(manifest, teachers, "OnlineTargets")
-        if not manifest.build_config:
-            raise CacheMismatchError(
-                "OnlineTargets: the manifest holds no build_config, so the cached teachers "
-                "cannot be rebuilt",
-                hint="rebuild the cache with `dune-cache build`",
-            )
-        build = CacheBuildConfig.from_dict(manifest.build_config)
-        checkpoints = dict(checkpoints or {})
-        self.teachers: dict[str, LoadedTeacher] = {}
-        for name in self.teacher_names:
-            cfg = build.teacher(name)
-            if name in checkpoints:
-                cfg = replace(cfg, checkpoint=str(checkpoints[name]))
-            teacher = load_teacher(cfg, self.device)
-            _check_fingerprint(teacher, manifest, self.grid)
-            self.teachers[name] = teacher
+        self.teacher_names = select_names("teachers", teachers, manifest, "OnlineTargets")
+        self.teachers = _load_cached_teachers(manifest, self.teacher_names, self.device)
         self.dims: dict[str, int] = {t: m.dim for t, m in self.teachers.items()}
         self.token_types: dict[str, tuple[str, ...]] = {
             t: tuple(tok for tok in TOKEN_TYPES if tok in m.token_types)
@@ -238,34 +215,55 @@ class OnlineTargets:
         return Targets(out, presence, self.teacher_names)
 
 
+def _load_cached_teachers(
+    manifest: Manifest, names: Sequence[str], device: torch.device
+) -> dict[str, LoadedTeacher]:
+    """The cache's teachers, rebuilt from the manifest's build config and checked against their
+    fingerprints. The one place stage two imports the teacher code and reads `build_config`."""
+    from precompute.teachers.config import TeacherConfig
+    from precompute.teachers.loaded import load_teacher
+
+    stored = manifest.build_config.get("teachers")
+    entries = {e.get("name"): e for e in stored or [] if isinstance(e, Mapping)}
+    missing = [name for name in names if name not in entries]
+    if missing:
+        raise CacheMismatchError(
+            f"OnlineTargets: the manifest's build_config does not say how teachers {missing} "
+            "were loaded, so they cannot be rebuilt",
+            hint="rebuild the cache with `dune-cache build`",
+        )
+    configs = {name: from_dict(TeacherConfig, dict(entries[name]),
+                               where=f"build_config.teachers[{name}]") for name in names}
+    grid = (int(manifest.grid[0]), int(manifest.grid[1]))
+    teachers = {}
+    for name in names:
+        teacher = load_teacher(configs[name], device)
+        _check_fingerprint(teacher, manifest, grid)
+        teachers[name] = teacher
+    return teachers
+
+
 def _check_fingerprint(teacher: LoadedTeacher, manifest: Manifest, grid: tuple[int, int]) -> None:
-    """Refuse a rebuilt teacher whose weights or shape facts differ from the cached ones."""
-    fp = manifest.teachers[teacher.name]
-    found: dict[str, Any] = {
+    """Refuse a rebuilt teacher whose weights or shape facts differ from the cached ones (every
+    differing field named, through the manifest's own comparison)."""
+    rebuilt: dict[str, Any] = {
         "checkpoint_sha256": teacher.checkpoint_sha256,
         "arch": teacher.arch,
         "dim": teacher.dim,
         "patch_size": teacher.patch_size,
         "input_size": tuple(teacher.input_size(grid)),
-        "token_types": tuple(sorted(teacher.token_types)),
+        "token_types": tuple(teacher.token_types),  # in the order the builder stores them
         "mean": tuple(float(v) for v in teacher.mean),
         "std": tuple(float(v) for v in teacher.std),
     }
-    expected: dict[str, Any] = {
-        "checkpoint_sha256": fp.checkpoint_sha256,
-        "arch": fp.arch,
-        "dim": fp.dim,
-        "patch_size": fp.patch_size,
-        "input_size": tuple(int(v) for v in fp.input_size),
-        "token_types": tuple(sorted(fp.token_types)),
-        "mean": tuple(float(v) for v in fp.mean),
-        "std": tuple(float(v) for v in fp.std),
-    }
-    for field, value in expected.items():
-        if found[field] != value:
-            raise CacheMismatchError(
-                f"online teacher {teacher.name!r}: {field} is {found[field]!r} but the cache was "
-                f"built with {value!r}; online targets would not be the cached teacher's",
-                hint="load the same weights the cache was built from (checkpoints=... when the "
-                "file moved), or rebuild the cache",
-            )
+    differ = manifest.differences(teachers={teacher.name: rebuilt})
+    if differ:
+        prefix = f"teachers.{teacher.name}."
+        detail = "; ".join(f"{d.path.removeprefix(prefix)} is {d.expected!r} but the cache was "
+                           f"built with {d.found!r}" for d in differ)
+        raise CacheMismatchError(
+            f"online teacher {teacher.name!r}: {detail}; online targets would not be the cached "
+            "teacher's",
+            hint="load the same weights the cache was built from (the checkpoint file where the "
+            "build read it), or rebuild the cache",
+        )

@@ -16,7 +16,10 @@ their total over the batch (the reference's normalisation), so every kept (image
 pair weighs the same and the loss scale does not depend on how many were dropped. A batch
 where nothing is kept yields all-zero coefficients, not NaN.
 
-All randomness comes from an optional `torch.Generator`, so a run is reproducible and resumable.
+Randomness: a `TeacherDropping` owns its generator (seeded with `seed`, saved and restored with
+`rng_state` / `set_rng_state`, so a resumed run draws what the uninterrupted one drew). It
+draws for the *global* batch: given `rank` and `world_size`, each process keeps its own slice of
+the draws and skips the others', so N processes drop exactly what one process would.
 """
 
 from __future__ import annotations
@@ -27,9 +30,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cache_format.errors import ConfigError
+from cache_format.errors import BatchMismatchError, ConfigError
 
-DROP_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
+DROPPING_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
+
+
+def check_dropping(strategy: str, p: float, field: str = "dropping") -> None:
+    """ConfigError unless `strategy` is a strategy and `p` a probability; `field` is the config
+    table the message names (`dropping` in a run's config)."""
+    if strategy not in DROPPING_STRATEGIES:
+        raise ConfigError(
+            f"{field}.strategy: {strategy!r} is not a strategy; valid strategies are "
+            f"{', '.join(DROPPING_STRATEGIES)}"
+        )
+    if not 0.0 <= p <= 1.0:
+        raise ConfigError(f"{field}.p: expected a probability in [0, 1], found {p}")
 
 
 class TeacherDropping:
@@ -41,9 +56,11 @@ class TeacherDropping:
     DDP's gradient averaging divides back out), so that N processes match one process with the
     same global batch; the reference normalises per rank (the default).
 
-    Randomness contract: `lowest_loss` consumes exactly one `torch.rand((B, n), generator=...)`
-    per call, row-major, whatever the losses and the mask, so a DDP rank can skip the other
-    ranks' draws and reproduce what one process would draw for the global batch.
+    Randomness: `lowest_loss` draws one uniform number per (image, teacher) of the global batch
+    per call, row-major, whatever the losses and the mask, from `generator` if one is given,
+    else from its own (seeded with `seed`). This process, rank `rank` of `world_size`, keeps
+    the draws of its rows (every rank holds the same number of rows) and skips the other
+    ranks', so every rank's generator ends each call where one process's would.
     """
 
     def __init__(
@@ -53,14 +70,16 @@ class TeacherDropping:
         teacher_domains: Sequence[str | None] = (),
         generic_domain: str | None = None,
         across_ranks: bool = False,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        if strategy not in DROP_STRATEGIES:
+        check_dropping(strategy, p, field="teacher_dropping")
+        if not 0 <= rank < world_size:
             raise ConfigError(
-                f"teacher_dropping.strategy: {strategy!r} is not a strategy; valid strategies "
-                f"are {', '.join(DROP_STRATEGIES)}"
+                f"teacher_dropping.rank: expected a rank in [0, {world_size}), found {rank}"
             )
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"teacher_dropping.p: expected a probability in [0, 1], found {p}")
         if strategy in ("own_data", "own+generic_data") and not teacher_domains:
             raise ConfigError(
                 f"teacher_dropping.teacher_domains: strategy {strategy!r} needs each teacher's "
@@ -83,6 +102,16 @@ class TeacherDropping:
         self.teacher_domains = tuple(teacher_domains)
         self.generic_domain = generic_domain
         self.across_ranks = across_ranks
+        self.rank, self.world_size = rank, world_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def rng_state(self) -> Tensor:
+        """The own generator's state (what a checkpoint keeps for an exact resume)."""
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: Tensor) -> None:
+        """Restore what `rng_state` returned."""
+        self.generator.set_state(state)
 
     def __repr__(self) -> str:
         return (
@@ -97,7 +126,10 @@ class TeacherDropping:
         sample_domains: Sequence[str] | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Normalised coefficients [B, n] (float32, no gradient); see `coefficients`."""
+        """Normalised coefficients [B, n] (float32, no gradient); see `coefficients`.
+
+        `generator`: draw from it instead of the own generator (tests that replay draws).
+        """
         return normalize_coefficients(
             self.coefficients(losses, present, sample_domains, generator), self.across_ranks
         )
@@ -117,7 +149,7 @@ class TeacherDropping:
         `sample_domains` the domain of each image (needed by the `own*` strategies).
         """
         if losses.ndim != 2:
-            raise ValueError(
+            raise BatchMismatchError(
                 f"TeacherDropping: losses must be [B, n_teachers], found {tuple(losses.shape)}"
             )
         batch, n_teachers = losses.shape
@@ -125,7 +157,7 @@ class TeacherDropping:
             present = torch.ones(batch, n_teachers, dtype=torch.bool, device=losses.device)
         present = present.to(device=losses.device, dtype=torch.bool)
         if present.shape != losses.shape:
-            raise ValueError(
+            raise BatchMismatchError(
                 f"TeacherDropping: presence mask {tuple(present.shape)} does not match losses "
                 f"{tuple(losses.shape)}"
             )
@@ -145,11 +177,23 @@ class TeacherDropping:
         candidates = losses.float().masked_fill(~present, float("-inf"))
         highest = torch.zeros_like(present)
         highest.scatter_(1, candidates.argmax(dim=1, keepdim=True), True)
-        # One draw per (image, teacher), even for the kept one: the generator advances by the
-        # same amount every step, whatever the losses, which keeps resumed runs identical.
-        device = generator.device if generator is not None else losses.device
-        draws = torch.rand(losses.shape, generator=generator, device=device).to(losses.device)
+        draws = self._draws(losses.shape, generator or self.generator).to(losses.device)
         return highest | (draws >= self.p)
+
+    def _draws(self, shape: torch.Size, generator: torch.Generator) -> Tensor:
+        """This rank's rows of one draw per (image, teacher) of the global batch.
+
+        One draw even for the kept teacher: the generator advances by the same amount every
+        call, whatever the losses, which keeps resumed runs identical.
+        """
+        per_rank = shape[0] * shape[1]
+        before, after = self.rank * per_rank, (self.world_size - self.rank - 1) * per_rank
+        if before:
+            torch.rand(before, generator=generator, device=generator.device)
+        draws = torch.rand(shape, generator=generator, device=generator.device)
+        if after:
+            torch.rand(after, generator=generator, device=generator.device)
+        return draws
 
     def _keep_own_domain(
         self,
@@ -165,7 +209,7 @@ class TeacherDropping:
             )
         if sample_domains is None or len(sample_domains) != batch:
             found = "none" if sample_domains is None else len(sample_domains)
-            raise ValueError(
+            raise BatchMismatchError(
                 f"TeacherDropping({self.strategy}): needs the domain of each of the {batch} "
                 f"images, found {found}"
             )

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cache_format.errors import ConfigError, TrainingError
+from cache_format.errors import BatchMismatchError, ConfigError, TrainingError
 
 NORM_MODES = ("exact", "batch")
 MOMENTUM_START = 1.0
@@ -122,7 +122,7 @@ class TeacherNorm(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Standardized float32 copy of `x`; `mask` ([B] bool) marks the samples that count."""
         if x.ndim not in (2, 3) or x.shape[-1] != self.dim:
-            raise ValueError(
+            raise BatchMismatchError(
                 f"TeacherNorm: expected [B, {self.dim}] (cls) or [B, T, {self.dim}] (patch), "
                 f"found shape {tuple(x.shape)}"
             )

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from cache_format.errors import ConfigError, TrainingError
+from cache_format.errors import ConfigError
 from train.checkpoint import (
     BEST,
     LAST,
@@ -34,18 +34,18 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import TrainConfig
+from train.curves import draw_loss_curves
+from train.distributed import setup_distributed
 from train.evaluation import evaluate_heldout
-from train.export import DistillModel
-from train.losses import TeacherDropping, masked_teacher_losses, total_loss
-from train.metrics import LiveProgress, MetricsLog, draw_loss_curves, read_metrics
-from train.run_setup import (
-    RunContext,
-    check_resume,
-    init_model_from,
-    open_run_data,
-    setup_distributed,
-    write_run_files,
-)
+from train.init_from import init_model_from
+from train.losses import total_loss
+from train.metrics import MetricsLog, read_metrics
+from train.model import DistillModel
+from train.progress import LiveProgress
+from train.run_data import RunContext, open_run_data
+from train.run_folder import check_resume, write_run_files
+from train.step import DistillStep, check_finite
+from train.teacher_dropping import TeacherDropping
 
 
 def lr_at(step: int, total_steps: int, peak: float, min_lr: float, warmup_fraction: float) -> float:
@@ -114,24 +114,31 @@ class Trainer:
                 self.model, device_ids=self.dist.device_ids, broadcast_buffers=False
             )
         self.forward = torch.compile(forward) if cfg.compile else forward
-        # -- targets and teacher dropping -------------------------------------------------------
-        self.targets = self.ctx.make_targets(self.device)
+        # -- a batch's losses (shared with evaluation) and teacher dropping -----------------------
+        self.batch_losses = DistillStep(
+            self.model,
+            self.ctx.make_targets(self.device),
+            self.teachers,
+            self.ctx.student_mean,
+            self.ctx.student_std,
+            self.device,
+            autocast_dtype=torch.bfloat16 if self.device.type == "cuda" and cfg.amp else None,
+        )
+        # Draws for the *global* batch on every rank (each rank keeps its slice), so the drops
+        # do not depend on the number of processes.
         self.dropping = TeacherDropping(
             cfg.dropping.strategy,
             cfg.dropping.p,
             teacher_domains=[self.ctx.domains[t] for t in self.teachers],
             generic_domain=self.ctx.generic_domain,
             across_ranks=True,
+            seed=cfg.seed + 1,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
-        # A CPU generator drawn for the *global* batch on every rank (each rank keeps its
-        # slice), so the drops do not depend on the number of processes.
-        self.drop_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" and cfg.amp else None
         self.step = 0
         self.best_heldout = math.inf
         self.run_dir = Path(cfg.out_dir)
-        self.mean = torch.tensor(self.ctx.student_mean, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(self.ctx.student_std, device=self.device).view(1, 3, 1, 1)
 
     # -- exact resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -150,7 +157,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "sampler": sampler_state,
             "rng_per_rank": rngs,
-            "drop_generator": self.drop_generator.get_state(),
+            "drop_generator": self.dropping.rng_state(),
             "best_heldout": self.best_heldout,
             "world_size": self.dist.world_size,
         }
@@ -163,7 +170,7 @@ class Trainer:
         self.ctx.sampler.load_state_dict(sampler_state)
         self.step = int(state["step"])
         set_rng_state(state["rng_per_rank"][self.dist.rank])
-        self.drop_generator.set_state(state["drop_generator"])
+        self.dropping.set_rng_state(state["drop_generator"])
         self.best_heldout = float(state["best_heldout"])
 
     @property
@@ -245,16 +252,12 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # -- forward: student + projectors, targets, per-teacher losses, dropping ------------------
-        batch = batch.to(self.device, non_blocking=True)
-        loss, logged = self._loss(batch)
+        out = self.batch_losses(batch, forward=self.forward)
+        coeffs = self.dropping(out.losses.detach(), out.present, list(batch.domains))
+        loss = total_loss(out.losses, coeffs)
+        logged = self._reduce_for_log(loss, out.losses, out.present)
         # -- stop on a non-finite loss, naming the step and each teacher ---------------------------
-        if not all(math.isfinite(v) for v in logged.values()):
-            per_teacher = ", ".join(f"{k}={v:.4g}" for k, v in logged.items())
-            raise TrainingError(
-                f"step {self.step + 1}: non-finite loss ({per_teacher})",
-                hint="lower optim.lr, check the cache with `dune-cache verify`, or set "
-                "amp = false; the last checkpoint is intact",
-            )
+        check_finite(logged, step=self.step + 1)
         # -- backward, clip, optimizer step --------------------------------------------------------
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -279,44 +282,6 @@ class Trainer:
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
-
-    def _loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss of one batch and the values to log (reduced over ranks)."""
-        images = (batch.images - self.mean) / self.std
-        with torch.autocast(
-            self.device.type, dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        ):
-            preds = self.forward(images)
-        with torch.no_grad():
-            targets = self.targets(batch)
-        present = batch.presence.to(self.device)
-        columns = []
-        for i, teacher in enumerate(self.teachers):
-            normed = {
-                tok: self.model.norms[teacher][tok](value, mask=present[:, i])
-                for tok, value in targets[teacher].items()
-            }
-            columns.append(masked_teacher_losses(preds[teacher], normed, present[:, i]))
-        losses = torch.stack(columns, dim=1)
-        coeffs = self._dropping(losses, present, batch)
-        loss = total_loss(losses, coeffs)
-        return loss, self._reduce_for_log(loss, losses, present)
-
-    def _dropping(self, losses: torch.Tensor, present: torch.Tensor, batch: Any) -> torch.Tensor:
-        """Teacher-dropping coefficients, with random draws independent of the world size."""
-        n = losses.shape[1]
-        rank, world = self.dist.rank, self.dist.world_size
-        if self.dropping.strategy == "lowest_loss" and world > 1:
-            # Skip the draws of the ranks before this one, then of the ranks after it: every
-            # rank ends the step with the generator where one process would have it.
-            torch.rand(rank * self.local_batch * n, generator=self.drop_generator)
-        coeffs = self.dropping(
-            losses.detach(), present, list(batch.domains), generator=self.drop_generator
-        )
-        if self.dropping.strategy == "lowest_loss" and world > 1:
-            torch.rand((world - rank - 1) * self.local_batch * n, generator=self.drop_generator)
-        return coeffs
 
     def _reduce_for_log(
         self, loss: torch.Tensor, losses: torch.Tensor, present: torch.Tensor
@@ -348,7 +313,11 @@ class Trainer:
         # Evaluating must not move the training RNG (its loader draws a seed): a run that
         # evaluates at its stop step and is then resumed draws what an uninterrupted one draws.
         with torch.random.fork_rng(devices=[]):
-            result = evaluate_heldout(self, self.ctx.heldout_data)
+            result = evaluate_heldout(
+                self.batch_losses, self.ctx.heldout_data, batch_size=self.local_batch,
+                collate=self.ctx.collate, at_step=self.step, rank=self.dist.rank,
+                world_size=self.dist.world_size,
+            )
         if metrics is not None:
             metrics.write({"kind": "eval", "step": self.step, **result})
         # The untrained baseline (step 0) is not a candidate for best.pt.

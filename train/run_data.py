@@ -1,0 +1,119 @@
+"""What a run reads from its cache before step 0: the pre-flight, data, sampler and targets.
+
+`open_run_data` opens the cache read-only, runs the pre-flight once (`train.preflight`: every
+way the cache does not fit the run, reported together) and then builds the training and
+held-out datasets, the epoch sampler, the teachers' exact statistics and the targets factory.
+A cached run imports only `cache_format` and the view-replay code of stage one; online targets
+import the teachers when they are built (`train.targets`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from cache_format.manifest import Manifest
+from cache_format.reader import CacheReader, open_cache
+from cache_format.stats import ChannelStats
+from train.batch import Batch, collate_cached
+from train.config import TrainConfig
+from train.data import CacheTrainData
+from train.distributed import DistInfo
+from train.model import TeacherHead
+from train.preflight import preflight
+from train.sampling import ViewEpochSampler
+from train.student import build_student
+from train.targets import CachedTargets, OnlineTargets, Targets
+
+
+@dataclass
+class RunContext:
+    """What the run read from the cache: data, sampler, teachers, statistics, targets."""
+
+    reader: CacheReader
+    manifest: Manifest
+    heads: dict[str, TeacherHead]
+    datasets: tuple[str, ...]
+    domains: dict[str, str]
+    generic_domain: str
+    stats: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    train_data: CacheTrainData
+    heldout_data: CacheTrainData | None
+    sampler: ViewEpochSampler
+    collate: Callable[[list[Any]], Batch]
+    make_targets: Callable[[torch.device], Callable[[Batch], Targets]]
+    student_mean: tuple[float, float, float]
+    student_std: tuple[float, float, float]
+
+
+def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
+    """Open the cache, check it against the run, and build the data, sampler and targets."""
+    reader = open_cache(cfg.data.cache)
+    manifest = reader.manifest
+    # The student's patch: built on the meta device, so that checking costs no memory.
+    with torch.device("meta"):
+        student = build_student(cfg.student)
+    checked = preflight(cfg, manifest, reader.location, student_patch=student.patch_size)
+    teachers, datasets = list(checked.teachers), list(checked.datasets)
+    heads = {
+        t: TeacherHead(dim=manifest.teachers[t].dim, has_cls=manifest.teachers[t].has_cls)
+        for t in teachers
+    }
+    # Exact statistics of each teacher over the selected datasets it has features for.
+    stats = {
+        t: {
+            tok: _stats_tensors(
+                reader.stats(t, tok, [d for d in datasets if d in reader.datasets_for(t)])
+            )
+            for tok in heads[t].token_types
+        }
+        for t in teachers
+    }
+    # Online runs compute targets live: the loader then reads no tokens at all.
+    data_args = dict(
+        roots=cfg.data.roots, heldout_images=cfg.data.heldout_images,
+        img_size=cfg.student.img_size, student_patch=student.patch_size,
+        read_tokens=not cfg.online,
+    )
+    train_data = CacheTrainData(reader, teachers, datasets, split="train", **data_args)
+    heldout_data = None
+    if cfg.data.heldout_images > 0:
+        heldout_data = CacheTrainData(reader, teachers, datasets, split="heldout", **data_args)
+    sampler = ViewEpochSampler(
+        train_data, cfg.seed, cfg.data.sampling, cfg.epoch_size,
+        rank=dist_info.rank, world_size=dist_info.world_size,
+        batch_size=cfg.batch_size // dist_info.world_size,
+    )
+
+    def make_targets(device: torch.device) -> Callable[[Batch], Targets]:
+        if cfg.online:
+            return OnlineTargets(manifest, teachers, device)
+        return CachedTargets(reader, teachers, device)
+
+    pretrained = getattr(student.vit, "pretrained_cfg", None) or {}
+    return RunContext(
+        reader=reader,
+        manifest=manifest,
+        heads=heads,
+        datasets=checked.datasets,
+        domains=checked.teacher_domains,
+        generic_domain=checked.generic_domain,
+        stats=stats,
+        train_data=train_data,
+        heldout_data=heldout_data,
+        sampler=sampler,
+        collate=collate_cached,
+        make_targets=make_targets,
+        student_mean=tuple(pretrained.get("mean", IMAGENET_DEFAULT_MEAN)),
+        student_std=tuple(pretrained.get("std", IMAGENET_DEFAULT_STD)),
+    )
+
+
+def _stats_tensors(stats: ChannelStats) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.as_tensor(stats.mean, dtype=torch.float32)
+    std = torch.as_tensor(stats.std, dtype=torch.float32)
+    return mean, std

@@ -1,0 +1,81 @@
+"""The run folder's own files, and the check that a rerun continues the same run.
+
+`write_run_files` records the resolved config (`config.json`) and the heads, domains and the
+cache's fingerprint (`teachers.json`). `check_resume` compares a rerun with both before it
+resumes from `checkpoints/last.pt`: a different run never silently continues another one's
+checkpoint. The cache side of that comparison is the manifest's own (`Manifest.differences`), so
+the error names every field in which the cache differs from the one the run started on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError
+from cache_format.manifest import Manifest
+from cache_format.serde import to_dict
+from train.config import TrainConfig, resume_differences
+from train.export import CONFIG_FILE, TEACHERS_FILE
+from train.run_data import RunContext
+
+#: The manifest fields a run depends on beside its teachers' and datasets' fingerprints.
+_FINGERPRINT_FIELDS = ("grid", "student_patch", "views_per_image", "encoding")
+
+
+def cache_fingerprint(manifest: Manifest, teachers: list[str], datasets: list[str]
+                      ) -> dict[str, Any]:
+    """The part of a cache's manifest a run depends on (recorded in the run folder)."""
+    return {
+        **{name: to_dict(getattr(manifest, name)) for name in _FINGERPRINT_FIELDS},
+        "teachers": {t: to_dict(manifest.teachers[t]) for t in teachers},
+        "datasets": {d: to_dict(manifest.datasets[d]) for d in datasets},
+    }
+
+
+def write_run_files(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
+    """config.json (the resolved config) and teachers.json (heads + cache fingerprint)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    teachers = {
+        "heads": {n: {"dim": h.dim, "has_cls": h.has_cls} for n, h in ctx.heads.items()},
+        "domains": ctx.domains,
+        "cache": cfg.data.cache,
+        "cache_fingerprint": cache_fingerprint(ctx.manifest, list(ctx.heads),
+                                               list(ctx.datasets)),
+    }
+    (run_dir / TEACHERS_FILE).write_text(json.dumps(teachers, indent=2) + "\n")
+
+
+def check_resume(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
+    """Refuse to resume a run folder written by a different config or cache."""
+    config_file, teachers_file = run_dir / CONFIG_FILE, run_dir / TEACHERS_FILE
+    if not config_file.is_file() or not teachers_file.is_file():
+        raise CheckpointError(
+            f"{run_dir}: has a checkpoint but no {CONFIG_FILE} / {TEACHERS_FILE}",
+            hint="this folder was not written by dune-train fit; pick another --out",
+        )
+    diffs = resume_differences(json.loads(config_file.read_text()), cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"{run_dir}: the run there used another config; differing fields: "
+            + "; ".join(diffs[:8]),
+            hint="rerun with the same config (only max_steps, intervals, paths may change), "
+            "or pass a new --out to start a new run",
+        )
+    stored = json.loads(teachers_file.read_text()).get("cache_fingerprint")
+    fields = (*_FINGERPRINT_FIELDS, "teachers", "datasets")
+    if not isinstance(stored, dict) or set(stored) != set(fields):
+        raise CheckpointError(
+            f"{run_dir / TEACHERS_FILE}: cache_fingerprint: expected the fields {list(fields)}, "
+            f"found {sorted(stored) if isinstance(stored, dict) else stored!r}",
+            hint="this folder was written by another dune-train version; pass a new --out",
+        )
+    differ = ctx.manifest.differences(**stored)
+    if differ:
+        raise CacheMismatchError(
+            f"{run_dir}: the run there trained on a cache with other contents than "
+            f"{cfg.data.cache}: " + "; ".join(str(d) for d in differ),
+            hint="resume with the cache the run started with, or pass a new --out",
+        )

@@ -1,0 +1,82 @@
+"""Replaying a cached view for the student: the one place stage two uses stage one's view code.
+
+Everything comes from the manifest's replay section (`cache_format.replay.ReplaySpec`): the view
+settings become stage one's `ViewConfig`, each dataset's source description its `DatasetConfig`,
+opened with the build's decoding settings so that every pixel decodes as the teachers saw it.
+Only the view-replay modules of `precompute` are imported (`views`, `view_params`, `render`,
+`sources`, `decode`): never its config, builder or teachers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+from cache_format.errors import BadImageError, CacheMismatchError
+from cache_format.manifest import DatasetFingerprint
+from cache_format.replay import ReplaySpec
+from cache_format.serde import from_dict, to_dict
+from precompute.render import render_view
+from precompute.sources import DatasetConfig, ImageSource, open_source
+from precompute.view_params import check_replay
+from precompute.views import ViewConfig, sample_view
+
+
+def view_config(spec: ReplaySpec) -> ViewConfig:
+    """The build's view settings as stage one's `ViewConfig` (its checks run again)."""
+    return from_dict(ViewConfig, to_dict(spec.views), where="manifest.replay.views")
+
+
+def open_replay_source(
+    spec: ReplaySpec, fingerprint: DatasetFingerprint, location: str, root: str | None = None
+) -> ImageSource:
+    """Open where a dataset's images are now (`root` overrides the build's) and check that they
+    are the ones the cache was built from (same count, same ordered key hash)."""
+    name = fingerprint.name
+    stored = spec.datasets[name]
+    cfg = DatasetConfig(
+        name=name, kind=stored.kind, root=str(root) if root is not None else stored.root,
+        domain=stored.domain, list_file=stored.list_file, hdf5_key=stored.hdf5_key,
+        max_images=stored.max_images,
+    )
+    source = open_source(cfg, max_pixels=stored.max_pixels, unusual_modes=stored.unusual_modes)
+    # The source hashed its keys while listing them: no second list of every key is made here.
+    if len(source) != fingerprint.num_images or source.keys_sha256 != fingerprint.keys_sha256:
+        raise CacheMismatchError(
+            f"dataset {name}: the images under {cfg.root!r} are not the ones the cache "
+            f"{location} was built from (found {len(source)} images with key hash "
+            f"{source.keys_sha256[:12]}..., the cache has {fingerprint.num_images} with "
+            f"{fingerprint.keys_sha256[:12]}...)",
+            hint=f"point roots.{name} at the original images, or rebuild the cache",
+        )
+    return source
+
+
+def replay_view(
+    source: ImageSource,
+    spec: ReplaySpec,
+    views: ViewConfig,
+    sample: int,
+    stored: np.ndarray,
+    out_hw: tuple[int, int],
+    where: str,
+) -> Tensor:
+    """The student's view of `sample` of `source`'s dataset, sampled again with the build's seed
+    and settings, checked against its stored row, rendered at `out_hw` (float32 in [0, 1])."""
+    image_index, view_index = divmod(int(sample), spec.views_per_image)
+    name = source.cfg.name
+    try:
+        image = source.load(image_index)
+    except BadImageError as exc:
+        raise CacheMismatchError(
+            f"dataset {name}, sample {sample}: the source image was usable when the cache was "
+            f"built but now fails ({exc})",
+            hint="restore the original image file",
+        ) from exc
+    params = sample_view(
+        spec.seed, name, image_index, view_index, (int(image.shape[1]), int(image.shape[2])), views
+    )
+    check_replay(stored, params,
+                 where=f"{where}: dataset {name}, sample {sample} (image {image_index}, "
+                 f"view {view_index})")
+    return render_view(image, params, out_hw)
