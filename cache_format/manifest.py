@@ -46,6 +46,11 @@ STATUS_PENDING = 0
 # set without '.': a dotted name would read as a nested table in TOML and in an override.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
+# Caches written before the rule above allowed '.' in dataset and teacher names. A stored name is
+# a fact about an existing cache, not a choice: fingerprints (what a manifest holds) accept those
+# names so that such a cache stays readable; every config that names something new is held to
+# NAME_RULE.
+_STORED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def status_name(code: int) -> str:
@@ -66,12 +71,15 @@ def status_code(name: str) -> int:
     )
 
 
-def check_node_name(name: str, what: str) -> None:
+def check_node_name(name: str, what: str, *, stored: bool = False) -> None:
     """Refuse a dataset / teacher / domain name that is not a portable node name (`NAME_RULE`).
 
     The one name rule of the project: configs of both stages and the manifest call it.
+    `stored=True` (the manifest's fingerprints) also accepts the '.' that caches written before
+    the rule allowed, so that those caches stay readable.
     """
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    pattern = _STORED_NAME_RE if stored else _NAME_RE
+    if not isinstance(name, str) or not pattern.match(name):
         raise ConfigError(
             f"{what}: expected a name of {NAME_RULE} (it names cache groups and TOML keys), "
             f"found {name!r}"
@@ -106,7 +114,7 @@ class TeacherFingerprint:
     dim: int
 
     def __post_init__(self) -> None:
-        check_node_name(self.name, "teacher name")
+        check_node_name(self.name, "teacher name", stored=True)
         if "patch" not in self.token_types or not set(self.token_types) <= set(TOKEN_TYPES):
             raise ConfigError(
                 f"teacher {self.name}: token_types must hold 'patch' and optionally 'cls', "
@@ -138,7 +146,7 @@ class DatasetFingerprint:
     domain: str = ""
 
     def __post_init__(self) -> None:
-        check_node_name(self.name, "dataset name")
+        check_node_name(self.name, "dataset name", stored=True)
         if self.num_images <= 0:
             raise ConfigError(
                 f"dataset {self.name}: num_images must be > 0, found {self.num_images}")
