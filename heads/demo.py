@@ -35,10 +35,11 @@ from heads.synthetic import make_shapes_classification, make_shapes_segmentation
 class HeadsDemoSizes:
     """What sets the heads step's cost (about a minute on 2 CPU cores with the demo's models)."""
 
-    seg_images: int = 80
-    cls_train: int = 60
-    cls_val: int = 30
-    epochs: int = 15
+    seg_images: int = 64
+    cls_train: int = 48
+    cls_val: int = 24
+    label_size: int = 56
+    epochs: int = 10
     lrs: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     pca_images: int = 3
     panel: int = 128
@@ -62,7 +63,7 @@ def run(root: str | Path, console: Console, sizes: HeadsDemoSizes = HeadsDemoSiz
     started = time.perf_counter()
     console.rule("[bold]heads: frozen encoders, linear heads on generated data")
     grid = open_cache(root / "cache").manifest.grid[0]
-    side = grid * 14
+    side = grid * 14  # the student's image size: the data needs no resize for /14 encoders
     seg_data, cls_data = out / "data" / "shapes-seg", out / "data" / "shapes-cls"
     if not (seg_data / "classes.txt").is_file():
         make_shapes_segmentation(seg_data, sizes.seg_images, side=side, seed=1)
@@ -74,7 +75,8 @@ def run(root: str | Path, console: Console, sizes: HeadsDemoSizes = HeadsDemoSiz
         for task, data in (("segmentation", seg_data), ("classification", cls_data)):
             feats = out / "features" / f"{enc.name}-{task}"
             extract_features(enc, FeaturesConfig(task=task, data=str(data), grid=grid,
-                                                 label_size=side, batch_size=64), feats,
+                                                 label_size=sizes.label_size, batch_size=64),
+                             feats,
                              overwrite=True)
             fit_heads(HeadConfig(task=task, features=str(feats), epochs=sizes.epochs,
                                  lrs=sizes.lrs), out / "runs" / f"{enc.name}-{task}")

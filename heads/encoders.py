@@ -99,15 +99,15 @@ def load_encoders(spec: str, *, checkpoint: str | None = None, pretrained: bool 
 
         found = [load_dune_encoder(*_path_and_teacher(rest))]
     elif kind == "timm":
-        found = [_from_teacher_config(_teacher_config(safe_name(rest), f"timm:{rest}",
+        found = [from_teacher_config(_teacher_config(safe_name(rest), f"timm:{rest}",
                                                       checkpoint, pretrained), spec)]
     elif kind == "teacher":
         name, _, config = rest.partition("@")
         if config:
-            found = [_from_teacher_config(t, f"teacher:{t.name}@{config}")
+            found = [from_teacher_config(t, f"teacher:{t.name}@{config}")
                      for t in _config_teachers(config, name)]
         else:
-            found = [_from_teacher_config(_teacher_config(safe_name(name), name, checkpoint,
+            found = [from_teacher_config(_teacher_config(safe_name(name), name, checkpoint,
                                                           pretrained), spec)]
     else:
         raise ConfigError(f"encoder {spec!r}: unknown kind {kind!r}; expected one of "
@@ -158,7 +158,7 @@ def _config_teachers(config: str, name: str) -> list:
     return teachers
 
 
-def _from_teacher_config(cfg, spec: str) -> FrozenEncoder:  # noqa: ANN001
+def from_teacher_config(cfg, spec: str) -> FrozenEncoder:  # noqa: ANN001
     """A registered teacher (load_teacher: the same loading as `dune-cache build`)."""
     from precompute.teachers import load_teacher
 

@@ -89,8 +89,10 @@ def preprocess(image: torch.Tensor, size: tuple[int, int], mean: tuple[float, ..
                std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [3, H, W] -> normalized float32 [3, h, w] (bicubic, antialiased resize)."""
     x = image.float().div(255.0)[None]
-    x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-    x = x.clamp(0.0, 1.0)[0]
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0.0, 1.0)
+    x = x[0]
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     return (x - m) / s

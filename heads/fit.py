@@ -112,6 +112,8 @@ class FeatureBatches:
             tokens = {tok: enc.to(self.device).decode()[inverse.to(self.device)]
                       for tok, enc in got[self.features.encoder].items()}
         labels = torch.as_tensor(np.asarray(self.labels[rows]))
+        if labels.dtype != torch.float32:  # class indices: int64 once, not once per head
+            labels = labels.long()
         return tokens, labels.to(self.device)
 
 
@@ -146,9 +148,9 @@ def evaluate(grid: HeadGrid, data: FeatureBatches, cfg: HeadConfig, classes: int
     size = cfg.batch_size or DEFAULT_BATCH[grid.task]
     for first in range(0, len(data), size):
         tokens, labels = data.batch(np.arange(first, min(first + size, len(data))))
-        x = grid.inputs(tokens)
+        predictions = grid.predictions(grid.inputs(tokens))
         for score, h in zip(scores, heads, strict=True):
-            score.update(grid.predict(h, x), labels)
+            score.update(predictions[h], labels)
     return [score.compute() for score in scores]
 
 
@@ -188,10 +190,13 @@ def fit_heads(cfg: HeadConfig, out: str | Path, log: Any = None) -> dict[str, An
             tokens, labels = train.batch(np.sort(order[first:first + size]))
             x = grid.inputs(tokens)  # read and standardized once for the whole grid
             optimizer.zero_grad(set_to_none=True)
-            for h in range(len(settings)):  # one backward per head keeps memory at one head's
-                loss = task_loss(task, grid.forward_one(h, x), labels, IGNORE)
-                loss.backward()
-                epoch_loss[h] += float(loss.detach())
+            for chunk in grid.chunks(len(labels)):  # heads batched within a memory budget
+                outputs = grid.forward_heads(chunk, x)
+                head_losses = [task_loss(task, outputs[j], labels, IGNORE)
+                               for j in range(len(chunk))]
+                torch.stack(head_losses).sum().backward()
+                for h, loss in zip(chunk, head_losses, strict=True):
+                    epoch_loss[h] += float(loss.detach())
             optimizer.step()
             step += 1
         losses = epoch_loss / steps_per_epoch

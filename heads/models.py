@@ -64,32 +64,53 @@ class HeadGrid(nn.Module):
             return torch.cat([patch, cls[:, None].expand_as(patch)], 2)
         return patch
 
-    def forward_one(self, h: int, x: Tensor) -> Tensor:
-        """Head `h` on shared inputs: logits [B, C], logits [B, C, S, S] or depth [B, S, S]."""
-        y = self.heads[h](x)
+    def forward_heads(self, heads: range, x: Tensor) -> Tensor:
+        """Heads `heads` on shared inputs, in one batched map: [H, B, C] logits, [H, B, C, S, S]
+        logits or [H, B, S, S] depths. One matmul and one upsampling for all of them."""
+        chosen = [self.heads[h] for h in heads]
+        weight = torch.cat([head.weight for head in chosen])
+        bias = torch.cat([head.bias for head in chosen])
+        n, c = len(chosen), chosen[0].out_features
+        y = F.linear(x, weight, bias)  # [B, n*c] or [B, T, n*c]
         if self.task == Task.classification:
-            return y
+            return y.reshape(y.shape[0], n, c).transpose(0, 1)
         b, gh, gw = y.shape[0], *self.grid
-        y = y.transpose(1, 2).reshape(b, -1, gh, gw)
+        y = y.transpose(1, 2).reshape(b, n * c, gh, gw)
         side = (self.label_size, self.label_size)
         if self.task == Task.segmentation:
-            return F.interpolate(y, size=side, mode="bilinear", align_corners=False)
+            y = F.interpolate(y, size=side, mode="bilinear", align_corners=False)
+            return y.reshape(b, n, c, *side).transpose(0, 1)
         y = F.interpolate(y, scale_factor=DEPTH_UPSAMPLE, mode="bilinear", align_corners=False)
+        y = y.reshape(b, n, c, *y.shape[-2:])
         weights = F.relu(y) + 0.1
-        weights = weights / weights.sum(1, keepdim=True)
-        depth = (weights * self.bins[None, :, None, None]).sum(1, keepdim=True)
-        return F.interpolate(depth, size=side, mode="bilinear", align_corners=False)[:, 0]
+        weights = weights / weights.sum(2, keepdim=True)
+        depth = (weights * self.bins[None, None, :, None, None]).sum(2)  # [B, n, 4gh, 4gw]
+        depth = F.interpolate(depth, size=side, mode="bilinear", align_corners=False)
+        return depth.transpose(0, 1)
 
-    def predict(self, h: int, x: Tensor) -> Tensor:
-        """What metrics compare: logits [B, C], class map [B, S, S] or depth [B, S, S]."""
-        y = self.forward_one(h, x)
-        return y.argmax(1) if self.task == Task.segmentation else y
+    def chunks(self, batch: int, budget_bytes: int = 256 * 2**20) -> list[range]:
+        """Groups of heads whose batched outputs stay under `budget_bytes` (float32)."""
+        per_head = batch * self.heads[0].out_features * 4
+        if self.task != Task.classification:
+            per_head *= max(self.label_size, DEPTH_UPSAMPLE * max(self.grid)) ** 2
+        size = max(1, budget_bytes // max(per_head, 1))
+        count = len(self.heads)
+        return [range(i, min(i + size, count)) for i in range(0, count, size)]
+
+    def predictions(self, x: Tensor) -> list[Tensor]:
+        """What metrics compare, per head: logits [B, C], class map [B, S, S] or depth."""
+        out: list[Tensor] = []
+        for chunk in self.chunks(x.shape[0]):
+            y = self.forward_heads(chunk, x)
+            out += [y[j].argmax(1) if self.task == Task.segmentation else y[j]
+                    for j in range(len(chunk))]
+        return out
 
 
 def task_loss(task: Task, output: Tensor, target: Tensor, ignore: int) -> Tensor:
     """Cross-entropy (ignore index) for classes; scale-invariant log loss for depth."""
     if task != Task.depth:
-        return F.cross_entropy(output, target.long(), ignore_index=ignore)
+        return F.cross_entropy(output, target, ignore_index=ignore)
     valid = target > 0
     if not bool(valid.any()):
         return output.sum() * 0.0
