@@ -82,7 +82,8 @@ def run(root: str | Path, console: Console, sizes: HeadsDemoSizes = HeadsDemoSiz
                                  lrs=sizes.lrs), out / "runs" / f"{enc.name}-{task}")
         console.print(f"  {enc.name}: segmentation and classification heads fitted "
                       f"({time.perf_counter() - started:.0f} s)")
-    table = compare_runs([str(out / "runs")])
+    table = compare_runs([str(out / "runs" / f"{enc.name}-{task}") for enc in encoders
+                          for task in ("classification", "segmentation")])
     json_path, md_path = write_comparison(table, out)
     val_images = sorted((seg_data / "images").glob("*.png"))[-sizes.pca_images:]
     pictures = pca_pictures([str(p) for p in val_images], encoders, out / "pca",
