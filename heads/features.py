@@ -88,14 +88,24 @@ class FeaturesConfig:
 def preprocess(image: torch.Tensor, size: tuple[int, int], mean: tuple[float, ...],
                std: tuple[float, ...]) -> torch.Tensor:
     """uint8 [3, H, W] -> normalized float32 [3, h, w] (bicubic, antialiased resize)."""
-    x = image.float().div(255.0)[None]
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-        x = x.clamp(0.0, 1.0)
-    x = x[0]
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (x - m) / s
+    return preprocess_batch([image], size, mean, std)[0]
+
+
+def preprocess_batch(images: list[torch.Tensor], size: tuple[int, int],
+                     mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 images [3, H, W] -> normalized float32 [B, 3, h, w]; only resized ones are
+    converted one by one, the rest in one batched conversion."""
+    resized = []
+    for image in images:
+        if tuple(image.shape[-2:]) != tuple(size):
+            x = F.interpolate(image.float()[None], size=size, mode="bicubic", antialias=True,
+                              align_corners=False)[0]
+            image = x.clamp(0.0, 255.0)
+        resized.append(image)
+    batch = torch.stack([x.float() for x in resized]) if resized else torch.zeros(0, 3, *size)
+    m = torch.tensor(mean, dtype=torch.float32).mul(255.0)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32).mul(255.0)[:, None, None]
+    return (batch - m) / s
 
 
 def resize_label(label: np.ndarray, side: int) -> np.ndarray:
@@ -185,7 +195,7 @@ def _write_split(writer: CacheWriter, source: Any, split: str, encoder: FrozenEn
     added, failed = False, 0
     for shard in range(writer.num_shards(split)):
         start, stop = writer.shard_bounds(split, shard)
-        pixels, status = [], np.full(stop - start, STATUS_OK, np.uint8)
+        images, status = [], np.full(stop - start, STATUS_OK, np.uint8)
         for i in range(start, stop):
             try:
                 image, label = source.load(split, i)
@@ -197,13 +207,14 @@ def _write_split(writer: CacheWriter, source: Any, split: str, encoder: FrozenEn
                 report.bad(split, image_name, label_name, f"{type(exc).__name__}: {exc}")
                 reason = exc.reason if isinstance(exc, BadImageError) else "unreadable"
                 status[i - start] = status_code(reason)
-                pixels.append(torch.zeros(3, *size))
+                images.append(torch.zeros(3, *size, dtype=torch.uint8))
                 failed += 1
                 continue
-            pixels.append(preprocess(image, size, encoder.mean, encoder.std))
+            images.append(image)
             labels[i] = label if task == Task.classification else resize_label(label, side)
         valid = status == STATUS_OK
-        tokens = _encode(encoder, torch.stack(pixels), cfg.batch_size)
+        pixels = preprocess_batch(images, size, encoder.mean, encoder.std)
+        tokens = _encode(encoder, pixels, cfg.batch_size)
         if not added:
             calibration = ({tok: fit_calibration(x[valid] if valid.any() else x)
                             for tok, x in tokens.items()}

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from heads.encoders import FrozenEncoder
-from heads.features import preprocess
+from heads.features import preprocess_batch
 from heads.readers import read_image
 
 CAPTION = 16
@@ -80,8 +80,7 @@ def pca_pictures(images: list[str], encoders: list[FrozenEncoder], out: str | Pa
     pixels = [read_image(Path(p)) for p in images]
     colours = []
     for enc in encoders:
-        batch = torch.stack([preprocess(img, enc.input_size(grid), enc.mean, enc.std)
-                             for img in pixels]).to(enc.device)
+        batch = preprocess_batch(pixels, enc.input_size(grid), enc.mean, enc.std).to(enc.device)
         patches = torch.cat([enc.forward_tokens(batch[i:i + 8])["patch"].cpu()
                              for i in range(0, len(pixels), 8)])
         colours.append(pca_colours(patches, cfg).reshape(len(pixels), *grid, 3))
