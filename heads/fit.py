@@ -241,6 +241,13 @@ def load_run(run: str | Path, features: str | None = None,
     cfg = HeadConfig(**{**to_dict(cfg), "device": device,
                         "lrs": tuple(cfg.lrs), "weight_decays": tuple(cfg.weight_decays)})
     feats = open_features(features or cfg.features)
+    trained_on = json.loads((run / "results.json").read_text())["encoder"]
+    for field in ("arch", "weights", "dim"):
+        if feats.info["encoder"][field] != trained_on[field]:
+            raise ConfigError(
+                f"{feats.path}: encoder {field} is {feats.info['encoder'][field]!r}, but the head "
+                f"of {run} was trained on {trained_on[field]!r}",
+                hint="evaluate on features of the same encoder (dune-heads features ...)")
     grid = build_grid(cfg, feats, 1)
     state = load_file(str(run / "head.safetensors"))
     grid.load_state_dict({(k.replace("head.", "heads.0.", 1) if k.startswith("head.") else k): v

@@ -123,3 +123,49 @@ def test_features_round_trip_through_cache_format(tmp_path: Path) -> None:
         assert stored.shape == (20, 20) and stored.min() > 0.9 and stored.max() < 9.1
     mean, std = feats.standardization("patch")
     assert mean.shape == (encoder.dim,) and bool((std > 0).all())
+
+
+def test_depth_folder_reads_16bit_png_and_npy_and_seg_folder_ignore_index(tmp_path: Path) -> None:
+    root = tmp_path / "depth"
+    for i, kind in enumerate(("png", "npy", "png", "npy", "png")):
+        _png(root / "images" / f"{i}.png", np.zeros((4, 5, 3), np.uint8))
+        depth = np.full((4, 5), 1.5 + i, np.float32)
+        depth[0, 0] = 0.0
+        (root / "depth").mkdir(parents=True, exist_ok=True)
+        if kind == "png":
+            millimetres = np.rint(depth * 1000).astype(np.uint16)
+            Image.fromarray(millimetres).save(root / "depth" / f"{i}.png")
+        else:
+            np.save(root / "depth" / f"{i}.npy", depth)
+    source = open_labelled("depth-folder", str(root), task=Task.depth, report=PairReport(),
+                           val_fraction=0.4)
+    for split in ("train", "val"):
+        for j, key in enumerate(source.keys(split)):
+            i = int(Path(key).stem)
+            _, depth = source.load(split, j)
+            assert depth.dtype == np.float32 and depth[0, 0] == 0.0
+            assert depth[1, 1] == pytest.approx(1.5 + i)
+    seg = tmp_path / "seg"
+    for split in ("train", "val"):
+        _png(seg / split / "images" / "a.png", np.zeros((3, 3, 3), np.uint8))
+        _png(seg / split / "masks" / "a.png", np.array([[0, 1, 255]] * 3, np.uint8))
+    (seg / "classes.txt").write_text("sky\nroad\n")
+    source = open_labelled("auto", str(seg), task=Task.segmentation, report=PairReport())
+    assert source.kind == "seg-folder" and source.classes == ("sky", "road")
+    _, mask = source.load("val", 0)
+    assert mask[0].tolist() == [0, 1, IGNORE]
+
+
+def test_cli_errors_are_one_line_with_a_hint(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from heads.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dune-heads", "eval", "/nonexistent/run"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("error: /nonexistent/run: no head_config.json")
+    assert err[1].startswith("hint: ")

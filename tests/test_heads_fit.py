@@ -110,11 +110,15 @@ def test_cli_features_fit_eval_compare(tmp_path: Path, data: dict[str, Path]) ->
         result = runner.invoke(app, ["eval", str(run)])
         assert result.exit_code == 0 and "top1" in result.output, result.output
         assert (run / "eval_val.json").is_file()
+    # a head refuses features of another encoder
+    result = runner.invoke(app, ["eval", str(tmp_path / "runs" / "a"), "--features",
+                                 str(tmp_path / "feats-b")])
+    assert result.exit_code != 0 and "trained on" in str(result.exception)
     result = runner.invoke(app, ["compare", str(tmp_path / "runs"), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "compare.json").read_text())
     assert [r["encoder"] for r in table["rows"]] == ["test_vit_p14", "test_vit_p16"]
-    assert "classification shapes-cls top1" in table["columns"] or table["columns"]
+    assert table["columns"] == ["classification cls top1", "classification cls top5"]
     assert "| test_vit_p16 |" in (tmp_path / "compare.md").read_text()
     # a second features run into the same folder refuses without --overwrite
     result = runner.invoke(app, ["features", "teacher:test_vit_p14",
