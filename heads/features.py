@@ -40,7 +40,7 @@ from cache_format import (
 )
 from cache_format.errors import BadImageError, ConfigError
 from cache_format.serde import to_dict
-from heads.datasets import SPLITS, OnBad, PairReport, Task
+from heads.datasets import SPLITS, OnBad, PairReport, Task, check_choice
 from heads.encoders import FrozenEncoder
 from heads.metrics import IGNORE
 from heads.readers import DATA_KINDS, open_labelled
@@ -69,7 +69,8 @@ class FeaturesConfig:
     depth_scale: float = 1000.0
 
     def __post_init__(self) -> None:
-        Task(self.task), OnBad(self.on_bad)  # noqa: B018 (ValueError names the bad value)
+        check_choice(Task, self.task, "task")
+        check_choice(OnBad, self.on_bad, "on_bad")
         if self.data_kind not in DATA_KINDS:
             raise ConfigError(f"data_kind: expected one of {', '.join(DATA_KINDS)}, "
                               f"found {self.data_kind!r}")

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from cache_format.errors import ConfigError
 from cache_format.serde import from_dict, to_dict
-from heads.datasets import Task
+from heads.datasets import Task, check_choice
 from heads.features import Features, open_features
 from heads.metrics import IGNORE, DepthScore, SegmentationScore, TopK, better
 from heads.models import HeadGrid, task_loss
@@ -57,7 +57,7 @@ class HeadConfig:
     preload_gb: float = 4.0
 
     def __post_init__(self) -> None:
-        Task(self.task)  # noqa: B018 (ValueError names a bad task)
+        check_choice(Task, self.task, "task")
         if not self.lrs or min(self.lrs) <= 0:
             raise ConfigError(f"lrs: expected positive learning rates, found {self.lrs}")
         if not self.weight_decays or min(self.weight_decays) < 0:

@@ -17,7 +17,7 @@ from cache_format.errors import ConfigError
 from cache_format.serde import to_dict
 from heads.encoders import load_encoder, load_encoders
 from train.projectors import build_projector
-from train.student import StudentConfig, build_student
+from train.student import StudentConfig, build_student, timm_kwargs
 
 DIM, DEPTH, HEADS, REG, PATCH, IMAGE = 48, 2, 6, 4, 14, 56  # vit_small has 6 heads
 TEACHER = "dino2reg_vitlarge_14"
@@ -174,6 +174,22 @@ def test_student_from_export_and_run_folders_gives_the_distilled_tokens(tmp_path
         assert enc.name == "student-dinov2" and enc.dim == 24
     with pytest.raises(ConfigError, match="dinov2"):
         load_encoder(f"student:{export}@mast3r")
+    # the student-only export (student.json + student.safetensors: a bare timm ViT)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    save_file({k: v.contiguous() for k, v in student.vit.state_dict().items()},
+              str(bare / "student.safetensors"))
+    (bare / "student.json").write_text(json.dumps({
+        "architecture": "vit_small_patch14_reg4_dinov2",
+        "model_args": timm_kwargs(StudentConfig(**config["student"]))}))
+    torch.testing.assert_close(load_encoder(f"student:{bare}").forward_tokens(x)["cls"],
+                               own[:, 0])
+
+
+def test_any_timm_vit_is_an_encoder() -> None:
+    encoder = load_encoder("timm:test_vit")
+    tokens = encoder.forward_tokens(torch.zeros(2, 3, *encoder.input_size((3, 5))))
+    assert tokens["patch"].shape == (2, 15, encoder.dim) and tokens["cls"].shape == (2, encoder.dim)
 
 
 def test_teachers_of_a_build_config_load_as_the_build_loads_them(tmp_path: Path) -> None:
