@@ -1,7 +1,7 @@
 """Labelled datasets for the heads: what a sample is, how pairs are checked, how splits form.
 
 A `LabelledSource` lists (image, label) pairs per split and decodes one on demand:
-`load(split, i) -> (uint8 image [3, H, W], label)` where the label is a class index
+`load(split, i) -> (uint8 image tensor [3, H, W], label)` where the label is a class index
 (classification), an int64 mask [H, W] with `IGNORE` for unlabelled pixels (segmentation) or
 float32 depths [H, W] in metres with 0 where there is none (depth).
 
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from cache_format.errors import ConfigError, DuneError
 
@@ -116,8 +117,8 @@ class LabelledSource(Protocol):
         """The (image, label) file names of pair `i`, for messages."""
         ...
 
-    def load(self, split: str, i: int) -> tuple[np.ndarray, Any]:
-        """Pair `i` of `split`: uint8 RGB [H, W, 3] and its label."""
+    def load(self, split: str, i: int) -> tuple[torch.Tensor, Any]:
+        """Pair `i` of `split`: uint8 RGB [3, H, W] and its label."""
         ...
 
 

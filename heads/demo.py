@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from cache_format.reader import open_cache
@@ -69,7 +68,6 @@ def run(root: str | Path, console: Console, sizes: HeadsDemoSizes = HeadsDemoSiz
         make_shapes_segmentation(seg_data, sizes.seg_images, side=side, seed=1)
     if not (cls_data / "val").is_dir():
         make_shapes_classification(cls_data, sizes.cls_train, sizes.cls_val, side=side, seed=2)
-    threads = torch.get_num_threads()
     encoders = demo_encoders(root)
     for enc in encoders:
         for task, data in (("segmentation", seg_data), ("classification", cls_data)):
@@ -88,7 +86,6 @@ def run(root: str | Path, console: Console, sizes: HeadsDemoSizes = HeadsDemoSiz
     val_images = sorted((seg_data / "images").glob("*.png"))[-sizes.pca_images:]
     pictures = pca_pictures([str(p) for p in val_images], encoders, out / "pca",
                             PcaConfig(grid=grid, panel=sizes.panel))
-    torch.set_num_threads(threads)
     console.print(to_rich(table, title="linear heads on frozen encoders (val; generated data)"))
     console.print(f"heads      {out}  ({time.perf_counter() - started:.0f} s): {md_path.name}, "
                   f"{json_path.name}, runs/, features/")

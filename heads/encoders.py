@@ -22,11 +22,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from cache_format.errors import ConfigError
+
+if TYPE_CHECKING:
+    from precompute.teachers import TeacherConfig
 
 ENCODER_FORMS = ("student:PATH[@TEACHER]", "dune:FILE.pth[@TEACHER]", "teacher:KIND",
                  "teacher:NAME@CONFIG", "teacher:*@CONFIG", "timm:MODEL")
@@ -131,13 +135,14 @@ def _path_and_teacher(rest: str) -> tuple[str, str | None]:
     return path, teacher
 
 
-def _teacher_config(name: str, kind: str, checkpoint: str | None, pretrained: bool):  # noqa: ANN202
+def _teacher_config(name: str, kind: str, checkpoint: str | None,
+                    pretrained: bool) -> TeacherConfig:
     from precompute.teachers import TeacherConfig
 
     return TeacherConfig(name=name, kind=kind, checkpoint=checkpoint, pretrained=pretrained)
 
 
-def _config_teachers(config: str, name: str) -> list:
+def _config_teachers(config: str, name: str) -> list[TeacherConfig]:
     """The TeacherConfig(s) named `name` ("*": all) in a build config file or a cache folder."""
     path = Path(config)
     if path.is_dir():
@@ -158,7 +163,7 @@ def _config_teachers(config: str, name: str) -> list:
     return teachers
 
 
-def from_teacher_config(cfg, spec: str) -> FrozenEncoder:  # noqa: ANN001
+def from_teacher_config(cfg: TeacherConfig, spec: str) -> FrozenEncoder:
     """A registered teacher (load_teacher: the same loading as `dune-cache build`)."""
     from precompute.teachers import load_teacher
 

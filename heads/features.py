@@ -40,7 +40,7 @@ from cache_format import (
 )
 from cache_format.errors import BadImageError, ConfigError
 from cache_format.serde import to_dict
-from heads.datasets import SPLITS, OnBad, PairReport, Task, check_choice
+from heads.datasets import SPLITS, LabelledSource, OnBad, PairReport, Task, check_choice
 from heads.encoders import FrozenEncoder
 from heads.metrics import IGNORE
 from heads.readers import DATA_KINDS, open_labelled
@@ -186,7 +186,7 @@ def _label_array(path: Path, task: Task, n: int, side: int) -> np.ndarray:
     return arr
 
 
-def _write_split(writer: CacheWriter, source: Any, split: str, encoder: FrozenEncoder,
+def _write_split(writer: CacheWriter, source: LabelledSource, split: str, encoder: FrozenEncoder,
                  fingerprint: TeacherFingerprint, cfg: FeaturesConfig, task: Task,
                  report: PairReport, labels_path: Path, log: Any) -> dict[str, int]:
     """Encode one split shard by shard; returns {"ok": n, "failed": n}."""

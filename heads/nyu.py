@@ -67,9 +67,9 @@ class NyuMat:
                 good.append(i)
         split = split_keys([ids[i] for i in good], val_fraction, seed, read_list_file(val_list))
         self._rows = {s: [good[j] for j in rows] for s, rows in split.items()}
-        num_classes = int(np.max(_read(path, "labels"))) if names is None and \
-            task == Task.segmentation else len(names or ())
-        self.classes = names or tuple(f"class_{i + 1}" for i in range(num_classes))
+        if names is None and task == Task.segmentation:
+            names = tuple(f"class_{i + 1}" for i in range(_max_label(path)))
+        self.classes = names or ()
         self._file: h5py.File | None = None
 
     def _h5(self) -> h5py.File:
@@ -103,9 +103,11 @@ class NyuMat:
             self._file = None
 
 
-def _read(path: Path, key: str) -> np.ndarray:
+def _max_label(path: Path, block: int = 64) -> int:
+    """The largest raw label, read a block of images at a time (the full array is ~1 GB)."""
     with h5py.File(path, "r") as f:
-        return np.asarray(f[key])
+        labels = f["labels"]
+        return max(int(np.max(labels[i:i + block])) for i in range(0, labels.shape[0], block))
 
 
 def _names(f: h5py.File) -> tuple[str, ...] | None:

@@ -17,6 +17,7 @@ Layouts (`root` is what the user passes):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from PIL import Image
 from cache_format.errors import BadImageError, ConfigError
 from heads.datasets import (
     SPLITS,
+    LabelledSource,
     PairReport,
     Task,
     list_images,
@@ -63,7 +65,7 @@ class PairedFolder:
 
     def __init__(self, *, name: str, kind: str, root: str, task: Task,
                  classes: tuple[str, ...], pairs: dict[str, list[tuple[Path, Path]]],
-                 report: PairReport, label_fn: Any) -> None:
+                 report: PairReport, label_fn: Callable[[Path], np.ndarray]) -> None:
         self.name, self.kind, self.root, self.task = name, kind, root, task
         self.classes, self.report = classes, report
         self._label_fn = label_fn
@@ -294,7 +296,7 @@ def guess_kind(root: str, task: Task) -> str:
 
 def open_labelled(kind: str, root: str, *, task: Task, report: PairReport, name: str = "",
                   val_fraction: float = 0.2, seed: int = 0, val_list: str | None = None,
-                  ignore_index: int = 255, depth_scale: float = 1000.0) -> Any:
+                  ignore_index: int = 255, depth_scale: float = 1000.0) -> LabelledSource:
     """Open `root` as a labelled dataset of layout `kind` ("auto": guessed) for `task`."""
     from heads.nyu import NyuMat
 

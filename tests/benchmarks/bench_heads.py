@@ -41,8 +41,8 @@ from heads.features import (  # noqa: E402
 )
 from heads.fit import FeatureBatches, HeadConfig, build_grid  # noqa: E402
 from heads.metrics import IGNORE  # noqa: E402
-from heads.models import task_loss  # noqa: E402
-from heads.readers import open_labelled  # noqa: E402
+from heads.models import HeadGrid, task_loss  # noqa: E402
+from heads.readers import PairedFolder, open_labelled  # noqa: E402
 from heads.synthetic import make_shapes_segmentation  # noqa: E402
 from precompute.teachers import TeacherConfig  # noqa: E402
 
@@ -56,7 +56,8 @@ def bench_encoder() -> FrozenEncoder:
     return from_teacher_config(cfg, "teacher:dino2reg_vitlarge_14 (192 wide, 6 blocks)")
 
 
-def head_step(grid, optimizer, tokens, labels) -> None:  # noqa: ANN001
+def head_step(grid: HeadGrid, optimizer: torch.optim.Optimizer,
+              tokens: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
     x = grid.inputs(tokens)
     optimizer.zero_grad(set_to_none=True)
     for chunk in grid.chunks(len(labels)):
@@ -66,14 +67,16 @@ def head_step(grid, optimizer, tokens, labels) -> None:  # noqa: ANN001
     optimizer.step()
 
 
-def cached_epoch(grid, optimizer, data: FeatureBatches, rng) -> int:  # noqa: ANN001
+def cached_epoch(grid: HeadGrid, optimizer: torch.optim.Optimizer, data: FeatureBatches,
+                 rng: np.random.Generator) -> int:
     order = rng.permutation(len(data))
     for first in range(0, len(order), BATCH):
         head_step(grid, optimizer, *data.batch(np.sort(order[first:first + BATCH])))
     return len(order)
 
 
-def online_epoch(grid, optimizer, encoder: FrozenEncoder, source, rng) -> int:  # noqa: ANN001
+def online_epoch(grid: HeadGrid, optimizer: torch.optim.Optimizer, encoder: FrozenEncoder,
+                 source: PairedFolder, rng: np.random.Generator) -> int:
     keys = source.keys("train")
     order = rng.permutation(len(keys))
     size = encoder.input_size((GRID, GRID))
