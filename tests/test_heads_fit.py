@@ -125,3 +125,16 @@ def test_cli_features_fit_eval_compare(tmp_path: Path, data: dict[str, Path]) ->
                                  str(data["classification"]), "--out",
                                  str(tmp_path / "feats-a"), "--task", "classification"])
     assert result.exit_code != 0 and "already there" in str(result.exception)
+
+
+def test_every_cli_option_is_documented() -> None:
+    import typer
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "heads.md").read_text()
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        assert f"dune-heads {name}" in doc, name
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--") and opt != "--help":
+                    assert f"`{opt}`" in doc, (name, opt)
