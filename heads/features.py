@@ -190,7 +190,7 @@ def _write_split(writer: CacheWriter, source: LabelledSource, split: str, encode
                  fingerprint: TeacherFingerprint, cfg: FeaturesConfig, task: Task,
                  report: PairReport, labels_path: Path, log: Any) -> dict[str, int]:
     """Encode one split shard by shard; returns {"ok": n, "failed": n}."""
-    n, side = writer.num_samples(split), cfg.labels_side
+    n, side = len(source.keys(split)), cfg.labels_side  # one view per image
     labels = _label_array(labels_path, task, n, side)
     size = encoder.input_size((cfg.grid, cfg.grid))
     added, failed = False, 0
@@ -219,7 +219,7 @@ def _write_split(writer: CacheWriter, source: LabelledSource, split: str, encode
         if not added:
             calibration = ({tok: fit_calibration(x[valid] if valid.any() else x)
                             for tok, x in tokens.items()}
-                           if EncodingSpec(cfg.encoding).has_scale else None)
+                           if cfg.encoding == "int8" else None)  # int8 needs calibration
             writer.add_teacher(split, fingerprint, calibration)
             added = True
         writer.write_index_shard(split, shard, np.zeros((stop - start, 0), np.float32), status)
