@@ -18,6 +18,7 @@ from rich.table import Table
 from cache_format.errors import ConfigError
 from heads.metrics import HIGHER_IS_BETTER
 
+SHORT = {"classification": "cls", "segmentation": "seg", "depth": "depth"}
 REPORTED = {"classification": ("top1", "top5"), "segmentation": ("miou", "pixel_acc"),
             "depth": ("rmse", "abs_rel", "delta1")}
 
@@ -77,13 +78,17 @@ def to_markdown(table: dict[str, Any]) -> str:
 def to_rich(table: dict[str, Any], title: str = "frozen-encoder heads (val)") -> Table:
     """A rich table; the best value of each column in bold."""
     out = Table(title=title)
-    out.add_column("encoder")
+    out.add_column("encoder", no_wrap=True)
     cols = table["columns"]
     best = {}
     for c in cols:
         values = [r["values"][c] for r in table["rows"] if c in r["values"]]
         best[c] = (max if table["higher_is_better"][c] else min)(values) if values else None
-        out.add_column(c + (" ↑" if table["higher_is_better"][c] else " ↓"), justify="right")
+        task, rest = c.split(" ", 1)
+        data, metric = rest.rsplit(" ", 1)
+        arrow = " ↑" if table["higher_is_better"][c] else " ↓"
+        # two short header lines keep the table inside an 80-column terminal
+        out.add_column(f"{data}\n{SHORT.get(task, task)} {metric}{arrow}", justify="right")
     for row in table["rows"]:
         cells = []
         for c in cols:
