@@ -256,6 +256,9 @@ def demo(
     fit = [sys.executable, "-m", "train.cli", "fit", str(train_toml)]
     train_s = _run(fit + (["--max-steps", str(steps)] if steps else []), console)
     summarize(root, build_s, train_s, console)
+    from heads.demo import run as run_heads  # heads/: linear heads, comparison, PCA pictures
+
+    run_heads(root, console)
     console.print(f"demo done in {time.perf_counter() - started:.0f} s")
 
 
