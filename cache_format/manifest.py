@@ -20,7 +20,7 @@ from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheMismatchError, CacheVersionError, ConfigError
 from cache_format.serde import from_dict, to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROOT_ATTR = "dune_cache"
 TOKEN_TYPES = ("cls", "patch")
 
