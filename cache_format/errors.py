@@ -78,3 +78,11 @@ class RegistryError(DuneError, KeyError):
 
 class TrainingError(DuneError, RuntimeError):
     """Training cannot go on (non-finite loss: names the step and each teacher's loss)."""
+
+
+class InsufficientSpaceError(DuneError, OSError):
+    """The storage cannot hold what is about to be written (checked before anything runs)."""
+
+
+class ClusterError(DuneError, RuntimeError):
+    """The dask cluster cannot run the build: unreachable, too few workers, workers dying."""

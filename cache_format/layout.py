@@ -50,6 +50,7 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache_format.encodings import EncodingSpec
+from cache_format.shards import num_shards
 from cache_format.stats import ChannelStats
 
 DATASETS = "datasets"
@@ -148,17 +149,6 @@ def record_nbytes(fields: tuple[RecordField, ...]) -> int:
 def record_attr(fields: tuple[RecordField, ...]) -> dict[str, Any]:
     """The "dune_record" attribute of a `tokens` array."""
     return {"nbytes": record_nbytes(fields), "fields": [f.to_json() for f in fields]}
-
-
-def num_shards(num_samples: int, samples_per_shard: int) -> int:
-    """Number of shards covering `num_samples` (the last one may be partial)."""
-    return -(-num_samples // samples_per_shard)
-
-
-def shard_bounds(shard: int, num_samples: int, samples_per_shard: int) -> tuple[int, int]:
-    """[start, stop) sample range of `shard`."""
-    start = shard * samples_per_shard
-    return start, min(start + samples_per_shard, num_samples)
 
 
 def token_compressors(spec: EncodingSpec, dtype: np.dtype) -> list[Any]:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import zarr
 
-from cache_format import layout
+from cache_format import layout, shards
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import (
     CacheNotFoundError,
@@ -150,7 +150,7 @@ class CacheReader:
 
     def num_shards(self, dataset: str) -> int:
         """Shards of `dataset`."""
-        return layout.num_shards(self.num_samples(dataset), self.manifest.samples_per_shard)
+        return shards.num_shards(self.num_samples(dataset), self.manifest.samples_per_shard)
 
     def check(self, **expected: Any) -> None:
         """`Manifest.check_against`: raise CacheMismatchError naming the first differing field."""
@@ -421,7 +421,7 @@ class CacheReader:
         by_name = {f.name: f for f in fields}
         n, sps = self.num_samples(dataset), self.manifest.samples_per_shard
         for shard in range(self.num_shards(dataset)):
-            start, stop = layout.shard_bounds(shard, n, sps)
+            start, stop = shards.shard_bounds(shard, n, sps)
             self._require_done(dataset, teacher, [start])
             records = self._fast.read_shard(lay, shard, stop - start)
             tokens = {}

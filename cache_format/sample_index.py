@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_format import layout
+from cache_format import layout, shards
 from cache_format.errors import CacheCorruptionError, CacheVersionError, ConfigError
 from cache_format.files import Files, files_for
 from cache_format.manifest import STATUS_OK
@@ -189,7 +189,7 @@ class SampleIndex:
         column = rows.shape[1] - 1
 
         def fill(chunk: int) -> None:
-            start, stop = layout.shard_bounds(chunk, self.num_samples, rows.rows_per_chunk)
+            start, stop = shards.shard_bounds(chunk, self.num_samples, rows.rows_per_chunk)
             out[start:stop] = self._read_chunk(rows, chunk)[0][: stop - start, column]
 
         self._map(fill, list(range(rows.num_chunks)))
@@ -264,7 +264,7 @@ class SampleIndex:
         status = np.zeros(self.num_samples, np.uint8)
         codes = meta.shape[1] - 1
         for shard in range(rows.num_chunks):
-            start, stop = layout.shard_bounds(shard, self.num_samples, rows.rows_per_chunk)
+            start, stop = shards.shard_bounds(shard, self.num_samples, rows.rows_per_chunk)
             status[start:stop] = self._read_chunk(rows, shard)[0][: stop - start, -1]
             if meta[shard, 0] and not np.array_equal(
                     meta[shard], layout.index_meta_row(status[start:stop], codes)):
@@ -347,7 +347,7 @@ class SampleIndex:
         per_chunk, n = array.rows_per_chunk, array.shape[0]
 
         def fill(chunk: int) -> None:
-            start, stop = layout.shard_bounds(chunk, n, per_chunk)
+            start, stop = shards.shard_bounds(chunk, n, per_chunk)
             out[start:stop] = self._read_chunk(array, chunk)[0][: stop - start]
 
         self._map(fill, list(range(array.num_chunks)))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cache_format import layout
+from cache_format import layout, shards
 from cache_format.errors import CacheCorruptionError, CacheVersionError
 from cache_format.manifest import STATUS_OK, STATUS_PENDING
 from cache_format.records import VerifyReport
@@ -88,7 +88,7 @@ def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.nda
     n, sps = reader.num_samples(dataset), reader.manifest.samples_per_shard
     checked = 0
     for shard in range(reader.num_shards(dataset)):
-        start, stop = layout.shard_bounds(shard, n, sps)
+        start, stop = shards.shard_bounds(shard, n, sps)
         if int(rows[shard, 0]) != layout.MARK_DONE:
             missing.append(f"{label} shard {shard}")
             continue
@@ -109,6 +109,10 @@ def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.nda
             problems.append(f"{label} shard {shard}: written with {ok} ok sample(s), {lost} "
                             "(lost or damaged; delete its metadata row and resume the build)")
     summary = meta.summary()
+    unmarked = int((rows[:, 0] != layout.MARK_DONE).sum())
+    if summary is not None and int(summary[0]) == layout.MARK_DONE and unmarked:
+        problems.append(f"{label}: marked complete, but {unmarked} shard(s) have no metadata row "
+                        "(lost; delete the pair's summary and resume the build)")
     if summary is None:
         incomplete.append(f"{label}: statistics never finalized (resume the build)")
     elif status is not None and index_done is not None and index_done.all():

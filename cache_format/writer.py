@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from cache_format import layout
+from cache_format import layout, shards
 from cache_format.errors import (
     CacheNotFoundError,
     CacheVersionError,
@@ -156,14 +156,14 @@ class CacheWriter:
 
     def num_shards(self, dataset: str) -> int:
         """Shards of `dataset` (the unit of writing; the last one may be partial)."""
-        return layout.num_shards(self.num_samples(dataset), self._manifest.samples_per_shard)
+        return shards.num_shards(self.num_samples(dataset), self._manifest.samples_per_shard)
 
     def shard_bounds(self, dataset: str, shard: int) -> tuple[int, int]:
         """[start, stop) sample range of `shard` of `dataset`."""
         n_shards = self.num_shards(dataset)
         if not 0 <= shard < n_shards:
             raise ConfigError(f"dataset {dataset}: shard {shard} is out of range [0, {n_shards})")
-        return layout.shard_bounds(shard, self.num_samples(dataset),
+        return shards.shard_bounds(shard, self.num_samples(dataset),
                                    self._manifest.samples_per_shard)
 
     def _dataset_fp(self, dataset: str) -> DatasetFingerprint:

@@ -60,7 +60,8 @@ def build(
         "--dry-run", help="Print the plan (work, sizes, free space) and touch nothing.")] = False,
 ) -> None:
     """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
-    from precompute.build import build_cache, summary_tables
+    from precompute.build import build_cache
+    from precompute.results import summary_tables
     from precompute.config import load_build_config
     from precompute.plan import make_plan, plan_lines, plan_table
 
