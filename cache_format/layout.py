@@ -8,7 +8,7 @@
                                                 one chunk (= store object) per shard
         index_meta   i64 [num_shards, 1 + C]    per index shard: [1 = written, samples per status
                                                 code]; one row per object, written last (done mark)
-        status       u8  [N]                    consolidated statuses (chunks of STATUS_CHUNK),
+        statuses     u8  [N]                    consolidated statuses (chunks of STATUS_CHUNK),
         summary      i64 [1 + C]                [1 = index complete, samples per status code];
                                                 both written by finalize_index, summary last
         teachers/<teacher>/             one group per (dataset, teacher)
@@ -23,7 +23,7 @@
                                                 written by finalize_stats
 
 C = len(manifest.status_codes). A finished (dataset, shard) or (pair, shard) is two objects: its
-data and its metadata row. Readers of a complete cache read the consolidated arrays (status,
+data and its metadata row. Readers of a complete cache read the consolidated arrays (statuses,
 summary), so what a trainer reads at start grows with datasets and pairs, not shards.
 
 A sample's record holds everything a trainer reads for one (sample, teacher), so a random read is
@@ -59,7 +59,7 @@ KEY_UTF8 = "key_utf8"
 KEY_OFFSETS = "key_offsets"
 INDEX_ROWS = "index_rows"
 INDEX_META = "index_meta"
-STATUS = "status"
+STATUSES = "statuses"
 SUMMARY = "summary"
 TOKENS = "tokens"
 SHARD_META = "shard_meta"
@@ -69,7 +69,7 @@ RECORD_ATTR = "dune_record"
 KEY_CHUNK = 1 << 16
 #: Bytes per chunk of `key_utf8`.
 KEY_BYTES_CHUNK = 1 << 20
-#: Samples per chunk of the consolidated `status` array: a 128 M-sample dataset is 31 objects.
+#: Samples per chunk of the consolidated `statuses` array: a 128 M-sample dataset is 31 objects.
 STATUS_CHUNK = 1 << 22
 #: Summary / metadata column 0 values.
 MARK_DONE = 1
@@ -237,7 +237,7 @@ def create_index_arrays(group: zarr.Group, keys_nbytes: int, num_images: int,
     _plain(group, INDEX_ROWS, (n, width), "uint8", (samples_per_shard, width))
     _plain(group, INDEX_META, (num_shards(n, samples_per_shard), 1 + num_codes), "int64",
            (1, 1 + num_codes))
-    _plain(group, STATUS, (n,), "uint8", (min(STATUS_CHUNK, n),))
+    _plain(group, STATUSES, (n,), "uint8", (min(STATUS_CHUNK, n),))
     _plain(group, SUMMARY, (1 + num_codes,), "int64", (1 + num_codes,))
 
 

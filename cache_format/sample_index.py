@@ -71,7 +71,9 @@ class SampleIndex:
 
     #: The arrays this index reads, by name (v1.V1SampleIndex reads version 1's).
     ARRAYS: tuple[str, ...] = (layout.KEY_OFFSETS, layout.KEY_UTF8, layout.INDEX_ROWS,
-                               layout.STATUS, layout.SUMMARY, layout.INDEX_META)
+                               layout.STATUSES, layout.SUMMARY, layout.INDEX_META)
+    #: The array whose length is the number of samples.
+    STATUS_ARRAY = layout.STATUSES
 
     @classmethod
     def from_group(cls, group: zarr.Group, dataset: str, *, num_samples: int | None = None,
@@ -99,7 +101,7 @@ class SampleIndex:
 
     def _check_shapes(self) -> None:
         offsets, text, rows, status = (self._arrays[n] for n in (
-            layout.KEY_OFFSETS, layout.KEY_UTF8, layout.INDEX_ROWS, layout.STATUS))
+            layout.KEY_OFFSETS, layout.KEY_UTF8, layout.INDEX_ROWS, layout.STATUSES))
         n, v, p = status.shape[0], self.views_per_image, len(self.view_param_names)
         problem = ""
         if (offsets.dtype != np.uint64 or text.dtype != np.uint8 or rows.dtype != np.uint8
@@ -143,7 +145,7 @@ class SampleIndex:
     @property
     def num_samples(self) -> int:
         """Number of samples (images x views)."""
-        return self._arrays[layout.STATUS].shape[0]
+        return self._arrays[self.STATUS_ARRAY].shape[0]
 
     @property
     def num_images(self) -> int:
@@ -183,7 +185,7 @@ class SampleIndex:
 
     def _load_status(self) -> np.ndarray:
         if self.summary() is not None:  # complete: the consolidated array, a few large chunks
-            return self._load(self._arrays[layout.STATUS])
+            return self._load(self._arrays[layout.STATUSES])
         rows = self._arrays[layout.INDEX_ROWS]
         out = np.empty(self.num_samples, dtype=np.uint8)
         column = rows.shape[1] - 1
@@ -274,7 +276,7 @@ class SampleIndex:
                     f"row says {meta[shard, 1:].tolist()} (rows lost or damaged)")
         summary = self.summary()
         if summary is not None:
-            consolidated = self._load(self._arrays[layout.STATUS])
+            consolidated = self._load(self._arrays[layout.STATUSES])
             if not (meta[:, 0] == layout.MARK_DONE).all():
                 problems.append(f"dataset {self.dataset!r}: the index is marked complete but "
                                 f"{int((meta[:, 0] == 0).sum())} index shard(s) have no metadata")

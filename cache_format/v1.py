@@ -45,6 +45,7 @@ class V1SampleIndex(SampleIndex):
     `index_done` u8 [num_shards] (one chunk per shard)."""
 
     ARRAYS = (KEY, VIEW_PARAMS, STATUS, INDEX_DONE)
+    STATUS_ARRAY = STATUS
 
     def _check_shapes(self) -> None:
         keys, params, status = (self._arrays[n] for n in (KEY, VIEW_PARAMS, STATUS))

@@ -264,7 +264,7 @@ class CacheWriter:
         base = layout.dataset_path(dataset)
         meta = self._array(f"{base}/{layout.INDEX_META}")
         self._delete_chunk(meta, (shard, 0))
-        self._clear_summary(base, (f"{base}/{layout.STATUS}",))
+        self._clear_summary(base, (f"{base}/{layout.STATUSES}",))
         self._array(f"{base}/{layout.INDEX_ROWS}")[start:stop] = layout.pack_index_rows(
             view_params, status.astype(np.uint8))
         meta[shard] = layout.index_meta_row(status, len(self._manifest.status_codes))
@@ -296,7 +296,7 @@ class CacheWriter:
                 f"written (first: {missing[:10].tolist()})",
                 hint="finish the index (`dune-cache build` resumes), then finalize")
         rows, status = (self._array(f"{base}/{name}")
-                        for name in (layout.INDEX_ROWS, layout.STATUS))
+                        for name in (layout.INDEX_ROWS, layout.STATUSES))
         n = self.num_samples(dataset)
         for start in range(0, n, layout.STATUS_CHUNK):  # whole chunks, a bounded buffer
             stop = min(start + layout.STATUS_CHUNK, n)

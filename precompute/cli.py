@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cache_format.errors import DuneError
+from cache_format.manifest import FORMAT_VERSION
 
 app = typer.Typer(
     name="dune-cache",
@@ -61,9 +62,9 @@ def build(
 ) -> None:
     """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
     from precompute.build import build_cache
-    from precompute.results import summary_tables
     from precompute.config import load_build_config
     from precompute.plan import make_plan, plan_lines, plan_table
+    from precompute.results import summary_tables
 
     cfg = load_build_config(config, {"cache": cache})
     plan = make_plan(cfg)
@@ -156,6 +157,22 @@ def verify(
         out.print(f"[red]{len(result.problems)} problem(s) found in {escape(path)}[/]")
         raise typer.Exit(1)
     out.print(f"[green]ok[/]: {escape(path)}")
+
+
+@app.command()
+def upgrade(
+    path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache (folder or URL).")],
+) -> None:
+    """Rewrite an older cache's metadata to the current format in place (token shards are
+    never touched); safe to interrupt and run again."""
+    from cache_format.upgrade import upgrade_cache
+
+    report = upgrade_cache(path)
+    if not report.converted and report.found_version == FORMAT_VERSION:
+        out.print(f"{escape(path)}: already format version {FORMAT_VERSION}, nothing to do")
+        return
+    out.print(f"{escape(path)}: format version {report.found_version} -> {FORMAT_VERSION} "
+              f"({len(report.converted)} group(s) converted)")
 
 
 @app.command(name="ls")
