@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from cache_format import layout, shards
@@ -36,7 +37,13 @@ from cache_format.manifest import (
     keys_sha256,
 )
 from cache_format.serde import json_problem, to_dict
-from cache_format.shard_encode import Calibration, check_calibration, check_tokens, encode_records
+from cache_format.shard_encode import (
+    Calibration,
+    check_calibration,
+    check_tokens,
+    encode_records,
+    shard_object,
+)
 from cache_format.stats import ChannelStats, merge_all
 
 
@@ -52,6 +59,7 @@ class CacheWriter:
         self._manifest = manifest
         self.location = location
         self._arrays: dict[str, zarr.Array] = {}
+        self._calibrations: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -233,6 +241,8 @@ class CacheWriter:
         teachers = self._group.require_group(f"{layout.dataset_path(dataset)}/{layout.TEACHERS}")
         # A group without a manifest entry is a crashed earlier attempt: replace it.
         group = teachers.create_group(teacher, overwrite=True)
+        self._calibrations = {k: v for k, v in self._calibrations.items()
+                              if k[:2] != (dataset, teacher)}
         layout.create_teacher_arrays(group, m.encoding, self.num_samples(dataset), m.num_tokens,
                                      fingerprint.dim, fingerprint.token_types,
                                      m.samples_per_shard)
@@ -331,10 +341,15 @@ class CacheWriter:
         return int(meta[shard, 0]) == layout.MARK_DONE
 
     def calibration(self, dataset: str, teacher: str, tok: str) -> tuple[np.ndarray, np.ndarray]:
-        """The stored int8 calibration (mean, std) of a pair's token type."""
-        base = layout.teacher_path(dataset, teacher)
-        mean_name, std_name = layout.calib_names(tok)
-        return self._array(f"{base}/{mean_name}")[:], self._array(f"{base}/{std_name}")[:]
+        """The stored int8 calibration (mean, std) of a pair's token type (read once: it never
+        changes after add_teacher)."""
+        key = (dataset, teacher, tok)
+        if key not in self._calibrations:
+            base = layout.teacher_path(dataset, teacher)
+            mean_name, std_name = layout.calib_names(tok)
+            self._calibrations[key] = (self._array(f"{base}/{mean_name}")[:],
+                                       self._array(f"{base}/{std_name}")[:])
+        return self._calibrations[key]
 
     def write_shard(self, dataset: str, teacher: str, shard: int,
                     tokens: Mapping[str, np.ndarray], valid: np.ndarray) -> None:
@@ -370,11 +385,21 @@ class CacheWriter:
         """Delete any earlier attempt of the shard object, then write the shard in one call.
 
         Deleting first matters: zarr merges a write into an existing shard by reading it, which
-        would fail on (or keep bytes of) a damaged earlier attempt.
+        would fail on (or keep bytes of) a damaged earlier attempt. Uncompressed records are
+        written as the object zarr would write (shard_encode.shard_object), in one store call.
         """
         array = self._array(path)
-        self._delete_chunk(array, (shard,) + (0,) * (array.ndim - 1))
-        array[start:stop] = values
+        coords = (shard,) + (0,) * (array.ndim - 1)
+        self._delete_chunk(array, coords)
+        if self._manifest.encoding.codec != "none":
+            array[start:stop] = values
+            return
+        data = shard_object(values, self._manifest.samples_per_shard)
+        if data is not None:
+            key = array.metadata.encode_chunk_key(coords)
+            store_path = array.store_path
+            sync(store_path.store.set(f"{store_path.path}/{key}" if store_path.path else key,
+                                      default_buffer_prototype().buffer.from_bytes(data)))
 
     def shard_nbytes(self, dataset: str, teacher: str, shard: int) -> int:
         """Stored bytes of a token shard's data object (local caches; 0 for URLs)."""
