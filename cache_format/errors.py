@@ -110,3 +110,11 @@ def run_cli(app: Callable[[], object], *, interrupted: str) -> None:
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+class InsufficientSpaceError(DuneError, OSError):
+    """The storage cannot hold what is about to be written (checked before anything runs)."""
+
+
+class ClusterError(DuneError, RuntimeError):
+    """The dask cluster cannot run the build: unreachable, too few workers, workers dying."""

@@ -342,16 +342,10 @@ class ShardReader:
                                [out[local : local + 1]])
         return out
 
-    def read_done_mark(self, path: str, shard: int, label: str) -> bool:
-        """Whether a per-shard done mark (uint8 array, chunk (1,), [bytes, crc32c]) is set."""
-        key = f"{path}/c/{shard}"
-        raw = self.files.read(key, 0, 64)
-        if raw is None:
-            return False
-        if len(raw) != 5 or _crc_value(raw[:1]) != int.from_bytes(raw[1:], "little"):
-            raise CacheCorruptionError(f"{label}: done mark of shard {shard} is damaged "
-                                       f"({self.files.describe(key)})")
-        return raw[0] == 1
+    def stored_samples(self, layout: ShardedLayout, shard: int) -> int:
+        """How many samples of shard `shard` have a stored chunk (0 when its file is absent)."""
+        index = np.frombuffer(self.shard_index(layout, shard)[0], dtype="<u8").reshape(-1, 2)
+        return int((index[:, 0] != MISSING).sum())
 
     def close(self) -> None:
         """Stop the thread pool and close cached files."""

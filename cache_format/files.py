@@ -215,6 +215,18 @@ def files_for(location: str, storage_options: dict[str, Any] | None = None, *,
     return FsspecFiles(fs, root)
 
 
+def tree_nbytes(location: str, prefix: str = "") -> int:
+    """Bytes of every file under `location`/`prefix` (0 for URLs or a missing folder)."""
+    local = local_path(location)
+    if local is None:
+        return 0
+    path = os.path.join(local, prefix)
+    if not os.path.isdir(path):
+        return 0
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+
+
 class BufferPool:
     """Recycles the output arrays of batch reads once nothing outside the pool references them.
 

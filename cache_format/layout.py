@@ -1,18 +1,30 @@
-"""Where everything lives in a cache: group paths, array names, shapes and codec pipelines.
+"""Where everything lives in a cache (format version 2): group paths, array names, shapes, codecs.
 
     /                                   root group, attribute "dune_cache" = manifest
     datasets/<dataset>/                 one group per dataset
-        key            str   [num_images]           image keys, source order
-        view_params    f32   [N, P]                 P = len(manifest.view_param_names)
-        status         u8    [N]                    manifest.status_codes
-        index_done     u8    [num_shards]           1 = index shard written
+        key_utf8     u8  [B]                    every key's UTF-8 bytes, back to back
+        key_offsets  u64 [num_images + 1]       key i = key_utf8[key_offsets[i]:key_offsets[i+1]]
+        index_rows   u8  [N, 4P + 1]            per sample: view params f32 [P], then status u8;
+                                                one chunk (= store object) per shard
+        index_meta   i64 [num_shards, 1 + C]    per index shard: [1 = written, samples per status
+                                                code]; one row per object, written last (done mark)
+        statuses     u8  [N]                    consolidated statuses (chunks of STATUS_CHUNK),
+        summary      i64 [1 + C]                [1 = index complete, samples per status code];
+                                                both written by finalize_index, summary last
         teachers/<teacher>/             one group per (dataset, teacher)
-            tokens     u8    [N, R]                 one record of R bytes per sample (below);
-                                                    sharded: shard = S samples, chunk = 1 sample
+            tokens     u8    [N, R]             one record of R bytes per sample (below);
+                                                sharded: shard = S samples, chunk = 1 sample
             <tok>_calib_mean / <tok>_calib_std  f32 [D]   int8 only: standardization
-            done       u8    [num_shards]           1 = shard written completely
-            stats/<tok>_part_{count,mean,m2}        per-shard partial statistics
-            stats/<tok>_{count,mean,m2}, stats/final   merged statistics, final = 1 when written
+            shard_meta f64   [num_shards, W]    per token shard: [1 = written, ok samples, per
+                                                token type (count, mean [D], m2 [D])]; one row
+                                                per object, written last (the done mark)
+            summary    f64   [W]                same columns merged over shards; column 0 is 1
+                                                (every shard merged) or 2 (only the done ones);
+                                                written by finalize_stats
+
+C = len(manifest.status_codes). A finished (dataset, shard) or (pair, shard) is two objects: its
+data and its metadata row. Readers of a complete cache read the consolidated arrays (statuses,
+summary), so what a trainer reads at start grows with datasets and pairs, not shards.
 
 A sample's record holds everything a trainer reads for one (sample, teacher), so a random read is
 one byte range and one checksum: the fields `patch_scale` f32 [T] and `cls_scale` f32 [] (int8
@@ -22,11 +34,14 @@ attribute "dune_record" lists the fields with their dtype, shape and byte offset
 
 N = num_images * views_per_image samples; sample s is image s // V, view s % V. Every chunk
 carries a crc32c checksum; per-shard arrays have one chunk (= one store object) per shard so
-concurrent writers of different shards never touch the same object.
+concurrent writers of different shards never touch the same object. Keys are bytes + offsets
+rather than a zarr string array so that tensorstore's zarr3 driver reads them too. Version 1's
+layout (read by v1.py, converted by upgrade.py) is described in docs/cache-format.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,22 +50,31 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache_format.encodings import EncodingSpec
+from cache_format.shards import num_shards
+from cache_format.stats import ChannelStats
 
 DATASETS = "datasets"
 TEACHERS = "teachers"
-STATS = "stats"
-KEY = "key"
-VIEW_PARAMS = "view_params"
-STATUS = "status"
-INDEX_DONE = "index_done"
-DONE = "done"
-FINAL = "final"
+KEY_UTF8 = "key_utf8"
+KEY_OFFSETS = "key_offsets"
+INDEX_ROWS = "index_rows"
+INDEX_META = "index_meta"
+STATUSES = "statuses"
+SUMMARY = "summary"
 TOKENS = "tokens"
+SHARD_META = "shard_meta"
 #: Attribute of the `tokens` array that lists the record's fields.
 RECORD_ATTR = "dune_record"
-#: Keys per chunk of the `key` array (variable-length strings; the reader reads the chunks it
-#: needs, see sample_index.py).
+#: Entries per chunk of `key_offsets` (the reader reads the chunks it needs, see sample_index.py).
 KEY_CHUNK = 1 << 16
+#: Bytes per chunk of `key_utf8`.
+KEY_BYTES_CHUNK = 1 << 20
+#: Samples per chunk of the consolidated `statuses` array: a 128 M-sample dataset is 31 objects.
+STATUS_CHUNK = 1 << 22
+#: Summary / metadata column 0 values.
+MARK_DONE = 1
+#: A pair summary merged from the done shards only (finalize_stats(allow_incomplete=True)).
+MARK_PARTIAL = 2
 
 
 def dataset_path(dataset: str) -> str:
@@ -71,12 +95,6 @@ def scale_name(tok: str) -> str:
 def calib_names(tok: str) -> tuple[str, str]:
     """Calibration (mean, std) array names of token type `tok`."""
     return f"{tok}_calib_mean", f"{tok}_calib_std"
-
-
-def stats_names(tok: str, *, partial: bool) -> tuple[str, str, str]:
-    """(count, mean, m2) array paths, relative to the teacher group, of `tok`'s statistics."""
-    kind = "part_" if partial else ""
-    return tuple(f"{STATS}/{tok}_{kind}{q}" for q in ("count", "mean", "m2"))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -133,17 +151,6 @@ def record_attr(fields: tuple[RecordField, ...]) -> dict[str, Any]:
     return {"nbytes": record_nbytes(fields), "fields": [f.to_json() for f in fields]}
 
 
-def num_shards(num_samples: int, samples_per_shard: int) -> int:
-    """Number of shards covering `num_samples` (the last one may be partial)."""
-    return -(-num_samples // samples_per_shard)
-
-
-def shard_bounds(shard: int, num_samples: int, samples_per_shard: int) -> tuple[int, int]:
-    """[start, stop) sample range of `shard`."""
-    start = shard * samples_per_shard
-    return start, min(start + samples_per_shard, num_samples)
-
-
 def token_compressors(spec: EncodingSpec, dtype: np.dtype) -> list[Any]:
     """Bytes-to-bytes codecs of one record chunk: the optional lossless codec, then crc32c.
 
@@ -176,41 +183,113 @@ def _sharded(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
     )
 
 
-def create_index_arrays(group: zarr.Group, num_images: int, views_per_image: int,
-                        samples_per_shard: int, num_view_params: int) -> None:
-    """Create a dataset group's `key`, `view_params`, `status` and `index_done` arrays."""
+def _plain(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
+           chunks: tuple[int, ...]) -> zarr.Array:
+    """An unsharded array with crc32c on each chunk and fill value 0."""
+    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                              compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
+
+
+def _sharded(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
+             samples_per_shard: int, compressors: list[Any]) -> zarr.Array:
+    """Shard = `samples_per_shard` samples along axis 0, inner chunk = one sample."""
+    return group.create_array(
+        name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
+        shards=(samples_per_shard, *shape[1:]), compressors=compressors, fill_value=0,
+    )
+
+
+# -- the sample index ---------------------------------------------------------------------------
+def index_row_nbytes(num_view_params: int) -> int:
+    """Bytes of one `index_rows` row: the view parameters as float32, then the status byte."""
+    return 4 * num_view_params + 1
+
+
+def pack_index_rows(view_params: np.ndarray, status: np.ndarray) -> np.ndarray:
+    """`index_rows` rows of float32 [n, P] view parameters and uint8 [n] statuses."""
+    n, p = view_params.shape
+    rows = np.empty((n, index_row_nbytes(p)), dtype=np.uint8)
+    rows[:, : 4 * p] = np.ascontiguousarray(view_params, dtype="<f4").view(np.uint8).reshape(n, -1)
+    rows[:, 4 * p] = status
+    return rows
+
+
+def unpack_view_params(rows: np.ndarray, num_view_params: int) -> np.ndarray:
+    """The float32 [n, P] view parameters held by `index_rows` rows (a new array)."""
+    raw = np.ascontiguousarray(rows[:, : 4 * num_view_params])
+    return raw.view("<f4").reshape(rows.shape[0], num_view_params).astype(np.float32)
+
+
+def index_meta_row(status: np.ndarray, num_codes: int) -> np.ndarray:
+    """An `index_meta` row (or a dataset `summary`): [MARK_DONE, samples per status code]."""
+    counts = np.bincount(np.asarray(status, dtype=np.int64), minlength=num_codes)
+    return np.concatenate([[MARK_DONE], counts]).astype(np.int64)
+
+
+def create_index_arrays(group: zarr.Group, keys_nbytes: int, num_images: int,
+                        views_per_image: int, samples_per_shard: int, num_view_params: int,
+                        num_codes: int) -> None:
+    """Create a dataset group's key, index-row, metadata, status and summary arrays."""
     n = num_images * views_per_image
-    group.create_array(KEY, shape=(num_images,), dtype=str,
-                       chunks=(min(KEY_CHUNK, num_images),), compressors=[Crc32cCodec()])
-    _plain(group, VIEW_PARAMS, (n, num_view_params), "float32",
-           (samples_per_shard, max(1, num_view_params)))
-    _plain(group, STATUS, (n,), "uint8", (samples_per_shard,))
-    _plain(group, INDEX_DONE, (num_shards(n, samples_per_shard),), "uint8", (1,))
+    _plain(group, KEY_UTF8, (keys_nbytes,), "uint8", (max(1, min(KEY_BYTES_CHUNK, keys_nbytes)),))
+    _plain(group, KEY_OFFSETS, (num_images + 1,), "uint64", (min(KEY_CHUNK, num_images + 1),))
+    width = index_row_nbytes(num_view_params)
+    _plain(group, INDEX_ROWS, (n, width), "uint8", (samples_per_shard, width))
+    _plain(group, INDEX_META, (num_shards(n, samples_per_shard), 1 + num_codes), "int64",
+           (1, 1 + num_codes))
+    _plain(group, STATUSES, (n,), "uint8", (min(STATUS_CHUNK, n),))
+    _plain(group, SUMMARY, (1 + num_codes,), "int64", (1 + num_codes,))
+
+
+# -- a pair's metadata rows ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairColumns:
+    """The columns of a pair's `shard_meta` rows and `summary`: [mark, ok samples, then per token
+    type count, mean [D], m2 [D]] as float64 (counts are exact up to 2^53)."""
+
+    token_types: tuple[str, ...]
+    dim: int
+
+    @property
+    def width(self) -> int:
+        """Columns of one row."""
+        return 2 + len(self.token_types) * (1 + 2 * self.dim)
+
+    def row(self, mark: int, ok: int, stats: Mapping[str, ChannelStats]) -> np.ndarray:
+        """One row: `mark` (MARK_DONE / MARK_PARTIAL), `ok` samples and each token type's stats."""
+        parts = [np.array([mark, ok], dtype=np.float64)]
+        for tok in self.token_types:
+            s = stats[tok]
+            parts += [np.array([s.count], dtype=np.float64), s.mean, s.m2]
+        return np.concatenate(parts).astype(np.float64)
+
+    def parse(self, row: np.ndarray) -> tuple[int, int, dict[str, ChannelStats]]:
+        """(mark, ok samples, {tok: ChannelStats}) of a row (mark 0: never written)."""
+        stats, at, d = {}, 2, self.dim
+        for tok in self.token_types:
+            stats[tok] = ChannelStats(int(row[at]), np.array(row[at + 1 : at + 1 + d]),
+                                      np.array(row[at + 1 + d : at + 1 + 2 * d]))
+            at += 1 + 2 * d
+        return int(row[0]), int(row[1]), stats
 
 
 def create_teacher_arrays(group: zarr.Group, spec: EncodingSpec, num_samples: int,
                           num_tokens: int, dim: int, token_types: tuple[str, ...],
                           samples_per_shard: int) -> None:
-    """Create the record, calibration, done-mark and statistics arrays of one pair."""
+    """Create the record, calibration, shard-metadata and summary arrays of one pair."""
     n, s = num_samples, samples_per_shard
-    shards = num_shards(n, s)
     fields = record_fields(spec, token_types, num_tokens, dim)
     tokens = _sharded(group, TOKENS, (n, record_nbytes(fields)), "uint8", s,
                       token_compressors(spec, spec.stored_dtype))
     tokens.attrs[RECORD_ATTR] = record_attr(fields)
-    stats = group.require_group(STATS)
-    for tok in token_types:
-        if spec.has_scale:
+    if spec.has_scale:
+        for tok in token_types:
             for name in calib_names(tok):
                 _plain(group, name, (dim,), "float32", (dim,))
-        part_count, part_mean, part_m2 = (p.split("/", 1)[1]
-                                          for p in stats_names(tok, partial=True))
-        _plain(stats, part_count, (shards,), "int64", (1,))
-        _plain(stats, part_mean, (shards, dim), "float64", (1, dim))
-        _plain(stats, part_m2, (shards, dim), "float64", (1, dim))
-        count, mean, m2 = (p.split("/", 1)[1] for p in stats_names(tok, partial=False))
-        _plain(stats, count, (1,), "int64", (1,))
-        _plain(stats, mean, (dim,), "float64", (dim,))
-        _plain(stats, m2, (dim,), "float64", (dim,))
-    _plain(stats, FINAL, (1,), "uint8", (1,))
-    _plain(group, DONE, (shards,), "uint8", (1,))
+    create_pair_meta_arrays(group, num_shards(n, s), PairColumns(token_types, dim).width)
+
+
+def create_pair_meta_arrays(group: zarr.Group, shards: int, width: int) -> None:
+    """The pair's `shard_meta` [shards, width] (a row per object) and `summary` [width]."""
+    _plain(group, SHARD_META, (shards, width), "float64", (1, width))
+    _plain(group, SUMMARY, (width,), "float64", (width,))

@@ -21,7 +21,7 @@ from cache_format.errors import CacheMismatchError, CacheVersionError, ConfigErr
 from cache_format.replay import ReplaySpec
 from cache_format.serde import from_dict, to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROOT_ATTR = "dune_cache"
 #: The token types a teacher can give, in storage order: "patch" always, "cls" when it has one.
 #: The one definition: teachers, the writer, the reader and the trainer all use this.

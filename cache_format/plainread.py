@@ -26,7 +26,7 @@ from numcodecs import VLenUTF8
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.codecs.vlen_utf8 import VLenUTF8Codec
 
-from cache_format import layout
+from cache_format import shards
 from cache_format.checksum import crc32c_value
 from cache_format.errors import CacheCorruptionError, CacheVersionError
 from cache_format.files import Files
@@ -60,7 +60,7 @@ class PlainArray:
     @property
     def num_chunks(self) -> int:
         """Chunks along axis 0 (each spans every column)."""
-        return layout.num_shards(self.shape[0], self.rows_per_chunk)
+        return shards.num_shards(self.shape[0], self.rows_per_chunk)
 
     @property
     def chunk_nbytes(self) -> int:
@@ -142,7 +142,7 @@ def read_chunk(files: Files, array: PlainArray, chunk: int, fix: str = "") -> tu
 
 
 def _corrupt(files: Files, array: PlainArray, chunk: int, what: str, fix: str) -> NoReturn:
-    start, stop = layout.shard_bounds(chunk, array.shape[0], array.rows_per_chunk)
+    start, stop = shards.shard_bounds(chunk, array.shape[0], array.rows_per_chunk)
     raise CacheCorruptionError(
         f"{array.label}, chunk {chunk} (rows {start}..{stop - 1}): {what} in chunk file "
         f"{files.describe(array.chunk_key(chunk))}",

@@ -17,22 +17,23 @@ import numpy as np
 import torch
 import zarr
 
-from cache_format import layout
+from cache_format import layout, shards
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import (
-    CacheCorruptionError,
     CacheNotFoundError,
     CacheVersionError,
     ConfigError,
 )
 from cache_format.fastread import ShardedLayout, ShardReader
-from cache_format.files import BufferPool, files_for
+from cache_format.files import BufferPool, files_for, tree_nbytes
 from cache_format.locations import is_url
 from cache_format.manifest import ROOT_ATTR, Manifest
+from cache_format.pairmeta import PairMeta
 from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
 from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
 from cache_format.sample_index import DEFAULT_CACHE_BYTES, SampleIndex
 from cache_format.stats import ChannelStats, merge_all
+from cache_format.v1 import V1PairMeta, V1SampleIndex
 
 __all__ = ["CacheReader", "EncodedTokens", "OpenSettings", "SampleIndex", "ShardBlock",
            "VerifyReport", "open_cache"]
@@ -99,6 +100,8 @@ class CacheReader:
         self._buffers = BufferPool()
         self._teachers_for: dict[str, tuple[str, ...]] = {}
         self._num_samples: dict[str, int] = {}
+        self._pair_metas: dict[tuple[str, str], PairMeta | V1PairMeta] = {}
+        self._meta_files: Any = None
 
     def reopen(self) -> CacheReader:
         """A new reader of the same cache, opened with the same settings (e.g. in a worker)."""
@@ -148,7 +151,7 @@ class CacheReader:
 
     def num_shards(self, dataset: str) -> int:
         """Shards of `dataset`."""
-        return layout.num_shards(self.num_samples(dataset), self.manifest.samples_per_shard)
+        return shards.num_shards(self.num_samples(dataset), self.manifest.samples_per_shard)
 
     def check(self, **expected: Any) -> None:
         """`Manifest.check_against`: raise CacheMismatchError naming every differing field."""
@@ -172,7 +175,8 @@ class CacheReader:
         index = self._indexes.get(dataset)
         if index is None:
             self._check_dataset(dataset)
-            index = SampleIndex.from_group(
+            kind = V1SampleIndex if self.manifest.format_version == 1 else SampleIndex
+            index = kind.from_group(
                 self._group[layout.dataset_path(dataset)], dataset,  # type: ignore[arg-type]
                 views_per_image=self.manifest.views_per_image,
                 view_param_names=self.manifest.view_param_names, location=self.source,
@@ -207,14 +211,82 @@ class CacheReader:
         parts = []
         for dataset in names:
             self._check_pair(dataset, teacher)
-            group = self._group[layout.teacher_path(dataset, teacher)]
-            if not group[f"{layout.STATS}/{layout.FINAL}"][0]:
+            summary = self.pair_meta(dataset, teacher).summary()
+            if summary is None:
                 raise CacheNotFoundError(
                     f"{self.location}: statistics of {dataset}/{teacher} were never finalized",
                     hint="finish the build (`dune-cache build` finalizes statistics)")
-            count, mean, m2 = (group[p][:] for p in layout.stats_names(tok, partial=False))
-            parts.append(ChannelStats(int(count[0]), mean, m2))
+            parts.append(self.pair_meta(dataset, teacher).columns.parse(summary)[2][tok])
         return merge_all(parts, fp.dim)
+
+    # -- completeness -----------------------------------------------------------------------
+    def pair_meta(self, dataset: str, teacher: str) -> PairMeta | V1PairMeta:
+        """The pair's metadata (done marks, ok counts, statistics; see pairmeta.py)."""
+        key = (dataset, teacher)
+        meta = self._pair_metas.get(key)
+        if meta is None:
+            self._check_pair(dataset, teacher)
+            fp = self.manifest.teachers[teacher]
+            group = self._group[layout.teacher_path(dataset, teacher)]
+            columns = layout.PairColumns(fp.token_types, fp.dim)
+            if self.manifest.format_version == 1:
+                meta = V1PairMeta(group, dataset, teacher, columns,  # type: ignore[arg-type]
+                                  self.manifest.num_tokens)
+            else:
+                if self._meta_files is None:  # small objects, each read about once: no fd kept
+                    self._meta_files = files_for(self.source, self.settings.storage_options,
+                                                 max_open=0)
+                meta = PairMeta(group, dataset, teacher, columns,  # type: ignore[arg-type]
+                                self._meta_files)
+            self._pair_metas[key] = meta
+        return meta
+
+    def index_done(self, dataset: str) -> np.ndarray:
+        """Which index shards of `dataset` were written completely, bool [num_shards] (one
+        read when the index is complete, else one per shard)."""
+        index = self.index(dataset)
+        if index.summary() is not None:
+            return np.ones(self.num_shards(dataset), dtype=bool)
+        return index.shard_meta()[:, 0] == layout.MARK_DONE
+
+    def index_complete(self, dataset: str) -> bool:
+        """Whether every index shard of `dataset` is written and its statuses consolidated."""
+        return self.index(dataset).summary() is not None
+
+    def status_counts(self, dataset: str) -> dict[int, int]:
+        """Samples per status code over the written index shards ({code: count}, codes > 0)."""
+        index = self.index(dataset)
+        summary = index.summary()
+        counts = summary[1:] if summary is not None else index.shard_meta()[:, 1:].sum(axis=0)
+        return {code: int(n) for code, n in enumerate(counts.tolist()) if n}
+
+    def pair_done(self, dataset: str, teacher: str) -> np.ndarray:
+        """Which token shards of the pair were written completely, bool [num_shards] (one read
+        when the pair is complete, else one per shard)."""
+        meta = self.pair_meta(dataset, teacher)
+        if self.pair_complete(dataset, teacher):
+            return np.ones(self.num_shards(dataset), dtype=bool)
+        return meta.rows()[:, 0] == layout.MARK_DONE
+
+    def pair_complete(self, dataset: str, teacher: str) -> bool:
+        """Whether every token shard of the pair is written and its statistics merged."""
+        summary = self.pair_meta(dataset, teacher).summary()
+        return summary is not None and int(summary[0]) == layout.MARK_DONE
+
+    def stats_final(self, dataset: str, teacher: str) -> bool:
+        """Whether the pair's merged statistics were written (finalize_stats ran)."""
+        return self.pair_meta(dataset, teacher).summary() is not None
+
+    def shard_ok_counts(self, dataset: str, teacher: str) -> np.ndarray:
+        """Ok samples each token shard of the pair holds, int64 [num_shards] (0 for a shard never
+        written): a missing shard object with a count > 0 was written and then lost."""
+        return self.pair_meta(dataset, teacher).rows()[:, 1].astype(np.int64)
+
+    def nbytes(self, dataset: str | None = None, teacher: str | None = None) -> int:
+        """Stored bytes of the cache, a dataset or a pair (local caches; 0 for URLs)."""
+        prefix = ("" if dataset is None else layout.dataset_path(dataset) if teacher is None
+                  else layout.teacher_path(dataset, teacher))
+        return tree_nbytes(self.source, prefix)
 
     # -- tokens ------------------------------------------------------------------------------
     def _layout(self, dataset: str, teacher: str, name: str) -> ShardedLayout:
@@ -231,7 +303,9 @@ class CacheReader:
         key = (dataset, teacher)
         done = self._done.get(key)
         if done is None:
-            done = self._done[key] = bytearray(self.num_shards(dataset))
+            # A complete pair: one read of its summary says every shard is done.
+            mark = 1 if self.pair_complete(dataset, teacher) else 0
+            done = self._done[key] = bytearray([mark]) * self.num_shards(dataset)
         return done
 
     def _require_done(self, dataset: str, teacher: str, samples: Sequence[int]) -> None:
@@ -240,8 +314,7 @@ class CacheReader:
         sps = self.manifest.samples_per_shard
         for shard in {s // sps for s in samples}:
             if not done[shard]:
-                path = f"{layout.teacher_path(dataset, teacher)}/{layout.DONE}"
-                if not self._fast.read_done_mark(path, shard, f"{dataset}/{teacher}"):
+                if not self.pair_meta(dataset, teacher).done_mark(shard):
                     raise CacheNotFoundError(
                         f"{self.location}: {dataset}/{teacher} shard {shard} (samples from "
                         f"{shard * sps}) was never completely written",
@@ -349,7 +422,7 @@ class CacheReader:
         by_name = {f.name: f for f in fields}
         n, sps = self.num_samples(dataset), self.manifest.samples_per_shard
         for shard in range(self.num_shards(dataset)):
-            start, stop = layout.shard_bounds(shard, n, sps)
+            start, stop = shards.shard_bounds(shard, n, sps)
             self._require_done(dataset, teacher, [start])
             records = self._fast.read_shard(lay, shard, stop - start)
             tokens = {}
@@ -363,43 +436,17 @@ class CacheReader:
             yield ShardBlock(shard, start, stop, tokens)
 
     def verify(self) -> VerifyReport:
-        """Read every written shard of every token array and check every checksum."""
-        problems: list[str] = []
-        missing: list[str] = []
-        checked = 0
-        sps = self.manifest.samples_per_shard
-        for dataset in self.datasets:
-            try:
-                problems.extend(self.index(dataset).verify())
-            except (CacheCorruptionError, ValueError) as exc:
-                problems.append(f"dataset {dataset} index: {exc}")
-            n = self.num_samples(dataset)
-            for teacher in self.teachers_for(dataset):
-                try:
-                    records = self._records(dataset, teacher)[0]
-                except CacheVersionError as exc:
-                    problems.append(str(exc))
-                    continue
-                for shard in range(self.num_shards(dataset)):
-                    start, stop = layout.shard_bounds(shard, n, sps)
-                    try:
-                        self._require_done(dataset, teacher, [start])
-                    except CacheNotFoundError:
-                        missing.append(f"{dataset}/{teacher} shard {shard}")
-                        continue
-                    except CacheCorruptionError as exc:
-                        problems.append(str(exc))
-                        continue
-                    checked += 1
-                    try:
-                        self._fast.read_shard(records, shard, stop - start)
-                    except CacheCorruptionError as exc:
-                        problems.append(str(exc))
-        return VerifyReport(checked, tuple(problems), tuple(missing))
+        """Read every chunk of every array (metadata included), check every checksum and that
+        the metadata agrees with the data (see verify.py). Never raises for damage found."""
+        from cache_format.verify import verify_cache
+
+        return verify_cache(self)
 
     def close(self) -> None:
         """Release open files and reader threads."""
         self._fast.close()
+        if self._meta_files is not None:
+            self._meta_files.close()
         for index in self._indexes.values():
             index.close()
 

@@ -104,11 +104,14 @@ class ShardBlock:
 
 @dataclass(frozen=True)
 class VerifyReport:
-    """Result of `CacheReader.verify()`: damaged chunks and shards still missing."""
+    """Result of `CacheReader.verify()`: damaged or inconsistent data (`problems`), token shards
+    never written (`missing`), and what else a build still has to do (`incomplete`: index
+    shards never written, statistics never merged)."""
 
     shards_checked: int
     problems: tuple[str, ...]
     missing: tuple[str, ...]
+    incomplete: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache_format import layout
+from cache_format import layout, shards
 from cache_format.errors import CacheCorruptionError, CacheVersionError, ConfigError
 from cache_format.files import Files, files_for
 from cache_format.locations import local_path
 from cache_format.manifest import STATUS_OK
-from cache_format.plainread import ChunkCache, PlainArray, read_chunk
+from cache_format.plainread import STRINGS, ChunkCache, PlainArray, read_chunk
 
 #: Default bound on the decoded chunks an index keeps (an estimate of their bytes).
 DEFAULT_CACHE_BYTES = 8 << 20
@@ -69,13 +69,19 @@ class SampleIndex:
         self._check_shapes()
         self._init_state()
 
+    #: The arrays this index reads, by name (v1.V1SampleIndex reads version 1's).
+    ARRAYS: tuple[str, ...] = (layout.KEY_OFFSETS, layout.KEY_UTF8, layout.INDEX_ROWS,
+                               layout.STATUSES, layout.SUMMARY, layout.INDEX_META)
+    #: The array whose length is the number of samples.
+    STATUS_ARRAY = layout.STATUSES
+
     @classmethod
     def from_group(cls, group: zarr.Group, dataset: str, *, num_samples: int | None = None,
                    **kwargs: Any) -> SampleIndex:
         """The index of the dataset group `group` (reads array metadata only, no chunk);
         `num_samples`, when given, is what the manifest says the arrays must hold."""
         arrays = {}
-        for name in (layout.KEY, layout.VIEW_PARAMS, layout.STATUS):
+        for name in cls.ARRAYS:
             label = f"dataset {dataset!r}, array {name!r}"
             arrays[name] = PlainArray.from_array(group[name], label)  # type: ignore[arg-type]
         index = cls(dataset, arrays, **kwargs)
@@ -94,17 +100,19 @@ class SampleIndex:
         _INDEXES.add(self)
 
     def _check_shapes(self) -> None:
-        keys, params, status = (self._arrays[n] for n in
-                                (layout.KEY, layout.VIEW_PARAMS, layout.STATUS))
+        offsets, text, rows, status = (self._arrays[n] for n in (
+            layout.KEY_OFFSETS, layout.KEY_UTF8, layout.INDEX_ROWS, layout.STATUSES))
         n, v, p = status.shape[0], self.views_per_image, len(self.view_param_names)
         problem = ""
-        if not keys.vlen or status.dtype != np.uint8 or params.dtype != np.float32:
-            problem = (f"dtypes key {keys.dtype}, view_params {params.dtype}, status "
-                       f"{status.dtype}; expected strings, float32, uint8")
-        elif params.shape != (n, p) or len(status.shape) != 1:
-            problem = f"view_params {params.shape} and status {status.shape}, expected ({n}, {p})"
-        elif keys.shape != (n // v,) or n % v:
-            problem = f"{keys.shape[0]} keys for {n} samples at {v} views per image"
+        if (offsets.dtype != np.uint64 or text.dtype != np.uint8 or rows.dtype != np.uint8
+                or status.dtype != np.uint8):
+            problem = (f"dtypes key_offsets {offsets.dtype}, key_utf8 {text.dtype}, index_rows "
+                       f"{rows.dtype}, status {status.dtype}; expected uint64, then uint8")
+        elif rows.shape != (n, layout.index_row_nbytes(p)) or len(status.shape) != 1:
+            problem = (f"index_rows {rows.shape} and status {status.shape}, expected "
+                       f"({n}, {layout.index_row_nbytes(p)}) for {p} view parameters")
+        elif offsets.shape != (n // v + 1,) or n % v:
+            problem = f"{offsets.shape[0]} key offsets for {n} samples at {v} views per image"
         if problem:
             raise CacheVersionError(f"dataset {self.dataset!r}: index arrays disagree: {problem}",
                                     hint="this cache was not written by this dune-distill")
@@ -137,19 +145,19 @@ class SampleIndex:
     @property
     def num_samples(self) -> int:
         """Number of samples (images x views)."""
-        return self._arrays[layout.STATUS].shape[0]
+        return self._arrays[self.STATUS_ARRAY].shape[0]
 
     @property
     def num_images(self) -> int:
         """Number of images (keys)."""
-        return self._arrays[layout.KEY].shape[0]
+        return self.num_samples // self.views_per_image
 
     @property
     def status(self) -> np.ndarray:
         """Per-sample status codes, uint8 [N] (read once, then kept; read-only)."""
         status = self._status
         if status is None:
-            status = self._load(self._arrays[layout.STATUS])
+            status = self._load_status()
             status.setflags(write=False)  # shared pages stay shared after a fork
             self._status = status
         return status
@@ -164,37 +172,124 @@ class SampleIndex:
         rows = self._rows([sample], self.num_samples, "sample")
         return self.keys_of(rows // self.views_per_image)[0]
 
+    def summary(self) -> np.ndarray | None:
+        """The dataset's `summary` row [1, samples per status code] once its index is complete
+        (finalize_index), else None. One read, not kept."""
+        row = self._read_chunk(self._arrays[layout.SUMMARY], 0)[0]
+        return None if int(row[0]) != layout.MARK_DONE else np.array(row)
+
+    def shard_meta(self) -> np.ndarray:
+        """Every index shard's metadata row, int64 [num_shards, 1 + C] (zeros: never written);
+        one read per shard, for writers and tools."""
+        return self._load(self._arrays[layout.INDEX_META])
+
+    def _load_status(self) -> np.ndarray:
+        if self.summary() is not None:  # complete: the consolidated array, a few large chunks
+            return self._load(self._arrays[layout.STATUSES])
+        rows = self._arrays[layout.INDEX_ROWS]
+        out = np.empty(self.num_samples, dtype=np.uint8)
+        column = rows.shape[1] - 1
+
+        def fill(chunk: int) -> None:
+            start, stop = shards.shard_bounds(chunk, self.num_samples, rows.rows_per_chunk)
+            out[start:stop] = self._read_chunk(rows, chunk)[0][: stop - start, column]
+
+        self._map(fill, list(range(rows.num_chunks)))
+        return out
+
+    def _offsets(self, images: np.ndarray) -> np.ndarray:
+        """key_offsets[images] as int64 (one read per chunk touched)."""
+        out = np.empty(images.size, dtype=np.int64)
+        for block, where, local in self._by_chunk(self._arrays[layout.KEY_OFFSETS], images):
+            out[where] = block[local]
+        return out
+
+    def _key_bytes(self, start: int, stop: int) -> bytes:
+        """key_utf8[start:stop], from the (cached) chunks it spans."""
+        text = self._arrays[layout.KEY_UTF8]
+        per = text.rows_per_chunk
+        parts = []
+        for chunk in range(start // per, (stop - 1) // per + 1 if stop > start else 0):
+            block = self._chunk(text, chunk)
+            parts.append(block[max(start - chunk * per, 0) : stop - chunk * per].tobytes())
+        return b"".join(parts)
+
+    def _decode_key(self, raw: bytes, image: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CacheCorruptionError(
+                f"dataset {self.dataset!r}, key of image {image}: not UTF-8 ({exc})",
+                hint="the cache is damaged: run `dune-cache verify`") from None
+
     def keys_of(self, images: Sequence[int] | np.ndarray) -> list[str]:
         """Keys of `images` (image indices, any order, repeats allowed), one read per chunk."""
         rows = self._rows(images, self.num_images, "image")
-        out: list[str] = [""] * rows.size
-        for block, where, local in self._by_chunk(self._arrays[layout.KEY], rows):
-            # Key by key: a StringDType slice of `block` would grow block's string arena.
-            for position, row in zip(where.tolist(), local.tolist(), strict=True):
-                out[position] = block[row]
-        return out
+        starts, stops = self._offsets(rows), self._offsets(rows + 1)
+        return [self._decode_key(self._key_bytes(a, b), i) for a, b, i in
+                zip(starts.tolist(), stops.tolist(), rows.tolist(), strict=True)]
 
     def view_params_of(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
         """View parameters of `samples`, float32 [n, P] (a new array), one read per chunk."""
         rows = self._rows(samples, self.num_samples, "sample")
-        out = np.empty((rows.size, len(self.view_param_names)), dtype=np.float32)
-        for block, where, local in self._by_chunk(self._arrays[layout.VIEW_PARAMS], rows):
-            out[where] = block[local]
+        p = len(self.view_param_names)
+        out = np.empty((rows.size, p), dtype=np.float32)
+        for block, where, local in self._by_chunk(self._arrays[layout.INDEX_ROWS], rows):
+            out[where] = layout.unpack_view_params(block[local], p)
         return out
 
     @property
     def keys(self) -> np.ndarray:
         """Every key, StringDType [num_images]. Loads everything (not kept): prefer `keys_of`."""
-        return self._load(self._arrays[layout.KEY])
+        offsets = self._load(self._arrays[layout.KEY_OFFSETS]).astype(np.int64)
+        text = self._load(self._arrays[layout.KEY_UTF8]).tobytes()
+        return np.array([self._decode_key(text[a:b], i) for i, (a, b) in
+                         enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True))],
+                        dtype=STRINGS)
 
     @property
     def view_params(self) -> np.ndarray:
         """Every view parameter row, float32 [N, P]. Loads everything (not kept): prefer
         `view_params_of`."""
-        return self._load(self._arrays[layout.VIEW_PARAMS])
+        return layout.unpack_view_params(self._load(self._arrays[layout.INDEX_ROWS]),
+                                         len(self.view_param_names))
 
     def verify(self) -> tuple[str, ...]:
-        """Read every chunk of the index arrays; the problems found (empty when all is well)."""
+        """Read every chunk of the index arrays (metadata included) and check that they agree:
+        each written shard's statuses match its metadata row, a complete index's consolidated
+        statuses match its rows. The problems found (empty when all is well)."""
+        problems = list(self._verify_chunks())
+        if problems:
+            return tuple(problems)
+        meta = self.shard_meta()
+        rows = self._arrays[layout.INDEX_ROWS]
+        status = np.zeros(self.num_samples, np.uint8)
+        codes = meta.shape[1] - 1
+        for shard in range(rows.num_chunks):
+            start, stop = shards.shard_bounds(shard, self.num_samples, rows.rows_per_chunk)
+            status[start:stop] = self._read_chunk(rows, shard)[0][: stop - start, -1]
+            if meta[shard, 0] and not np.array_equal(
+                    meta[shard], layout.index_meta_row(status[start:stop], codes)):
+                problems.append(
+                    f"dataset {self.dataset!r}, index shard {shard}: its rows hold statuses "
+                    f"{np.bincount(status[start:stop], minlength=codes).tolist()}, its metadata "
+                    f"row says {meta[shard, 1:].tolist()} (rows lost or damaged)")
+        summary = self.summary()
+        if summary is not None:
+            consolidated = self._load(self._arrays[layout.STATUSES])
+            if not (meta[:, 0] == layout.MARK_DONE).all():
+                problems.append(f"dataset {self.dataset!r}: the index is marked complete but "
+                                f"{int((meta[:, 0] == 0).sum())} index shard(s) have no metadata")
+            elif not np.array_equal(consolidated, status):
+                problems.append(f"dataset {self.dataset!r}: the consolidated statuses differ "
+                                "from the index rows")
+            elif not np.array_equal(summary, layout.index_meta_row(status, codes)):
+                problems.append(f"dataset {self.dataset!r}: the summary's status counts "
+                                f"{summary[1:].tolist()} differ from the statuses")
+        return tuple(problems)
+
+    def _verify_chunks(self) -> tuple[str, ...]:
+        """Read every chunk of every index array; the damaged ones."""
         problems: list[str] = []
 
         def check(job: tuple[PlainArray, int]) -> None:
@@ -254,7 +349,7 @@ class SampleIndex:
         per_chunk, n = array.rows_per_chunk, array.shape[0]
 
         def fill(chunk: int) -> None:
-            start, stop = layout.shard_bounds(chunk, n, per_chunk)
+            start, stop = shards.shard_bounds(chunk, n, per_chunk)
             out[start:stop] = self._read_chunk(array, chunk)[0][: stop - start]
 
         self._map(fill, list(range(array.num_chunks)))
@@ -284,11 +379,14 @@ class SampleIndex:
 
     def _read_chunk(self, array: PlainArray, chunk: int) -> tuple[np.ndarray, int]:
         """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached."""
-        fix = ("rebuild the cache (keys are written when the dataset is added)"
-               if array is self._arrays[layout.KEY] else
-               f"delete that index shard's done mark ({layout.INDEX_DONE}/c/{chunk}) and resume "
-               "the build, which rewrites it")
-        return read_chunk(self._files_(), array, chunk, fix)
+        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk))
+
+    def _fix_hint(self, array: PlainArray, chunk: int) -> str:
+        """How to repair a damaged chunk of `array` (the end of the error's hint)."""
+        if array.path.endswith(f"/{layout.INDEX_ROWS}"):
+            return (f"delete that index shard's metadata row ({layout.INDEX_META}/c/{chunk}/0) "
+                    "and resume the build, which rewrites it")
+        return "rebuild the cache, or `dune-cache upgrade` again if it was upgraded"
 
 
 def _reset_after_fork() -> None:

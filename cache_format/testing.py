@@ -99,6 +99,7 @@ def build_tiny_cache(path: str | os.PathLike[str], encoding: EncodingSpec | None
         for shard in range(writer.num_shards(name)):
             start, stop = writer.shard_bounds(name, shard)
             writer.write_index_shard(name, shard, view_params[start:stop], status[start:stop])
+        writer.finalize_index(name)
         for teacher in teachers:
             tokens = {"patch": synthetic_activations(rng, (n, manifest.num_tokens, teacher.dim))}
             if teacher.has_cls:

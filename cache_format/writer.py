@@ -17,16 +17,19 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache_format import layout
-from cache_format.encodings import decode_tokens, encode_tokens
+from cache_format import layout, shards
 from cache_format.errors import (
     CacheNotFoundError,
+    CacheVersionError,
     ConfigError,
     InvalidTokensError,
 )
+from cache_format.locations import local_path
 from cache_format.manifest import (
+    FORMAT_VERSION,
     ROOT_ATTR,
     STATUS_CODES,
     DatasetFingerprint,
@@ -36,11 +39,14 @@ from cache_format.manifest import (
 )
 from cache_format.replay import ReplaySpec
 from cache_format.serde import json_problem, to_dict
-from cache_format.stats import ChannelStats, merge, merge_all
-
-#: Samples encoded at once inside write_shard (bounds the float32 temporaries).
-_ENCODE_BLOCK = 8
-Calibration = Mapping[str, tuple[np.ndarray, np.ndarray]]
+from cache_format.shard_encode import (
+    Calibration,
+    check_calibration,
+    check_tokens,
+    encode_records,
+    shard_object,
+)
+from cache_format.stats import ChannelStats, merge_all
 
 
 def _location(path: str | os.PathLike[str]) -> str:
@@ -55,6 +61,7 @@ class CacheWriter:
         self._manifest = manifest
         self.location = location
         self._arrays: dict[str, zarr.Array] = {}
+        self._calibrations: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -103,7 +110,13 @@ class CacheWriter:
                                      hint="create it with CacheWriter.create()") from None
         if ROOT_ATTR not in group.attrs:
             raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest")
-        return cls(group, Manifest.from_dict(group.attrs[ROOT_ATTR], where=location), location)
+        manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location)
+        if manifest.format_version != FORMAT_VERSION:
+            raise CacheVersionError(
+                f"{location}: format version {manifest.format_version}; this writer writes "
+                f"version {FORMAT_VERSION} only",
+                hint=f"upgrade the cache first: `dune-cache upgrade {location}`")
+        return cls(group, manifest, location)
 
     @property
     def manifest(self) -> Manifest:
@@ -158,14 +171,14 @@ class CacheWriter:
 
     def num_shards(self, dataset: str) -> int:
         """Shards of `dataset` (the unit of writing; the last one may be partial)."""
-        return layout.num_shards(self.num_samples(dataset), self._manifest.samples_per_shard)
+        return shards.num_shards(self.num_samples(dataset), self._manifest.samples_per_shard)
 
     def shard_bounds(self, dataset: str, shard: int) -> tuple[int, int]:
         """[start, stop) sample range of `shard` of `dataset`."""
         n_shards = self.num_shards(dataset)
         if not 0 <= shard < n_shards:
             raise ConfigError(f"dataset {dataset}: shard {shard} is out of range [0, {n_shards})")
-        return layout.shard_bounds(shard, self.num_samples(dataset),
+        return shards.shard_bounds(shard, self.num_samples(dataset),
                                    self._manifest.samples_per_shard)
 
     def _dataset_fp(self, dataset: str) -> DatasetFingerprint:
@@ -204,12 +217,16 @@ class CacheWriter:
         m = self._manifest
         # A group without a manifest entry is a crashed earlier attempt: replace it.
         group = self._group.require_group(layout.DATASETS).create_group(name, overwrite=True)
-        layout.create_index_arrays(group, fingerprint.num_images, m.views_per_image,
-                                   m.samples_per_shard, len(m.view_param_names))
-        key_array = group[layout.KEY]
-        for start in range(0, len(keys), layout.KEY_CHUNK):
-            key_array[start : start + layout.KEY_CHUNK] = np.asarray(
-                keys[start : start + layout.KEY_CHUNK], dtype=object)
+        encoded = [k.encode("utf-8") for k in keys]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.uint64)
+        np.cumsum([len(k) for k in encoded], out=offsets[1:])
+        layout.create_index_arrays(group, int(offsets[-1]), fingerprint.num_images,
+                                   m.views_per_image, m.samples_per_shard,
+                                   len(m.view_param_names), len(m.status_codes))
+        text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        group[layout.KEY_UTF8][:] = text
+        group[layout.KEY_OFFSETS][:] = offsets
+        del encoded, text
         self._save_manifest(replace(m, datasets={**m.datasets, name: fingerprint}))
 
     def add_teacher(self, dataset: str, fingerprint: TeacherFingerprint,
@@ -227,10 +244,12 @@ class CacheWriter:
         if self.has_teacher(dataset, teacher):
             return
         if m.encoding.has_scale:
-            _check_calibration(fingerprint, calibration)
+            check_calibration(fingerprint, calibration)
         teachers = self._group.require_group(f"{layout.dataset_path(dataset)}/{layout.TEACHERS}")
         # A group without a manifest entry is a crashed earlier attempt: replace it.
         group = teachers.create_group(teacher, overwrite=True)
+        self._calibrations = {k: v for k, v in self._calibrations.items()
+                              if k[:2] != (dataset, teacher)}
         layout.create_teacher_arrays(group, m.encoding, self.num_samples(dataset), m.num_tokens,
                                      fingerprint.dim, fingerprint.token_types,
                                      m.samples_per_shard)
@@ -260,30 +279,84 @@ class CacheWriter:
             raise ConfigError(f"dataset {dataset} index shard {shard}: unknown status codes "
                               f"{unknown}; known: {STATUS_CODES}")
         base = layout.dataset_path(dataset)
-        done = self._array(f"{base}/{layout.INDEX_DONE}")
-        done[shard] = 0
-        if p:
-            self._array(f"{base}/{layout.VIEW_PARAMS}")[start:stop] = view_params
-        self._array(f"{base}/{layout.STATUS}")[start:stop] = status.astype(np.uint8)
-        done[shard] = 1
+        meta = self._array(f"{base}/{layout.INDEX_META}")
+        self._delete_chunk(meta, (shard, 0))
+        self._clear_summary(base, (f"{base}/{layout.STATUSES}",))
+        self._array(f"{base}/{layout.INDEX_ROWS}")[start:stop] = layout.pack_index_rows(
+            view_params, status.astype(np.uint8))
+        meta[shard] = layout.index_meta_row(status, len(self._manifest.status_codes))
 
     def index_shard_done(self, dataset: str, shard: int) -> bool:
         """Whether index shard `shard` of `dataset` was written completely."""
         self.shard_bounds(dataset, shard)
-        return bool(self._array(f"{layout.dataset_path(dataset)}/{layout.INDEX_DONE}")[shard])
+        meta = self._array(f"{layout.dataset_path(dataset)}/{layout.INDEX_META}")
+        return int(meta[shard, 0]) == layout.MARK_DONE
+
+    def index_rows(self, dataset: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(view parameters float32 [n, P], statuses uint8 [n]) of an index shard, as stored."""
+        start, stop = self.shard_bounds(dataset, shard)
+        rows = self._array(f"{layout.dataset_path(dataset)}/{layout.INDEX_ROWS}")[start:stop]
+        return (layout.unpack_view_params(rows, len(self._manifest.view_param_names)),
+                np.array(rows[:, -1]))
+
+    def finalize_index(self, dataset: str) -> dict[int, int]:
+        """Consolidate a complete index: write its statuses in large chunks (`status`), then its
+        `summary` (complete mark and samples per status code), which readers then read instead
+        of one object per shard. Refuses (CacheNotFoundError) while index shards are missing.
+        Returns {status code: samples}. Idempotent."""
+        base = layout.dataset_path(dataset)
+        meta = self._array(f"{base}/{layout.INDEX_META}")[:]
+        missing = np.nonzero(meta[:, 0] != layout.MARK_DONE)[0]
+        if missing.size:
+            raise CacheNotFoundError(
+                f"{self.location}: dataset {dataset} has {missing.size} index shard(s) not "
+                f"written (first: {missing[:10].tolist()})",
+                hint="finish the index (`dune-cache build` resumes), then finalize")
+        rows, status = (self._array(f"{base}/{name}")
+                        for name in (layout.INDEX_ROWS, layout.STATUSES))
+        n = self.num_samples(dataset)
+        for start in range(0, n, layout.STATUS_CHUNK):  # whole chunks, a bounded buffer
+            stop = min(start + layout.STATUS_CHUNK, n)
+            status[start:stop] = rows[start:stop, rows.shape[1] - 1]
+        summary = np.concatenate([[layout.MARK_DONE], meta[:, 1:].sum(axis=0)]).astype(np.int64)
+        self._array(f"{base}/{layout.SUMMARY}")[:] = summary
+        return {code: int(k) for code, k in enumerate(summary[1:].tolist()) if k}
+
+    def _delete_chunk(self, array: zarr.Array, coords: tuple[int, ...]) -> None:
+        """Delete one chunk object of `array` (a no-op when it does not exist)."""
+        key = array.metadata.encode_chunk_key(coords)
+        store_path = array.store_path
+        sync(store_path.store.delete(f"{store_path.path}/{key}" if store_path.path else key))
+
+    def _clear_summary(self, base: str, also: tuple[str, ...] = ()) -> None:
+        """Before a shard of a finalized dataset or pair is rewritten: delete its summary (then
+        the consolidated arrays in `also`), so that no reader trusts them any longer. Reads one
+        object and writes nothing when there is no summary (the builder's case)."""
+        summary = self._array(f"{base}/{layout.SUMMARY}")
+        if int(summary[0]) == 0:
+            return
+        self._delete_chunk(summary, (0,))
+        for path in also:
+            self._array(path)[:] = 0
 
     # -- token shards ----------------------------------------------------------------------
     def shard_done(self, dataset: str, teacher: str, shard: int) -> bool:
         """Whether token shard `shard` of (dataset, teacher) was written completely."""
         self._teacher_fp(dataset, teacher)
         self.shard_bounds(dataset, shard)
-        return bool(self._array(f"{layout.teacher_path(dataset, teacher)}/{layout.DONE}")[shard])
+        meta = self._array(f"{layout.teacher_path(dataset, teacher)}/{layout.SHARD_META}")
+        return int(meta[shard, 0]) == layout.MARK_DONE
 
     def calibration(self, dataset: str, teacher: str, tok: str) -> tuple[np.ndarray, np.ndarray]:
-        """The stored int8 calibration (mean, std) of a pair's token type."""
-        base = layout.teacher_path(dataset, teacher)
-        mean_name, std_name = layout.calib_names(tok)
-        return self._array(f"{base}/{mean_name}")[:], self._array(f"{base}/{std_name}")[:]
+        """The stored int8 calibration (mean, std) of a pair's token type (read once: it never
+        changes after add_teacher)."""
+        key = (dataset, teacher, tok)
+        if key not in self._calibrations:
+            base = layout.teacher_path(dataset, teacher)
+            mean_name, std_name = layout.calib_names(tok)
+            self._calibrations[key] = (self._array(f"{base}/{mean_name}")[:],
+                                       self._array(f"{base}/{std_name}")[:])
+        return self._calibrations[key]
 
     def write_shard(self, dataset: str, teacher: str, shard: int,
                     tokens: Mapping[str, np.ndarray], valid: np.ndarray) -> None:
@@ -302,52 +375,48 @@ class CacheWriter:
         if valid.shape != (n,):
             raise InvalidTokensError(f"{dataset}/{teacher} shard {shard}: expected valid of shape "
                                      f"({n},) (samples {start}..{stop - 1}), found {valid.shape}")
-        arrays = _check_tokens(dataset, teacher, shard, start, fp, tokens, valid, m.num_tokens)
+        arrays = check_tokens(dataset, teacher, shard, start, fp, tokens, valid, m.num_tokens)
         base = layout.teacher_path(dataset, teacher)
-        fields = {f.name: f for f in layout.record_fields(spec, fp.token_types, m.num_tokens,
-                                                          fp.dim)}
-        # Samples that are not valid keep an all-zero record, which zarr does not store.
-        records = np.zeros((n, layout.record_nbytes(tuple(fields.values()))), dtype=np.uint8)
-        part_stats: dict[str, ChannelStats] = {}
-        for tok, x in arrays.items():
-            calib = self.calibration(dataset, teacher, tok) if spec.has_scale else (None, None)
-            values = _field_view(records, fields[tok])
-            scale = (_field_view(records, fields[layout.scale_name(tok)]) if spec.has_scale
-                     else None)
-            stats = ChannelStats.empty(fp.dim)
-            for b in range(0, n, _ENCODE_BLOCK):
-                rows = np.nonzero(valid[b : b + _ENCODE_BLOCK])[0] + b
-                if rows.size == 0:
-                    continue
-                v, s = encode_tokens(x[rows], spec, *calib)
-                values[rows] = v
-                if scale is not None:
-                    scale[rows] = s
-                # Statistics describe what a reader will see: the decoded values.
-                stats = merge(stats, ChannelStats.of(decode_tokens(v, s, spec, *calib)))
-            part_stats[tok] = stats
-        done = self._array(f"{base}/{layout.DONE}")
-        done[shard] = 0
+        calibration = ({tok: self.calibration(dataset, teacher, tok) for tok in arrays}
+                       if spec.has_scale else {})
+        records, part_stats = encode_records(spec, fp, m.num_tokens, arrays, valid, calibration)
+        meta = self._array(f"{base}/{layout.SHARD_META}")
+        self._delete_chunk(meta, (shard, 0))
+        self._clear_summary(base)
         self._write_whole_shard(f"{base}/{layout.TOKENS}", shard, start, stop, records)
-        for tok, stats in part_stats.items():
-            count_name, mean_name, m2_name = layout.stats_names(tok, partial=True)
-            self._array(f"{base}/{count_name}")[shard] = stats.count
-            self._array(f"{base}/{mean_name}")[shard] = stats.mean
-            self._array(f"{base}/{m2_name}")[shard] = stats.m2
-        done[shard] = 1
+        columns = layout.PairColumns(fp.token_types, fp.dim)
+        meta[shard] = columns.row(layout.MARK_DONE, int(valid.sum()), part_stats)
 
     def _write_whole_shard(self, path: str, shard: int, start: int, stop: int,
                            values: np.ndarray) -> None:
         """Delete any earlier attempt of the shard object, then write the shard in one call.
 
         Deleting first matters: zarr merges a write into an existing shard by reading it, which
-        would fail on (or keep bytes of) a damaged earlier attempt.
+        would fail on (or keep bytes of) a damaged earlier attempt. Uncompressed records are
+        written as the object zarr would write (shard_encode.shard_object), in one store call.
         """
         array = self._array(path)
+        coords = (shard,) + (0,) * (array.ndim - 1)
+        self._delete_chunk(array, coords)
+        if self._manifest.encoding.codec != "none":
+            array[start:stop] = values
+            return
+        data = shard_object(values, self._manifest.samples_per_shard)
+        if data is not None:
+            key = array.metadata.encode_chunk_key(coords)
+            store_path = array.store_path
+            sync(store_path.store.set(f"{store_path.path}/{key}" if store_path.path else key,
+                                      default_buffer_prototype().buffer.from_bytes(data)))
+
+    def shard_nbytes(self, dataset: str, teacher: str, shard: int) -> int:
+        """Stored bytes of a token shard's data object (local caches; 0 for URLs)."""
+        array = self._array(f"{layout.teacher_path(dataset, teacher)}/{layout.TOKENS}")
         key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
-        store_path = array.store_path
-        sync(store_path.store.delete(f"{store_path.path}/{key}" if store_path.path else key))
-        array[start:stop] = values
+        local = local_path(self.location)
+        if local is None:
+            return 0
+        path = os.path.join(local, array.path, key)
+        return os.path.getsize(path) if os.path.exists(path) else 0
 
     def finalize_stats(self, dataset: str, teacher: str, *,
                        allow_incomplete: bool = False) -> dict[str, ChannelStats]:
@@ -358,7 +427,9 @@ class CacheWriter:
         """
         fp = self._teacher_fp(dataset, teacher)
         base = layout.teacher_path(dataset, teacher)
-        done = self._array(f"{base}/{layout.DONE}")[:].astype(bool)
+        columns = layout.PairColumns(fp.token_types, fp.dim)
+        rows = self._array(f"{base}/{layout.SHARD_META}")[:]
+        done = rows[:, 0] == layout.MARK_DONE
         if not allow_incomplete and not done.all():
             missing = np.nonzero(~done)[0]
             raise CacheNotFoundError(
@@ -366,70 +437,10 @@ class CacheWriter:
                 f"done mark (first: {missing[:10].tolist()}); statistics would be incomplete",
                 hint="finish writing the shards, or pass allow_incomplete=True",
             )
-        result: dict[str, ChannelStats] = {}
-        for tok in fp.token_types:
-            count_name, mean_name, m2_name = layout.stats_names(tok, partial=True)
-            counts = self._array(f"{base}/{count_name}")[:]
-            means = self._array(f"{base}/{mean_name}")[:]
-            m2s = self._array(f"{base}/{m2_name}")[:]
-            total = merge_all((ChannelStats(int(counts[i]), means[i], m2s[i])
-                               for i in np.nonzero(done)[0]), fp.dim)
-            count_name, mean_name, m2_name = layout.stats_names(tok, partial=False)
-            self._array(f"{base}/{count_name}")[:] = np.array([total.count], dtype=np.int64)
-            self._array(f"{base}/{mean_name}")[:] = total.mean
-            self._array(f"{base}/{m2_name}")[:] = total.m2
-            result[tok] = total
-        self._array(f"{base}/{layout.STATS}/{layout.FINAL}")[:] = np.array([1], dtype=np.uint8)
+        parsed = [columns.parse(rows[i]) for i in np.nonzero(done)[0]]
+        result = {tok: merge_all((p[2][tok] for p in parsed), fp.dim)
+                  for tok in fp.token_types}
+        mark = layout.MARK_DONE if done.all() else layout.MARK_PARTIAL
+        self._array(f"{base}/{layout.SUMMARY}")[:] = columns.row(
+            mark, sum(p[1] for p in parsed), result)
         return result
-
-
-def _field_view(records: np.ndarray, field: layout.RecordField) -> np.ndarray:
-    """The field `field` of every record in `records[n, R]`, as a writable [n, *shape] view."""
-    raw = records[:, field.offset : field.offset + field.nbytes]
-    return raw.view(field.dtype).reshape(records.shape[0], *field.shape)
-
-
-def _check_calibration(fp: TeacherFingerprint, calibration: Calibration | None) -> None:
-    """int8 needs finite (mean, std [> 0]) of shape [D] for every token type of the teacher."""
-    if calibration is None:
-        raise ConfigError(f"teacher {fp.name}: the int8 encoding needs a calibration "
-                          "{token type: (mean, std)}; see encodings.fit_calibration")
-    for tok in fp.token_types:
-        if tok not in calibration:
-            raise ConfigError(f"teacher {fp.name}: calibration lacks token type {tok!r}")
-        mean, std = (np.asarray(a, dtype=np.float32) for a in calibration[tok])
-        if mean.shape != (fp.dim,) or std.shape != (fp.dim,):
-            raise ConfigError(f"teacher {fp.name} calibration {tok}: expected mean/std of shape "
-                              f"({fp.dim},), found {mean.shape} and {std.shape}")
-        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-            raise ConfigError(f"teacher {fp.name} calibration {tok}: mean/std must be finite "
-                              "and std > 0")
-
-
-def _check_tokens(dataset: str, teacher: str, shard: int, start: int, fp: TeacherFingerprint,
-                  tokens: Mapping[str, np.ndarray], valid: np.ndarray,
-                  num_tokens: int) -> dict[str, np.ndarray]:
-    """Shapes, dtypes and finiteness of one shard's tokens; returns them as float32 arrays."""
-    n = valid.shape[0]
-    where = f"{dataset}/{teacher} shard {shard}"
-    if set(tokens) != set(fp.token_types):
-        raise InvalidTokensError(f"{where}: expected token types {sorted(fp.token_types)}, "
-                                 f"found {sorted(tokens)}")
-    arrays: dict[str, np.ndarray] = {}
-    for tok in fp.token_types:
-        x = np.asarray(tokens[tok])
-        expected = (n, num_tokens, fp.dim) if tok == "patch" else (n, fp.dim)
-        if x.shape != expected or not np.issubdtype(x.dtype, np.floating):
-            raise InvalidTokensError(f"{where}: {tok} tokens must be float {expected}, found "
-                                     f"{x.dtype} {x.shape}")
-        x = np.asarray(x, dtype=np.float32)
-        finite = np.isfinite(x.reshape(n, -1)).all(axis=1)
-        bad = np.nonzero(valid & ~finite)[0]
-        if bad.size:
-            raise InvalidTokensError(
-                f"{where}: {tok} tokens of sample(s) {(bad[:10] + start).tolist()} hold NaN or "
-                "Inf; nothing was written for this shard",
-                hint="check the teacher's precision (run it in float32) and the input image",
-            )
-        arrays[tok] = x
-    return arrays

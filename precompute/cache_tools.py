@@ -2,8 +2,8 @@
 
 - `cache_info(path)`: the manifest, sizes per (dataset, teacher), statuses, completeness, as a
   JSON-ready dict (the `--json` output; the tables print the same facts).
-- `verify_cache(path, recompute=N)`: reads every written chunk (checksums), checks counts (index
-  shards, done marks, statistics counts against the ok samples) and, with `recompute`, re-runs
+- `verify_cache(path, recompute=N)`: `CacheReader.verify` (every chunk, metadata included,
+  checksums and counts; see cache_format/verify.py) and, with `recompute`, re-runs
   each teacher on N random cached views and compares fresh and cached tokens per token (cosine),
   against the encoding's fidelity floor. Any problem makes the report fail.
 - `find_caches(folder)`: every cache under a folder, one summary each.
@@ -11,20 +11,17 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
-from cache_format import layout
-from cache_format.manifest import ROOT_ATTR, STATUS_PENDING, status_name
+from cache_format import locate
+from cache_format.files import tree_nbytes
+from cache_format.manifest import status_name
 from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import to_dict
-from precompute.build import directory_bytes
 
 #: Per-token cosine (fresh vs cached, 1st percentile) each encoding must keep. int8 is the
 #: format's tested floor; fp16 / bf16 lose far less, the floor leaves room for a rerun on
@@ -32,15 +29,13 @@ from precompute.build import directory_bytes
 FIDELITY_FLOORS: dict[str, float] = {"int8": 0.9995, "fp16": 0.999, "bf16": 0.999}
 
 
-def _pair_facts(group: zarr.Group, dataset: str, teacher: str, location: str) -> dict[str, Any]:
-    base = layout.teacher_path(dataset, teacher)
-    done = np.asarray(group[f"{base}/{layout.DONE}"][:], dtype=bool)  # type: ignore[index]
-    final = bool(group[f"{base}/{layout.STATS}/{layout.FINAL}"][0])  # type: ignore[index]
+def _pair_facts(reader: CacheReader, dataset: str, teacher: str) -> dict[str, Any]:
+    done = reader.pair_done(dataset, teacher)
     return {
         "teacher": teacher, "dataset": dataset, "shards_done": int(done.sum()),
-        "shards": int(done.size), "stats_final": final,
-        "bytes": directory_bytes(os.path.join(location, base)),
-        "complete": bool(done.all() and final),
+        "shards": int(done.size), "stats_final": reader.stats_final(dataset, teacher),
+        "bytes": reader.nbytes(dataset, teacher),
+        "complete": reader.pair_complete(dataset, teacher),
     }
 
 
@@ -48,21 +43,17 @@ def cache_info(path: str) -> dict[str, Any]:
     """Everything `dune-cache info` shows, as a JSON-ready dict."""
     with open_cache(path) as reader:
         m = reader.manifest
-        group = zarr.open_group(reader.location, mode="r")
         datasets = []
         for name, fp in m.datasets.items():
-            status = reader.index(name).status
-            codes, counts = np.unique(status, return_counts=True)
-            statuses = {status_name(int(c)): int(k) for c, k in zip(codes, counts, strict=True)}
-            index_done = np.asarray(
-                group[f"{layout.dataset_path(name)}/{layout.INDEX_DONE}"][:], dtype=bool)  # type: ignore[index]
+            counts = reader.status_counts(name)
+            statuses = {status_name(c): n for c, n in sorted(counts.items())}
+            index_done = reader.index_done(name)
             datasets.append({
-                **to_dict(fp), "samples": int(status.size), "statuses": statuses,
+                **to_dict(fp), "samples": reader.num_samples(name), "statuses": statuses,
                 "index_shards_done": int(index_done.sum()), "index_shards": int(index_done.size),
                 "index_complete": bool(index_done.all()),
             })
-        pairs = [_pair_facts(group, d, t, reader.location)
-                 for t, names in m.assignment.items() for d in names]
+        pairs = [_pair_facts(reader, d, t) for t, names in m.assignment.items() for d in names]
         return {
             "path": reader.location,
             "format_version": m.format_version,
@@ -76,7 +67,7 @@ def cache_info(path: str) -> dict[str, Any]:
             "teachers": [to_dict(fp) for fp in m.teachers.values()],
             "datasets": datasets,
             "pairs": pairs,
-            "bytes": directory_bytes(reader.location),
+            "bytes": reader.nbytes(),
             "complete": all(p["complete"] for p in pairs)
             and all(d["index_complete"] for d in datasets),
         }
@@ -94,36 +85,6 @@ class VerifyResult:
     def ok(self) -> bool:
         """No damage, nothing missing, counts right, fidelity above the floor."""
         return not self.problems
-
-
-def _check_counts(reader: CacheReader, group: zarr.Group, result: VerifyResult) -> None:
-    """Index shards all written, no pending sample, statistics counts = ok samples."""
-    m = reader.manifest
-    for dataset in reader.datasets:
-        index = reader.index(dataset)
-        marks = np.asarray(group[f"{layout.dataset_path(dataset)}/{layout.INDEX_DONE}"][:])  # type: ignore[index]
-        if not marks.all():
-            result.problems.append(f"{dataset}: {int((marks == 0).sum())} index shard(s) never "
-                                   "written (resume the build)")
-        pending = int((index.status == STATUS_PENDING).sum())
-        if pending and marks.all():
-            result.problems.append(f"{dataset}: {pending} sample(s) still pending in a complete "
-                                   "index")
-        ok = int(index.ok.sum())
-        for teacher in reader.teachers_for(dataset):
-            base = layout.teacher_path(dataset, teacher)
-            if not group[f"{base}/{layout.STATS}/{layout.FINAL}"][0]:  # type: ignore[index]
-                result.problems.append(f"{dataset}/{teacher}: statistics never finalized "
-                                       "(resume the build)")
-                continue
-            for tok in m.teachers[teacher].token_types:
-                count_path = f"{base}/{layout.stats_names(tok, partial=False)[0]}"
-                count = int(group[count_path][0])  # type: ignore[index]
-                expected = ok * (m.num_tokens if tok == "patch" else 1)
-                if count != expected:
-                    result.problems.append(
-                        f"{dataset}/{teacher} {tok}: statistics count {count}, expected "
-                        f"{expected} ({ok} ok samples)")
 
 
 def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> None:
@@ -196,7 +157,7 @@ def verify_cache(path: str, recompute: int = 0, seed: int = 0) -> VerifyResult:
         result.shards_checked = report.shards_checked
         result.problems.extend(report.problems)
         result.problems.extend(f"missing: {m}" for m in report.missing)
-        _check_counts(reader, zarr.open_group(reader.location, mode="r"), result)
+        result.problems.extend(report.incomplete)
         if recompute > 0:
             _recompute(reader, recompute, result, seed)
     return result
@@ -207,7 +168,7 @@ def _summary_line(path: str, manifest: dict[str, Any]) -> dict[str, Any]:
     views = manifest.get("views_per_image", 1)
     return {
         "path": path,
-        "bytes": directory_bytes(path),
+        "bytes": tree_nbytes(path),
         "grid": manifest.get("grid"),
         "encoding": manifest.get("encoding", {}).get("name"),
         "teachers": sorted(manifest.get("teachers", {})),
@@ -218,18 +179,4 @@ def _summary_line(path: str, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def find_caches(folder: str) -> list[dict[str, Any]]:
     """Every cache under `folder` (not looking inside caches), sorted by path."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if "zarr.json" not in files:
-            continue
-        try:
-            with open(os.path.join(root, "zarr.json"), encoding="utf-8") as f:
-                attrs = json.load(f).get("attributes", {})
-        except (OSError, ValueError):
-            continue
-        if ROOT_ATTR in attrs:
-            found.append(_summary_line(root, attrs[ROOT_ATTR]))
-            dirs[:] = []  # a cache's arrays are not caches
-    return found
-
+    return [_summary_line(path, manifest) for path, manifest in locate.find_caches(folder)]

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cache_format.errors import run_cli
+from cache_format.manifest import FORMAT_VERSION
 
 app = typer.Typer(
     name="dune-cache",
@@ -57,9 +58,10 @@ def build(
         "--dry-run", help="Print the plan (work, sizes, free space) and touch nothing.")] = False,
 ) -> None:
     """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
-    from precompute.build import build_cache, summary_tables
+    from precompute.build import build_cache
     from precompute.config import load_build_config
     from precompute.plan import make_plan, plan_lines, plan_table
+    from precompute.results import summary_tables
 
     cfg = load_build_config(config, {"cache": cache})
     plan = make_plan(cfg)
@@ -152,6 +154,24 @@ def verify(
         out.print(f"[red]{len(result.problems)} problem(s) found in {escape(path)}[/]")
         raise typer.Exit(1)
     out.print(f"[green]ok[/]: {escape(path)}")
+
+
+@app.command()
+def upgrade(
+    path: Annotated[str, typer.Argument(metavar="CACHE", help="The cache (folder or URL).")],
+) -> None:
+    """Rewrite an older cache's metadata to the current format in place (token shards are
+    never touched); safe to interrupt and run again."""
+    from cache_format.upgrade import upgrade_cache
+    from precompute.replay_spec import replay_spec_from_build_config
+
+    report = upgrade_cache(
+        path, replay_of=lambda build: replay_spec_from_build_config(build).to_dict())
+    if not report.manifest_changed and not report.converted:
+        out.print(f"{escape(path)}: already format version {FORMAT_VERSION}, nothing to do")
+        return
+    out.print(f"{escape(path)}: format version {report.found_version} -> {FORMAT_VERSION} "
+              f"({len(report.converted)} group(s) converted)")
 
 
 @app.command(name="ls")

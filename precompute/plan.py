@@ -8,17 +8,7 @@ settings would silently mix incompatible tokens.
 
 The plan is read-only (a dry run prints it and touches nothing); the builder executes it.
 
-Sizes (`Footprint`) count the bytes of every chunk the build writes, as zarr stores them with
-codec none: each sample's record chunk (layout.record_fields: int8 scales, patch and cls values
-in one chunk) with its crc32c, each shard's index (16 bytes per sample slot and a crc32c), the
-done marks, the statistics, the int8 calibration and the dataset's index (keys, view parameters,
-statuses). With codec none and every image ok that is exact; skipped images store no record, so
-it is then an upper bound. Not counted: the zarr.json documents (about 1 kB per array, some 20
-arrays per pair), which do not grow with the data. With `zstd` or `blosc` the estimate assumes
-no gain from the codec (nor its frame header of a dozen bytes per chunk): on transformer-like
-activations (cache_format.testing) zstd stores int8 records 1.06x smaller, fp16 1.08x and bf16
-1.27x (public measurements on real features: up to 1.4x for bf16), so the estimate is then a
-slight overestimate for int8 and fp16 and an upper bound for bf16.
+Sizes come from cache_format.footprint (what each part of the cache stores, before it exists).
 """
 
 from __future__ import annotations
@@ -30,41 +20,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zarr
 from rich.table import Table
 
-from cache_format import layout
-from cache_format.errors import CacheMismatchError, CacheNotFoundError, DuneError
-from cache_format.locations import is_url, local_path
-from cache_format.manifest import ROOT_ATTR, DatasetFingerprint, Manifest
+from cache_format.errors import (
+    CacheMismatchError,
+    CacheNotFoundError,
+    CacheVersionError,
+    InsufficientSpaceError,
+)
+from cache_format.footprint import Footprint, index_footprint, pair_footprint
+from cache_format.locate import probe_cache
+from cache_format.locations import local_path
+from cache_format.manifest import FORMAT_VERSION, DatasetFingerprint, Manifest
+from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import to_dict
+from cache_format.shards import num_shards
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
 from precompute.sources import ImageSource, open_source
 from precompute.teachers.specs import get_teacher_spec
 from precompute.view_params import NUM_VIEW_PARAMS
-
-#: zarr's framing with codec none: a crc32c after every chunk, and 16 bytes (offset, length)
-#: per chunk slot in a shard's index.
-_CRC32C = 4
-_INDEX_SLOT = 16
-
-
-def _chunk(nbytes: int) -> int:
-    """Stored bytes of one uncompressed chunk of `nbytes` bytes."""
-    return nbytes + _CRC32C
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Stored bytes of a part of the cache (codec none, zarr.json documents aside)."""
-
-    per_sample: int  # a sample's record chunk (0 for the index: its chunks are per shard)
-    per_shard: int  # what each shard adds whatever its samples (index, done mark, statistics)
-    fixed: int  # written once (final statistics, calibration; the index's keys)
-
-    def nbytes(self, samples: int, shards: int, *, fixed: bool = True) -> int:
-        """Bytes of `samples` ok samples in `shards` shards (plus the fixed part if `fixed`)."""
-        return samples * self.per_sample + shards * self.per_shard + (self.fixed if fixed else 0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +53,7 @@ class DatasetPlan:
     in_cache: bool
     index_todo: tuple[int, ...]
     index_size: Footprint
+    index_final: bool = False  # every index shard written and the statuses consolidated
 
     @property
     def num_images(self) -> int:
@@ -126,7 +101,7 @@ class BuildPlan:
     @property
     def nothing_to_do(self) -> bool:
         """The cache is complete for this config."""
-        return all(not d.index_todo for d in self.datasets.values()) and all(
+        return all(d.index_final for d in self.datasets.values()) and all(
             p.done for p in self.pairs
         )
 
@@ -142,34 +117,18 @@ class BuildPlan:
 
 def pair_size(config: CacheBuildConfig, teacher: str) -> Footprint:
     """What one (teacher, dataset) pair stores, from the teacher kind's facts (without loading
-    it): a record chunk per sample, per shard its index, done mark and partial statistics, and
-    once the final statistics and (int8) the calibration."""
+    it)."""
     cfg = config.teacher(teacher)
     spec = get_teacher_spec(cfg.kind)
-    dim = cfg.embed_dim or spec.dim
-    tokens = tuple(spec.token_types)
-    fields = layout.record_fields(config.encoding, tokens, config.grid[0] * config.grid[1], dim)
-    stats = _chunk(8) + 2 * _chunk(8 * dim)  # count (int64), mean and M2 (float64 [D])
-    calibration = 2 * _chunk(4 * dim) if config.encoding.has_scale else 0
-    done_mark = _chunk(1)
-    shard_index = config.samples_per_shard * _INDEX_SLOT + _CRC32C
-    return Footprint(per_sample=_chunk(layout.record_nbytes(fields)),
-                     per_shard=shard_index + done_mark + len(tokens) * stats,
-                     fixed=len(tokens) * (stats + calibration) + _chunk(1))  # + final flag
+    return pair_footprint(config.encoding, tuple(spec.token_types),
+                          config.grid[0] * config.grid[1], cfg.embed_dim or spec.dim,
+                          config.samples_per_shard)
 
 
 def index_size(config: CacheBuildConfig, keys: list[str]) -> Footprint:
-    """What a dataset's index stores: per shard its view parameters, statuses and done mark
-    (full chunks, even the last shard's), and its keys (zarr's vlen-utf8: a count per chunk, a
-    length per key; the last chunk padded with empty keys)."""
-    per_shard = config.samples_per_shard
-    params = _chunk(per_shard * NUM_VIEW_PARAMS * 4) if NUM_VIEW_PARAMS else 0
-    chunk = min(layout.KEY_CHUNK, len(keys))
-    key_chunks = -(-len(keys) // chunk)
-    key_bytes = (sum(map(len, map(str.encode, keys))) + 4 * key_chunks * chunk
-                 + key_chunks * _chunk(4))
-    return Footprint(per_sample=0, per_shard=params + _chunk(per_shard) + _chunk(1),
-                     fixed=key_bytes)
+    """What a dataset's index stores."""
+    return index_footprint(keys, config.views_per_image, config.samples_per_shard,
+                           NUM_VIEW_PARAMS)
 
 
 def free_space(path: str) -> int | None:
@@ -185,30 +144,29 @@ def free_space(path: str) -> int | None:
     return shutil.disk_usage(probe).free
 
 
-def open_existing(path: str) -> zarr.Group | None:
-    """The cache's root group when a cache exists at `path`; None when nothing is there.
+def open_existing(path: str) -> CacheReader | None:
+    """A reader of the cache at `path` when one exists there; None when nothing is there.
 
     Something that exists but is not a cache (a non-empty folder, a zarr node without the
-    manifest) is refused rather than written into.
+    manifest) is refused rather than written into; so is a cache of an older format version,
+    which `dune-cache upgrade` converts first.
     """
-    local = not is_url(path)
-    if local and (not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path))):
+    what = probe_cache(path)
+    if what == "absent":
         return None
-    try:
-        group = zarr.open_group(path, mode="r")
-    except (FileNotFoundError, zarr.errors.NodeTypeValidationError):
-        if local:
-            raise CacheNotFoundError(
-                f"{path}: exists but is not a dune-distill cache",
-                hint="pass another --cache path (an empty or missing folder)",
-            ) from None
-        return None
-    if ROOT_ATTR not in group.attrs:
+    if what == "other":
         raise CacheNotFoundError(
-            f"{path}: a zarr group without a {ROOT_ATTR!r} manifest is there",
+            f"{path}: exists but is not a dune-distill cache",
             hint="pass another --cache path (an empty or missing folder)",
         )
-    return group
+    reader = open_cache(path)
+    if reader.manifest.format_version != FORMAT_VERSION:
+        reader.close()
+        raise CacheVersionError(
+            f"{path}: the cache has format version {reader.manifest.format_version}; the builder "
+            f"writes version {FORMAT_VERSION}",
+            hint=f"convert it first (in place, token shards untouched): dune-cache upgrade {path}")
+    return reader
 
 
 def manifest_settings(config: CacheBuildConfig) -> dict[str, Any]:
@@ -283,10 +241,6 @@ def config_changes(manifest: Manifest, config: CacheBuildConfig) -> list[str]:
     return list(dict.fromkeys(changes))
 
 
-def _done_marks(group: zarr.Group, path: str) -> np.ndarray:
-    return np.asarray(group[path][:], dtype=bool)
-
-
 def _check_dataset_fingerprint(location: str, manifest: Manifest,
                                fp: DatasetFingerprint) -> None:
     stored = manifest.datasets[fp.name]
@@ -303,8 +257,17 @@ def _check_dataset_fingerprint(location: str, manifest: Manifest,
 def make_plan(config: CacheBuildConfig) -> BuildPlan:
     """Plan a build: list the sources, read what the cache holds, refuse config changes."""
     location = config.cache
-    group = open_existing(location)
-    manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location) if group else None
+    reader = open_existing(location)
+    try:
+        return _make_plan(config, reader)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _make_plan(config: CacheBuildConfig, reader: CacheReader | None) -> BuildPlan:
+    location = config.cache
+    manifest = reader.manifest if reader is not None else None
     if manifest is not None:
         changes = config_changes(manifest, config)
         if changes:
@@ -320,20 +283,21 @@ def make_plan(config: CacheBuildConfig) -> BuildPlan:
         source = open_source(cfg, config.build.max_pixels, config.build.unusual_modes)
         fp = DatasetFingerprint(**source.describe())  # type: ignore[arg-type]
         n = fp.num_images * config.views_per_image
-        shards = layout.num_shards(n, sps)
+        shards = num_shards(n, sps)
         in_cache = manifest is not None and cfg.name in manifest.datasets
         if in_cache:
-            assert manifest is not None and group is not None
+            assert manifest is not None and reader is not None
             _check_dataset_fingerprint(location, manifest, fp)
-            marks = _done_marks(group, f"{layout.dataset_path(cfg.name)}/{layout.INDEX_DONE}")
+            marks = reader.index_done(cfg.name)
             index_todo = tuple(int(s) for s in np.nonzero(~marks)[0])
+            index_final = reader.index_complete(cfg.name)
         else:
-            index_todo = tuple(range(shards))
+            index_todo, index_final = tuple(range(shards)), False
         index = index_size(config, source.keys())
         total += index.nbytes(0, shards)
         todo += index.nbytes(0, len(index_todo), fixed=not in_cache)
         datasets[cfg.name] = DatasetPlan(cfg.name, source, fp, n, shards, in_cache, index_todo,
-                                         index)
+                                         index, index_final)
     pairs: list[PairPlan] = []
     for teacher, names in config.assignment().items():
         size = pair_size(config, teacher)
@@ -343,11 +307,10 @@ def make_plan(config: CacheBuildConfig) -> BuildPlan:
             finalized = False
             shards_todo = tuple(range(d.num_shards))
             if in_cache:
-                assert group is not None
-                base = layout.teacher_path(name, teacher)
-                marks = _done_marks(group, f"{base}/{layout.DONE}")
+                assert reader is not None
+                marks = reader.pair_done(name, teacher)
                 shards_todo = tuple(int(s) for s in np.nonzero(~marks)[0])
-                finalized = bool(group[f"{base}/{layout.STATS}/{layout.FINAL}"][0])
+                finalized = reader.pair_complete(name, teacher)
             samples_todo = sum(
                 min(sps, d.num_samples - s * sps) for s in shards_todo
             )
@@ -362,7 +325,7 @@ def make_plan(config: CacheBuildConfig) -> BuildPlan:
 def check_fits(plan: BuildPlan) -> None:
     """Refuse, before anything runs, a build whose estimated remaining size exceeds free space."""
     if not plan.fits:
-        raise DuneError(
+        raise InsufficientSpaceError(
             f"{plan.config.cache}: the build needs about {plan.todo_bytes / 1e9:.2f} GB more "
             f"but only {plan.free_bytes / 1e9:.2f} GB are free there",  # type: ignore[operator]
             hint="free some space, pick another --cache path, or use a smaller encoding (int8)",

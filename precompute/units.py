@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
 import sys
 import threading
 import time
@@ -44,13 +43,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from cache_format import layout
 from cache_format.encodings import fit_calibration
 from cache_format.errors import BadImageError, CacheMismatchError
-from cache_format.locations import is_url
 from cache_format.manifest import STATUS_OK, TeacherFingerprint, status_code, status_name
 from cache_format.writer import CacheWriter
 from precompute.config import CacheBuildConfig
@@ -288,28 +284,23 @@ def compute_tokens(settings: UnitSettings, teacher: LoadedTeacher, source: Image
     return out
 
 
-def _index_rows(cache: str, dataset: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """(view params, status) of samples [start, stop) as stored in the cache's index."""
-    group = zarr.open_group(cache, mode="r")[layout.dataset_path(dataset)]
-    return group[layout.VIEW_PARAMS][start:stop], group[layout.STATUS][start:stop]
-
-
 def shard_images(source: ImageSource, views_per_image: int, start: int,
                  stop: int) -> ImageSource:
     """The slice of `source` holding the images of samples [start, stop)."""
     return source.slice(start // views_per_image, -(-stop // views_per_image))
 
 
-def calibration_views(config: CacheBuildConfig, source: ImageSource) -> CalibrationViews:
+def calibration_views(config: CacheBuildConfig, source: ImageSource,
+                      writer: CacheWriter) -> CalibrationViews:
     """The dataset's int8 calibration sample, read from its index (run on the driver)."""
     name, wanted = source.cfg.name, config.build.calibration_samples
-    views, per_shard = config.views_per_image, config.samples_per_shard
-    total = len(source) * views
+    views = config.views_per_image
     samples: list[np.ndarray] = []
     rows: list[np.ndarray] = []
     found = 0
-    for start in range(0, total, per_shard):
-        params, status = _index_rows(config.cache, name, start, min(start + per_shard, total))
+    for shard in range(writer.num_shards(name)):
+        start = writer.shard_bounds(name, shard)[0]
+        params, status = writer.index_rows(name, shard)
         ok = np.nonzero(status == STATUS_OK)[0][: wanted - found]
         samples.append(ok + start)
         rows.append(params[ok])
@@ -387,21 +378,6 @@ def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str,
                          {tok: fit_calibration(x) for tok, x in tokens.items()})
 
 
-def _shard_file_bytes(cache: str, dataset: str, teacher: str, shard: int) -> int:
-    """On-disk bytes of the shard's token and scale objects (local caches; 0 otherwise)."""
-    if is_url(cache):
-        return 0
-    group = zarr.open_group(cache, mode="r")[layout.teacher_path(dataset, teacher)]
-    total = 0
-    for array in group.array_values():  # type: ignore[union-attr]
-        if array.shards is None:
-            continue
-        key = array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1))
-        path = os.path.join(cache, array.path, key)
-        total += os.path.getsize(path) if os.path.exists(path) else 0
-    return total
-
-
 def run_teacher_unit(settings: UnitSettings, teacher: str, images: ImageSource,
                      shard: int) -> UnitResult:
     """Replay the shard's stored views (`images`: the slice of its images) through the teacher
@@ -414,7 +390,7 @@ def run_teacher_unit(settings: UnitSettings, teacher: str, images: ImageSource,
     images.check_root()
     writer = CacheWriter.open(cfg.cache)
     start, stop = writer.shard_bounds(dataset, shard)
-    params, status = _index_rows(cfg.cache, dataset, start, stop)
+    params, status = writer.index_rows(dataset, shard)
     valid = status == STATUS_OK
     ok = np.nonzero(valid)[0]
     try:
@@ -428,5 +404,5 @@ def run_teacher_unit(settings: UnitSettings, teacher: str, images: ImageSource,
             tokens[tok] = full
     writer.write_shard(dataset, teacher, shard, tokens, valid)
     return UnitResult(teacher, dataset, shard, int(valid.sum()), _skip_counts(status),
-                      _shard_file_bytes(cfg.cache, dataset, teacher, shard),
+                      writer.shard_nbytes(dataset, teacher, shard),
                       time.perf_counter() - began)

@@ -18,8 +18,9 @@ from typing import Any
 
 from rich.console import Console
 
-from precompute.build import BuildSummary, build_cache
+from precompute.build import build_cache
 from precompute.config import CacheBuildConfig, load_build_config
+from precompute.results import BuildSummary
 from precompute.synthetic import make_hdf5_dataset, make_image_folder
 from train.demo import to_toml
 

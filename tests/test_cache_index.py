@@ -75,8 +75,12 @@ def build_index_cache(path: str | Path, name: str, num_images: int, views: int, 
 def zarr_arrays(path: str | Path, name: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """What zarr-python reads: keys, view parameters, statuses (whole arrays)."""
     group = zarr.open_group(str(path), mode="r")[f"datasets/{name}"]
-    return ([str(k) for k in group["key"][:]], group["view_params"][:],  # type: ignore[index]
-            group["status"][:])  # type: ignore[index]
+    text = group["key_utf8"][:].tobytes()  # type: ignore[index]
+    offsets = group["key_offsets"][:].tolist()  # type: ignore[index]
+    keys = [text[a:b].decode() for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    rows = group["index_rows"][:]  # type: ignore[index]
+    params = np.ascontiguousarray(rows[:, :-1]).view("<f4")
+    return keys, params, rows[:, -1]
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +128,10 @@ def test_whole_array_loads_and_the_fill_value_of_unwritten_chunks(caches: dict[s
             np.testing.assert_array_equal(index.view_params, params)
             assert index.view_params_of([]).shape == (0, 5) and index.keys_of([]) == []
     # "gaps": shard 1 was never written (no files: fill 0), shard 2 is all-zero parameters
-    # (no view_params chunk, but a status chunk).
+    # (its rows are stored: they hold its statuses).
     files = caches["gaps"] / "datasets" / "gaps"
-    assert not (files / "view_params/c/1/0").exists() and not (files / "status/c/1").exists()
-    assert not (files / "view_params/c/2/0").exists() and (files / "status/c/2").exists()
+    assert not (files / "index_rows/c/1/0").exists() and not (files / "index_meta/c/1/0").exists()
+    assert (files / "index_rows/c/2/0").exists() and (files / "index_meta/c/2/0").exists()
     with open_cache(caches["gaps"]) as reader:
         index = reader.index("gaps")
         assert not index.view_params_of(range(6, 18)).any()
@@ -146,9 +150,10 @@ def test_bad_indices_are_refused(caches: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize(("array", "file", "read"), [
-    ("view_params", "view_params/c/1/0", lambda index: index.view_params_of([0, 5])),
-    ("key", "key/c/0", lambda index: index.key_of(4)),
-    ("status", "status/c/2", lambda index: index.status),
+    ("index_rows", "index_rows/c/1/0", lambda index: index.view_params_of([0, 5])),
+    ("key_utf8", "key_utf8/c/0", lambda index: index.key_of(4)),
+    ("key_offsets", "key_offsets/c/0", lambda index: index.key_of(4)),
+    ("index_rows", "index_rows/c/2/0", lambda index: index.status),
 ])
 def test_a_damaged_chunk_is_detected_naming_dataset_array_chunk_and_file(
         tmp_path: Path, array: str, file: str, read: Callable[[SampleIndex], object]) -> None:
@@ -168,7 +173,7 @@ def test_a_damaged_chunk_is_detected_naming_dataset_array_chunk_and_file(
         report = reader.verify()
         assert not report.ok and any(f"array '{array}', chunk {chunk}" in p and str(path) in p
                                      for p in report.problems)
-    path.write_bytes(bytes(data[:-7]))  # truncated (a vlen chunk has no fixed size: its crc)
+    path.write_bytes(bytes(data[:-7]))  # truncated
     with open_cache(cache) as reader, pytest.raises(
             CacheCorruptionError, match=r"chunk file of \d+ bytes|checksum mismatch"):
         read(reader.index("partial"))

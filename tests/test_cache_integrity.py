@@ -153,8 +153,10 @@ def test_plain_zarr_reads_and_decodes_a_sample_by_hand(tmp_path: Path, spec: Enc
     views = manifest["views_per_image"]
     sample = 7
     dataset = root["datasets/ds"]
-    key = dataset["key"][sample // views]
-    assert key == "ds/img_0003.jpg" and dataset["status"][sample] == 1
+    offsets = dataset["key_offsets"][sample // views : sample // views + 2]
+    key = dataset["key_utf8"][offsets[0] : offsets[1]].tobytes().decode("utf-8")
+    assert key == "ds/img_0003.jpg" and dataset["statuses"][sample] == 1
+    assert dataset["index_rows"][sample, -1] == 1  # the status byte after the view parameters
     pair = root["datasets/ds/teachers/t1"]
     record = pair["tokens"][sample]  # uint8 [R]: the sample's record
     fields = {f["name"]: f for f in pair["tokens"].attrs["dune_record"]["fields"]}

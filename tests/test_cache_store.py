@@ -11,6 +11,7 @@ import torch
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zarr.codecs import Crc32cCodec
 
 from cache_format import (
     CacheWriter,
@@ -29,6 +30,7 @@ from cache_format.errors import (
     InvalidTokensError,
 )
 from cache_format.manifest import FORMAT_VERSION, ROOT_ATTR
+from cache_format.shard_encode import shard_object
 from cache_format.stats import merge_all
 from cache_format.testing import (
     build_tiny_cache,
@@ -361,3 +363,22 @@ def test_fsspec_configuration_reaches_every_filesystem_the_cache_opens(
         assert reader.index("ds").view_params_of([0, 4]).shape[0] == 2
     assert len(seen) >= 3  # writer / zarr, the reader's zarr group, its byte reader, the index
     assert all(options.get("endpoint_marker") == "from-config" for options in seen)
+
+
+@pytest.mark.parametrize(("rows", "zero_rows"), [(8, ()), (8, (0, 5)), (5, (2,)), (3, (0, 1, 2))])
+def test_a_directly_written_shard_object_is_byte_identical_to_zarrs(
+        tmp_path: Path, rows: int, zero_rows: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(rows)
+    records = rng.integers(1, 255, (rows, 37), dtype=np.uint8)
+    records[list(zero_rows)] = 0  # samples that were not computed: zarr stores no chunk
+    array = zarr.create_array(str(tmp_path / "a"), shape=(11, 37), dtype="uint8",
+                              chunks=(1, 37), shards=(8, 37), compressors=[Crc32cCodec()],
+                              fill_value=0)
+    start = 8 if rows <= 3 else 0  # the last, partial shard (rows 8..10) or the first one
+    array[start : start + rows] = records
+    shard_file = tmp_path / "a" / "c" / str(start // 8) / "0"
+    ours = shard_object(records, 8)
+    if len(zero_rows) == rows:
+        assert ours is None and not shard_file.exists()
+    else:
+        assert ours == shard_file.read_bytes()

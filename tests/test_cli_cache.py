@@ -111,7 +111,8 @@ def test_verify_passes_with_recompute_and_fails_on_damage(built: tuple[Path, str
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
-    (damaged / "datasets" / "rooms" / "teachers" / "mast3r" / "done" / "c" / "1").unlink()
+    mast3r = damaged / "datasets" / "rooms" / "teachers" / "mast3r"
+    (mast3r / "shard_meta" / "c" / "1" / "0").unlink()
     result = runner.invoke(app, ["verify", str(damaged)])
     assert result.exit_code == 1, result.output
     assert "problem" in result.output and "rooms/mast3r shard 1" in result.output

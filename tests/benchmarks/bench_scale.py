@@ -1,0 +1,338 @@
+"""Cache scale benchmark: does starting a trainer stay flat as a cache grows to DUNE's size?
+
+    .venv/bin/python tests/benchmarks/bench_scale.py [--sizes 10000 100000 1000000]
+
+For each size, a synthetic complete cache is written through the real writer (CacheWriter, the
+same calls as the builder: index shards, finalize_index, token shards, finalize_stats): one
+dataset of tiny images (an HDF5 file of one 16 x 16 PNG repeated, 2 views per image, the views
+the builder would draw), 3 teachers with cls + patch tokens at grid 2x2, D = 8, int8, 64 samples
+per shard, and the manifest's build_config as the builder writes it. Then, each in a fresh
+process:
+
+- objects: store objects (files, zarr.json documents aside) per shard and per (pair, shard);
+- open cold / warm: `open_cache` plus what a trainer reads at start (statuses, completeness and
+  calibration of every pair), after evicting the cache's files from the page cache
+  (posix_fadvise DONTNEED) and then again in the same process; with the number of read system
+  calls of the cold start (/proc/self/io syscr: flat in shards is the goal);
+- first batch: `CacheTrainData` + `ViewEpochSampler` + a DataLoader with one worker, from
+  nothing to the first batch of 64 (view replay, encoded token reads), cold;
+- RSS of the trainer process and of its DataLoader worker after that batch (VmRSS), and the
+  growth in bytes per sample between the two largest sizes (the goal: <= 6 B per sample);
+- `dune-cache info` and `verify` (every chunk) times, in-process.
+
+The table goes to the `bench_scale` section of docs/benchmarks.md, with the growth ratio of each
+figure between consecutive sizes and a linear projection to DUNE's 128 M samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from _report import machine_description, markdown_table, write_section  # noqa: E402
+
+DUNE_SAMPLES = 128_000_000
+VIEWS, PER_SHARD, DIM, TEACHERS, BATCH = 2, 64, 8, ("t0", "t1", "t2"), 64
+DATASET = "synth"
+
+
+# -- building --------------------------------------------------------------------------------
+def _tiny_png() -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_images(path: Path, num_images: int) -> None:
+    """An HDF5 source (precompute.synthetic's format) of `num_images` copies of one tiny PNG.
+
+    Every other copy carries one byte after the PNG's end (decoders ignore it): rows of unequal
+    lengths are what lets h5py write a whole block of variable-length rows at once."""
+    import h5py
+
+    png = np.frombuffer(_tiny_png(), dtype=np.uint8)
+    padded = np.concatenate([png, np.zeros(1, np.uint8)])
+    with h5py.File(path, "w") as f:
+        images = f.create_dataset("images", shape=(num_images,), dtype=h5py.vlen_dtype(np.uint8))
+        block = np.empty(min(num_images, 65536), dtype=object)
+        for i in range(block.size):
+            block[i] = png if i % 2 == 0 else padded
+        for start in range(0, num_images, block.size):
+            stop = min(start + block.size, num_images)
+            images[start:stop] = block[: stop - start]
+        f.create_dataset("images_keys", data=[f"img_{i:08d}.png" for i in range(num_images)],
+                         dtype=h5py.string_dtype("utf-8"))
+
+
+def build(root: Path, num_samples: int) -> Path:
+    """Write the synthetic complete cache of `num_samples` samples under root; its path."""
+    from cache_format.encodings import fit_calibration
+    from cache_format.manifest import DatasetFingerprint, Manifest, TeacherFingerprint
+    from cache_format.writer import CacheWriter
+    from precompute.config import CacheBuildConfig
+    from precompute.replay_spec import replay_spec_from_build_config
+    from precompute.sources import open_source
+    from precompute.view_params import VIEW_PARAM_NAMES, sample_view
+    from tests.build_fixtures import config_toml
+
+    cache = root / "cache"
+    images = root / "images.h5"
+    _write_images(images, num_samples // VIEWS)
+    data = tomllib.loads(config_toml(cache, {DATASET: {
+        "kind": "hdf5", "root": str(images), "hdf5_key": "images", "domain": "2d"}},
+        dataset_names=(DATASET,), teachers=("dino",)))
+    config = CacheBuildConfig.from_dict({**data, "samples_per_shard": PER_SHARD})
+    manifest = Manifest(grid=config.grid, student_patch=config.student_patch,
+                        views_per_image=VIEWS, view_mode=config.views.mode, seed=config.seed,
+                        samples_per_shard=PER_SHARD, encoding=config.encoding,
+                        view_param_names=VIEW_PARAM_NAMES, build_config=config.to_dict())
+    writer = CacheWriter.create(cache, manifest)
+    writer.set_replay(replay_spec_from_build_config(config.to_dict()))  # what training replays
+    source = open_source(config.dataset(DATASET), config.build.max_pixels,
+                         config.build.unusual_modes)
+    writer.add_dataset(DatasetFingerprint(**source.describe()), source.keys())  # type: ignore[arg-type]
+    hw = tuple(int(v) for v in source.load(0).shape[1:])
+    status = np.ones(PER_SHARD, dtype=np.uint8)
+    for shard in range(writer.num_shards(DATASET)):
+        start, stop = writer.shard_bounds(DATASET, shard)
+        rows = np.stack([sample_view(config.seed, DATASET, s // VIEWS, s % VIEWS, hw,
+                                     config.views).to_array() for s in range(start, stop)])
+        writer.write_index_shard(DATASET, shard, rows, status[: stop - start])
+    writer.finalize_index(DATASET)
+    rng = np.random.default_rng(0)
+    tokens = manifest.num_tokens
+    for name in TEACHERS:
+        fp = TeacherFingerprint(name=name, arch="synthetic", checkpoint_sha256="0" * 64,
+                                input_size=(28, 28), patch_size=14, mean=(0.5,) * 3,
+                                std=(0.5,) * 3, token_types=("cls", "patch"), dim=DIM)
+        sample = {"patch": rng.normal(size=(PER_SHARD, tokens, DIM)).astype(np.float32),
+                  "cls": rng.normal(size=(PER_SHARD, DIM)).astype(np.float32)}
+        writer.add_teacher(DATASET, fp, {t: fit_calibration(x) for t, x in sample.items()})
+        for shard in range(writer.num_shards(DATASET)):
+            start, stop = writer.shard_bounds(DATASET, shard)
+            x = {t: v[: stop - start] for t, v in sample.items()}
+            writer.write_shard(DATASET, name, shard, x, np.ones(stop - start, bool))
+        writer.finalize_stats(DATASET, name)
+    return cache
+
+
+# -- measuring (in a fresh process each) -----------------------------------------------------
+def _evict(cache: Path) -> None:
+    """Drop the cache's files from the page cache, so that the next reads come from the disk."""
+    for path in cache.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _read_syscalls() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("syscr:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _start(cache: Path) -> None:
+    """What a trainer reads when it opens a cache: statuses, completeness, calibration."""
+    from cache_format.reader import open_cache
+
+    with open_cache(cache) as reader:
+        for dataset in reader.datasets:
+            _ = reader.index(dataset).status
+            for teacher in reader.teachers_for(dataset):
+                assert reader.pair_complete(dataset, teacher)
+                for tok in reader.manifest.teachers[teacher].token_types:
+                    reader.calibration(dataset, teacher, tok)
+
+
+def first_batch(cache: Path) -> tuple[Any, Any]:
+    """The trainer's data path up to its first batch: (the batch, the DataLoader iterator).
+
+    CacheTrainData finds the replay settings in the manifest's `replay` section."""
+    from torch.utils.data import DataLoader
+
+    from train.batch import collate_cached
+    from train.data import CacheTrainData
+    from train.sampling import ViewEpochSampler
+
+    data = CacheTrainData(cache, heldout_images=0)
+    sampler = ViewEpochSampler(data, seed=0, batch_size=BATCH)
+    loader = DataLoader(data, batch_size=BATCH, sampler=sampler, num_workers=1,
+                        collate_fn=collate_cached)
+    iterator = iter(loader)
+    return next(iterator), iterator
+
+
+def measure(cache: Path, what: str) -> dict[str, float]:
+    """One measurement, run in this (fresh) process; imports happen before any clock starts."""
+    import train.data
+    import train.sampling  # noqa: F401
+
+    if what == "open":
+        _evict(cache)
+        calls, began = _read_syscalls(), time.perf_counter()
+        _start(cache)
+        cold, calls = time.perf_counter() - began, _read_syscalls() - calls
+        began = time.perf_counter()
+        _start(cache)
+        return {"open_cold_s": cold, "open_warm_s": time.perf_counter() - began,
+                "open_reads": calls}
+    if what == "batch":
+        _evict(cache)
+        began = time.perf_counter()
+        _, iterator = first_batch(cache)
+        seconds = time.perf_counter() - began
+        worker = iterator._workers[0].pid  # noqa: SLF001 (the worker process to measure)
+        return {"first_batch_s": seconds, "rss_main": _rss(os.getpid()),
+                "rss_worker": _rss(worker)}
+    from cache_format.reader import open_cache
+    from precompute.cache_tools import cache_info
+
+    began = time.perf_counter()
+    cache_info(str(cache))
+    info = time.perf_counter() - began
+    began = time.perf_counter()
+    with open_cache(cache) as reader:
+        report = reader.verify()
+    assert report.ok and not report.missing and not report.incomplete, report
+    return {"info_s": info, "verify_s": time.perf_counter() - began}
+
+
+def _in_fresh_process(cache: Path, what: str) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" /
+                                                                          "benchmarks")])}
+    out = subprocess.run([sys.executable, __file__, "--measure", what, str(cache)], env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"measuring {what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def objects(cache: Path, num_shards: int) -> dict[str, float]:
+    """Store objects (zarr.json aside) per shard, and per (pair, shard) of the token arrays."""
+    files = [p for p in cache.rglob("*") if p.is_file() and p.name != "zarr.json"]
+    pair = [p for p in files if "/teachers/" in str(p)]
+    return {"objects": len(files), "objects_per_shard": len(files) / num_shards,
+            "objects_per_pair_shard": len(pair) / (num_shards * len(TEACHERS))}
+
+
+# -- the report ----------------------------------------------------------------------------
+COLUMNS = [("objects_per_shard", "objects / shard", "{:.2f}"),
+           ("objects_per_pair_shard", "objects / (pair, shard)", "{:.2f}"),
+           ("open_cold_s", "open cold (s)", "{:.3f}"), ("open_warm_s", "open warm (s)", "{:.3f}"),
+           ("open_reads", "read calls at open", "{:.0f}"),
+           ("first_batch_s", "first batch (s)", "{:.2f}"),
+           ("rss_main", "RSS trainer (MB)", "{:.0f}"), ("rss_worker", "RSS worker (MB)", "{:.0f}"),
+           ("info_s", "info (s)", "{:.2f}"), ("verify_s", "verify (s)", "{:.1f}")]
+
+
+def _fmt(key: str, value: float, fmt: str) -> str:
+    return fmt.format(value / 1e6 if key.startswith("rss") else value)
+
+
+def report(results: dict[int, dict[str, float]], build_s: dict[int, float]) -> str:
+    sizes = sorted(results)
+    header = ["samples", "build (s)", *(label for _, label, _ in COLUMNS)]
+    rows = [[f"{n:,}", f"{build_s[n]:.0f}", *(_fmt(k, results[n][k], f) for k, _, f in COLUMNS)]
+            for n in sizes]
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        rows.append([f"ratio {b // a}x", "", *(f"{results[b][k] / results[a][k]:.2f}x"
+                                               if results[a][k] else "-" for k, _, _ in COLUMNS)])
+    lo, hi = sizes[-2] if len(sizes) > 1 else sizes[-1], sizes[-1]
+
+    def project(key: str) -> float:
+        """RSS: linear (a base plus bytes per sample); the rest: the power law through the two
+        largest sizes, never decreasing (a figure that shrank is projected flat)."""
+        a, b = results[lo][key], results[hi][key]
+        if lo == hi or a <= 0:
+            return b
+        if key.startswith("rss"):
+            return b + max(0.0, (b - a) / (hi - lo)) * (DUNE_SAMPLES - hi)
+        exponent = max(0.0, np.log(b / a) / np.log(hi / lo))
+        return b * (DUNE_SAMPLES / hi) ** exponent
+
+    rows.append(["128 M (projected)", "", *(_fmt(k, project(k), f) for k, _, f in COLUMNS)])
+    per_sample = {k: (results[hi][k] - results[lo][k]) / (hi - lo) for k in ("rss_main",
+                                                                           "rss_worker")}
+    return "\n".join([
+        "## bench_scale: start-up and memory as a cache grows",
+        "",
+        f"Machine: {machine_description()}.",
+        "",
+        "Synthetic complete caches written through the real writer: one dataset, 2 views per "
+        f"image, {len(TEACHERS)} teachers (cls + patch, grid 2x2, D = {DIM}, int8), "
+        f"{PER_SHARD} samples per shard. Each figure is measured in a fresh process; \"cold\" "
+        "means the cache's files were evicted from the page cache first (posix_fadvise "
+        "DONTNEED). \"open\" = open_cache plus what a trainer reads at start (statuses, "
+        "completeness and calibration of every pair); \"read calls\" counts its read system "
+        "calls. \"first batch\" = CacheTrainData + ViewEpochSampler + DataLoader (1 worker), "
+        f"batch {BATCH}, from nothing to the first batch. Projection: from the two "
+        "largest sizes to 128 M samples: RSS linearly (base + bytes per sample), every other "
+        "figure along the power law through those two points (flat when it did not grow).",
+        "",
+        markdown_table(header, rows),
+        "",
+        f"Memory growth between {lo:,} and {hi:,} samples: trainer "
+        f"{per_sample['rss_main']:.1f} B/sample, DataLoader worker "
+        f"{per_sample['rss_worker']:.1f} B/sample (goal: at most 6).",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--measure", nargs=2, metavar=("WHAT", "CACHE"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, default=None,
+                        help="where to build (kept); default: a temporary folder")
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(Path(args.measure[1]), args.measure[0])))
+        return
+    results: dict[int, dict[str, float]] = {}
+    build_s: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+        for n in args.sizes:
+            root = Path(tmp) / f"n{n}"
+            root.mkdir()
+            began = time.perf_counter()
+            cache = build(root, n)
+            build_s[n] = time.perf_counter() - began
+            results[n] = objects(cache, -(-n // PER_SHARD))
+            for what in ("open", "batch", "tools"):
+                results[n].update(_in_fresh_process(cache, what))
+            print(n, f"built in {build_s[n]:.0f} s", results[n], flush=True)
+    body = report(results, build_s)
+    print(body)
+    write_section("bench_scale", body)
+
+
+if __name__ == "__main__":
+    main()
