@@ -13,8 +13,6 @@ docs/heads.md documents every option.
 from __future__ import annotations
 
 import enum
-import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cache_format.errors import DuneError
+from cache_format.errors import run_cli
 from heads.datasets import OnBad, Task
 
 app = typer.Typer(help="Frozen-encoder heads on DUNE students, teachers and other encoders.",
@@ -206,14 +204,7 @@ def pca(
 
 def main() -> None:
     """Entry point: this project's errors become one line and a hint (DUNE_DEBUG=1: traceback)."""
-    try:
-        app()
-    except DuneError as exc:
-        if os.environ.get("DUNE_DEBUG") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        print(f"hint: {exc.hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(app, interrupted="dune-heads: interrupted")
 
 
 if __name__ == "__main__":

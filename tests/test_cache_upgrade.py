@@ -18,6 +18,7 @@ from cache_format.reader import open_cache
 from cache_format.writer import CacheWriter
 from precompute.cli import app
 from precompute.replay_spec import replay_spec_from_build_config
+from tests.fixtures.make_v1_cache import expected_arrays
 from train.preflight import replay_spec
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -32,20 +33,10 @@ def v1_cache(tmp_path: Path) -> Path:
 
 
 def _read_all(cache: Path) -> dict[str, np.ndarray]:
-    """What the reader returns: keys, statuses, view parameters, decoded tokens, stats means."""
-    out: dict[str, np.ndarray] = {}
+    """What the reader returns (the fixture script's own reading: keys, statuses, view
+    parameters, decoded tokens, statistics means), from a cache that verifies."""
+    out = expected_arrays(cache)
     with open_cache(cache) as reader:
-        for dataset in reader.datasets:
-            index = reader.index(dataset)
-            out[f"{dataset}/keys"] = np.asarray([str(k) for k in index.keys])
-            out[f"{dataset}/status"] = np.asarray(index.status)
-            out[f"{dataset}/view_params"] = index.view_params
-            samples = list(range(index.num_samples))
-            for teacher, toks in reader.read_encoded(dataset, samples).items():
-                for tok, enc in toks.items():
-                    out[f"{dataset}/{teacher}/{tok}"] = enc.decode().numpy()
-                    out[f"{dataset}/{teacher}/{tok}_stats_mean"] = reader.stats(
-                        teacher, tok, [dataset]).mean
         assert reader.verify().ok
     return out
 
