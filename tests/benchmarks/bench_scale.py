@@ -83,13 +83,16 @@ def _write_images(path: Path, num_images: int) -> None:
 
 def build(root: Path, num_samples: int) -> Path:
     """Write the synthetic complete cache of `num_samples` samples under root; its path."""
+    from dataclasses import replace
+
     from cache_format.encodings import fit_calibration
     from cache_format.manifest import DatasetFingerprint, Manifest, TeacherFingerprint
     from cache_format.writer import CacheWriter
     from precompute.config import CacheBuildConfig
     from precompute.replay_spec import replay_spec_from_build_config
     from precompute.sources import open_source
-    from precompute.view_params import VIEW_PARAM_NAMES, sample_view
+    from precompute.view_params import VIEW_PARAM_NAMES
+    from precompute.views import sample_view
     from tests.build_fixtures import config_toml
 
     cache = root / "cache"
@@ -104,7 +107,9 @@ def build(root: Path, num_samples: int) -> Path:
                         samples_per_shard=PER_SHARD, encoding=config.encoding,
                         view_param_names=VIEW_PARAM_NAMES, build_config=config.to_dict())
     writer = CacheWriter.create(cache, manifest)
-    writer.set_replay(replay_spec_from_build_config(config.to_dict()))  # what training replays
+    # What training replays; the synthetic teachers (not in build_config) own the data's domain.
+    replay = replay_spec_from_build_config(config.to_dict())
+    writer.set_replay(replace(replay, teacher_domains={t: "2d" for t in TEACHERS}))
     source = open_source(config.dataset(DATASET), config.build.max_pixels,
                          config.build.unusual_modes)
     writer.add_dataset(DatasetFingerprint(**source.describe()), source.keys())  # type: ignore[arg-type]
