@@ -56,8 +56,9 @@ def fit(
         typer.Option("--max-steps", help="Stop after N steps (the schedule is unchanged)."),
     ] = None,
 ) -> None:
-    """Train (or resume training) the student and projectors described by CONFIG."""
-    from train.trainer import Trainer  # imported here so that `--help` stays fast
+    """Train (or resume training) the student and projectors described by CONFIG, stage by
+    stage when it lists `[[stages]]`."""
+    from train.stages import fit_run  # imported here so that `--help` stays fast
 
     cfg = load_train_config(config)
     cfg = with_overrides(
@@ -71,9 +72,8 @@ def fit(
     )
     cfg = resolve_paths(cfg, config)
     console = Console()
-    trainer = Trainer(cfg, progress="bar" if console.is_terminal else "lines")
-    summary = trainer.fit()
-    if trainer.dist.rank == 0:
+    summary = fit_run(cfg, progress="bar" if console.is_terminal else "lines")
+    if summary["rank"] == 0:
         print_fit_summary(summary, console)
 
 
