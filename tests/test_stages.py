@@ -228,3 +228,28 @@ def test_a_run_stores_and_prints_its_sizes(
 def test_a_bad_stage_entry_names_its_field(stage: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict({"stages": [{"name": "a"}, stage]})
+
+
+def test_init_from_carries_batch_mode_norm_statistics_and_restarts_their_schedule(
+    tmp_path: Path,
+) -> None:
+    from train.checkpoint import save_atomic
+    from train.init_from import init_model_from
+    from train.model import DistillModel, TeacherHead
+
+    heads = {"dino": TeacherHead(dim=8, has_cls=True)}
+    cfg = TrainConfig.from_dict({"student": {"arch": "vit_small_patch14_reg4_dinov2",
+                                             "img_size": 28, "embed_dim": 32, "depth": 1,
+                                             "num_heads": 2}, "norm": {"mode": "batch"}})
+    old = DistillModel(cfg, heads, total_steps=10)
+    old.train()
+    for _ in range(3):  # three batch-mode updates move the running statistics
+        old.norms["dino"]["patch"](torch.randn(4, 5, 8) * 3 + 1)
+    save_atomic({"model": old.state_dict()}, tmp_path / "last.pt")
+    for norms, carried in ((True, True), (False, False)):
+        new = DistillModel(cfg, heads, total_steps=10)
+        init_model_from(new, str(tmp_path / "last.pt"), norms=norms)
+        norm, before = new.norms["dino"]["patch"], old.norms["dino"]["patch"]
+        assert torch.equal(norm.mean, before.mean) is carried
+        assert torch.equal(norm.std, before.std) is carried
+        assert int(norm.steps_seen) == 0 and int(before.steps_seen) == 3
