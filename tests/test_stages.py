@@ -6,6 +6,7 @@ DUNE's 336 and 448 px stages.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, 
 from train.checkpoint import load_checkpoint
 from train.config import TrainConfig, load_train_config, resolve_paths
 from train.metrics import read_metrics
-from train.stages import fit_run
+from train.stages import fit_run, latest_stage_dir
 from train.trainer import Trainer
 
 __all__ = ["cache_base", "one_thread"]  # fixtures shared with test_trainer.py
@@ -36,7 +37,8 @@ def two_stage_toml(cache_base: Path, path: Path, **top: Any) -> Path:
     small, large = tiny_cache(cache_base, "int8"), tiny_cache(cache_base, "int8", grid=3)
     data = tomllib.loads((small / "train.toml").read_text())
     data["data"].pop("cache")
-    data.update(deterministic=True, checkpoint_every=3, epochs=1, **top)
+    data.update(deterministic=True, checkpoint_every=3, epochs=1,
+                out_dir=str(path.parent / path.stem), **top)
     data["stages"] = [
         {"name": "g2", "cache": str(small / "cache"), "img_size": 28},
         {"name": "g3", "cache": str(large / "cache"), "img_size": 42, "lr": 1e-3,
@@ -83,6 +85,30 @@ def test_two_stages_run_in_order_and_carry_the_student_over(
     # Rerunning the finished run trains nothing more.
     again = fit_run(cfg, progress="off")
     assert again["step"] == 20 and len(read_metrics(run)) == len(merged)
+    assert latest_stage_dir(run) == run / "stages" / "01-g3"
+
+
+def test_max_steps_counts_over_the_stages_and_a_rerun_continues(
+    cache_base: Path, tmp_path: Path
+) -> None:
+    config = two_stage_toml(cache_base, tmp_path / "train.toml")
+    cfg = resolve_paths(load_train_config(config), config)
+    reference = fit_run(cfg, progress="off")["rows"]
+    out = tmp_path / "stopped"
+    for stop in (5, 12, None):
+        summary = fit_run(dataclasses.replace(cfg, out_dir=str(out), max_steps=stop),
+                          progress="off")
+        assert summary["step"] == (stop or 20)
+        if stop == 5:
+            assert not (out / "stages" / "01-g3").exists()
+            assert latest_stage_dir(out) == out / "stages" / "00-g2"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 21))
+    assert train_losses(rows) == train_losses(reference)
+    changed = dataclasses.replace(cfg, out_dir=str(out), stages=(
+        cfg.stages[0], dataclasses.replace(cfg.stages[1], lr=2e-3)))
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.lr \(stored 0\.001, now 0\.002\)"):
+        fit_run(changed, progress="off")
 
 
 def test_a_kill_in_the_second_stage_resumes_bit_exactly(cache_base: Path, tmp_path: Path) -> None:

@@ -118,6 +118,20 @@ def merge_stage_metrics(run_dir: Path, stage_dirs: list[Path], names: list[str]
     return merged
 
 
+def latest_stage_dir(run_dir: str | Path) -> Path:
+    """The folder holding a run's latest checkpoints: the last stage that has a `last.pt` for
+    a staged run (what `dune-train export RUN` should read), the run folder itself otherwise."""
+    run = Path(run_dir)
+    record = run / STAGES_FILE
+    if not record.is_file():
+        return run
+    dirs = [Path(s["dir"]) for s in json.loads(record.read_text())["stages"]]
+    # A moved run folder: the stage folders keep their names under run/stages/.
+    dirs = [d if d.is_dir() else run / "stages" / d.name for d in dirs]
+    started = [d for d in dirs if (checkpoint_dir(d) / LAST).is_file()]
+    return started[-1] if started else run
+
+
 def _read_done(stage_dir: Path) -> int | None:
     """The steps of a finished stage, None while it is not finished."""
     path = stage_dir / STAGE_DONE_FILE
