@@ -497,3 +497,42 @@ def test_sampler_over_the_real_dataset_draws_one_view_per_image(tiny: CacheBuild
             assert len(sequence) == 2 * max(per_domain.values())
             assert domains[0::2] == [domains[0]] * len(domains[0::2])
             assert set(domains[:2]) == {"2d", "3d"}
+
+
+@pytest.mark.parametrize("mode", ["uniform", "teacher_balanced"])
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)])
+def test_resume_on_another_world_size_continues_the_global_order(
+    mode: str, before: int, after: int
+) -> None:
+    """Same global batch, other number of processes: the samples read after the resume are
+    exactly the rest of the epoch's global sequence (none repeated, none skipped)."""
+    groups = fake_groups()
+    global_batch = 4
+    samplers = [ViewEpochSampler(groups, seed=5, mode=mode, rank=r, world_size=before,
+                                 batch_size=global_batch // before) for r in range(before)]
+    for s in samplers:
+        s.set_epoch(1)
+    sequence = samplers[0].global_sequence(1)
+    steps = 3
+    seen = []
+    for step in range(steps):  # what the ranks read, put side by side in rank order
+        for s in samplers:
+            local = global_batch // before
+            seen += s.rank_sequence(1)[step * local:(step + 1) * local].tolist()
+    assert seen == sequence[: steps * global_batch].tolist()
+    state = samplers[0].state_dict(consumed=steps * global_batch // before)
+    resumed = [ViewEpochSampler(groups, seed=5, mode=mode, rank=r, world_size=after,
+                                batch_size=global_batch // after) for r in range(after)]
+    rest = [list(r) for r in resumed if r.load_state_dict(state) is None]
+    local = global_batch // after
+    for step in range(len(rest[0]) // local):
+        for r in rest:
+            seen += r[step * local:(step + 1) * local]
+    assert seen == sequence.tolist()
+
+
+def test_resume_on_another_global_batch_is_refused() -> None:
+    groups = fake_groups()
+    state = ViewEpochSampler(groups, seed=9, world_size=2, batch_size=2).state_dict(consumed=2)
+    with pytest.raises(ConfigError, match="global batch"):
+        ViewEpochSampler(groups, seed=9, world_size=1, batch_size=2).load_state_dict(state)

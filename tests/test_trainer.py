@@ -59,7 +59,7 @@ TINY = DemoSizes(
     checkpoint_every=5,
     lr=2e-3,
 )
-_BUILT: dict[tuple[str, str, int], Path] = {}
+_BUILT: dict[tuple[str, str, int, int], Path] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -72,14 +72,15 @@ def one_thread() -> Iterator[None]:
 
 
 def tiny_cache(
-    base: Path, encoding: str = "fp16", sharing: str = "all", init_offset: int = 0
+    base: Path, encoding: str = "fp16", sharing: str = "all", init_offset: int = 0,
+    grid: int = 2,
 ) -> Path:
     """A folder holding cache.toml, train.toml and the built cache/ (built once per session)."""
-    key = (encoding, sharing, init_offset)
+    key = (encoding, sharing, init_offset, grid)
     if key not in _BUILT:
-        root = base / f"tiny-{encoding}-{sharing.replace('+', '_')}-{init_offset}"
+        root = base / f"tiny-{encoding}-{sharing.replace('+', '_')}-{init_offset}-g{grid}"
         cache_toml, _ = write_demo_configs(root, dataclasses.replace(
-            TINY, encoding=encoding, sharing=sharing, seed=0))
+            TINY, encoding=encoding, sharing=sharing, seed=0, grid=grid))
         overrides = {"runtime.torch_threads": 1, "runtime.device": "cpu",
                      "runtime.loader_workers": 0}
         build_cfg = load_build_config(cache_toml, overrides)

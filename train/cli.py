@@ -2,6 +2,7 @@
 
     dune-train fit CONFIG.toml [--cache PATH] [--out DIR] [--online] [--max-steps N]
     dune-train export RUN_DIR OUT_DIR [--which best|last]
+    dune-train preset NAME FOLDER [--overwrite]
 
 Rerunning the same `fit` command resumes from the run folder's last checkpoint. Several
 processes: `torchrun --nproc_per_node N -m train.cli fit CONFIG.toml`. Errors of this project
@@ -56,8 +57,9 @@ def fit(
         typer.Option("--max-steps", help="Stop after N steps (the schedule is unchanged)."),
     ] = None,
 ) -> None:
-    """Train (or resume training) the student and projectors described by CONFIG."""
-    from train.trainer import Trainer  # imported here so that `--help` stays fast
+    """Train (or resume training) the student and projectors described by CONFIG, stage by
+    stage when it lists `[[stages]]`."""
+    from train.stages import fit_run  # imported here so that `--help` stays fast
 
     cfg = load_train_config(config)
     cfg = with_overrides(
@@ -71,9 +73,8 @@ def fit(
     )
     cfg = resolve_paths(cfg, config)
     console = Console()
-    trainer = Trainer(cfg, progress="bar" if console.is_terminal else "lines")
-    summary = trainer.fit()
-    if trainer.dist.rank == 0:
+    summary = fit_run(cfg, progress="bar" if console.is_terminal else "lines")
+    if summary["rank"] == 0:
         print_fit_summary(summary, console)
 
 
@@ -94,6 +95,24 @@ def export(
         "load the student with: timm.create_model(cfg['architecture'], "
         "checkpoint_path='student.safetensors', **cfg['model_args']) where cfg = student.json"
     )
+
+
+@app.command()
+def preset(
+    name: Annotated[str, typer.Argument(help="The preset, e.g. dune_vitb14.")],
+    folder: Annotated[Path, typer.Argument(help="Where to write its config files.")],
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the preset's files in FOLDER.")
+    ] = False,
+) -> None:
+    """Write a shipped recipe (train.toml and its caches' configs) into FOLDER to edit."""
+    from train.presets import write_preset
+
+    console = Console()
+    for path in write_preset(name, folder, overwrite=overwrite):
+        console.print(f"wrote {path}")
+    console.print("next: set the dataset roots and teacher checkpoints in the cache configs, "
+                  "build each cache with dune-cache build, then dune-train fit train.toml")
 
 
 def print_fit_summary(summary: dict[str, Any], console: Console) -> None:

@@ -17,13 +17,14 @@ to the current directory.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from cache_format.configfile import load_config
+from cache_format.configfile import annotation_at, apply_overrides, load_config
 from cache_format.errors import ConfigError
-from cache_format.serde import PathStr, check_types, from_dict, to_dict
+from cache_format.serde import PathStr, check_types, convert, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
 from train.student import StudentConfig
@@ -41,6 +42,18 @@ RESUME_FREE_FIELDS = (
     "data.cache",
     "data.num_workers",
     "data.roots",
+    "stages[].cache",
+)
+
+#: Named epoch sizes: the reference calls 1,281,167 images (ImageNet-1k's train split) an epoch.
+EPOCH_SIZES: dict[str, int] = {"imagenet-1k": 1_281_167}
+#: Global batch when the config names none (kept from the days of one `batch_size` key).
+DEFAULT_GLOBAL_BATCH = 128
+#: Fields a stage may not override: the student's shape carries over from stage to stage, and
+#: the run's folder, stages and initial weights belong to the whole run.
+STAGE_FIXED_FIELDS = (
+    "student.arch", "student.embed_dim", "student.depth", "student.num_heads",
+    "projector", "out_dir", "stages", "init_from",
 )
 
 
@@ -158,12 +171,45 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One resolution stage of a run (an entry of `[[stages]]`).
+
+    A stage runs the run's config with these fields replaced: its own `cache` (a cache holds
+    one grid), `img_size` (the student's input, = grid x student patch), `epochs`, `lr`
+    (`optim.lr`) and any other dotted override in `overrides` (e.g. `"optim.warmup_fraction"`).
+    Unset fields keep the run's value. `name` names the stage's folder, `stages/NN-<name>`.
+    """
+
+    name: str
+    cache: PathStr = ""
+    img_size: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_types(self, "stage")  # ranges: check_stage, named by the stage's index
+
+    def replacements(self) -> dict[str, Any]:
+        """The dotted overrides this stage applies to the run's config."""
+        named = {"data.cache": self.cache or None, "student.img_size": self.img_size,
+                 "epochs": self.epochs, "optim.lr": self.lr}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.overrides}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
-    """One training run. `batch_size` is the global batch (all ranks together).
+    """One training run, of one stage or of several `stages` run in order.
+
+    The batch is given once, either as `batch_size_global` (all processes together) or as
+    `batch_size_per_device` (each process; the global batch is then that times the number of
+    processes). The old `batch_size` key still reads as the global batch. None given: a global
+    batch of 128.
 
     The lr schedule spans `epochs x steps_per_epoch` steps, where an epoch is `epoch_size`
-    samples (None: one pass over the mix). `max_steps` only stops the run early; it never
-    changes the schedule, so a run stopped there and rerun with a larger value continues exactly.
+    samples: a count, "imagenet-1k" (the reference's 1,281,167 images) or None (one pass over
+    the mix). `max_steps` only stops the run early (counted over all stages); it never changes
+    the schedule, so a run stopped there and rerun with a larger value continues exactly.
     """
 
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -172,9 +218,11 @@ class TrainConfig:
     dropping: DroppingConfig = field(default_factory=DroppingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 128
+    batch_size_global: int | None = None
+    batch_size_per_device: int | None = None
+    batch_size: int | None = None
     epochs: int = 100
-    epoch_size: int | None = None
+    epoch_size: int | Literal["imagenet-1k"] | None = None
     max_steps: int | None = None
     log_every: int = 10
     checkpoint_every: int = 500
@@ -186,29 +234,76 @@ class TrainConfig:
     online: bool = False
     init_from: PathStr | None = None
     out_dir: PathStr = ""
+    stages: tuple[StageConfig, ...] = ()
 
     def __post_init__(self) -> None:
         check_types(self)
-        positive = ("batch_size", "epochs", "log_every", "checkpoint_every", "eval_every")
+        positive = ("epochs", "log_every", "checkpoint_every", "eval_every")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"{name}: expected a positive integer, found {getattr(self, name)}"
                 )
-        if self.epoch_size is not None and self.epoch_size < self.batch_size:
+        batches = {n: getattr(self, n) for n in BATCH_FIELDS if getattr(self, n) is not None}
+        if len(batches) > 1:
             raise ConfigError(
-                f"epoch_size: expected at least batch_size={self.batch_size} samples, "
+                f"{' and '.join(batches)}: both set; give the batch once",
+                hint="batch_size_global = images per step over all processes, or "
+                "batch_size_per_device = images per step on each process",
+            )
+        for name, value in batches.items():
+            if value <= 0:
+                raise ConfigError(f"{name}: expected a positive integer, found {value}")
+        known_batch = self.batch_size_global or self.batch_size
+        if known_batch and self.epoch_samples() is not None and self.epoch_samples() < known_batch:
+            raise ConfigError(
+                f"epoch_size: expected at least the global batch {known_batch} samples, "
                 f"found {self.epoch_size}"
             )
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"stages: names repeat in {names}")
+        for k, stage in enumerate(self.stages):
+            check_stage(stage, f"stages[{k}]")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"max_steps: expected >= 0, found {self.max_steps}")
         if self.seed < 0:
             raise ConfigError(f"seed: expected a non-negative integer, found {self.seed}")
 
-    def base_lr(self) -> float:
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all `world_size` processes."""
+        if self.batch_size_per_device is not None:
+            return self.batch_size_per_device * world_size
+        return self.batch_size_global or self.batch_size or DEFAULT_GLOBAL_BATCH
+
+    def epoch_samples(self) -> int | None:
+        """`epoch_size` as a count (a name looked up in EPOCH_SIZES), None for one pass."""
+        if isinstance(self.epoch_size, str):
+            return EPOCH_SIZES[self.epoch_size]
+        return self.epoch_size
+
+    def base_lr(self, world_size: int = 1) -> float:
         """Peak learning rate: `optim.lr` scaled by global batch / 256 (the reference's rule)."""
-        scale = self.batch_size / 256 if self.optim.scale_lr_with_batch else 1.0
+        scale = self.global_batch(world_size) / 256 if self.optim.scale_lr_with_batch else 1.0
         return self.optim.lr * scale
+
+    def stage_configs(self) -> list[TrainConfig]:
+        """The config of each stage (no stages: the run itself), each writing into its own
+        folder `out_dir/stages/NN-<name>`. Stage k > 0 takes seed + k (other draws than the
+        stage before on the same images) and its initial weights from the previous stage."""
+        if not self.stages:
+            return [self]
+        configs = []
+        for k, stage in enumerate(self.stages):
+            where = f"stages[{k}]"
+            try:
+                data = apply_overrides(TrainConfig, to_dict(self), stage.replacements())
+                data.update(stages=[], out_dir=str(stage_dir(Path(self.out_dir), k, stage.name)),
+                            seed=self.seed + k)
+                configs.append(from_dict(TrainConfig, data))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}", hint=exc.hint) from None
+        return configs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (what the run folder stores as config.json)."""
@@ -218,6 +313,43 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of `to_dict`; unknown keys are a ConfigError naming them."""
         return from_dict(cls, data)
+
+
+BATCH_FIELDS = ("batch_size_global", "batch_size_per_device", "batch_size")
+
+
+def check_stage(stage: StageConfig, where: str) -> None:
+    """Range checks of one stage; errors name it as `where` (e.g. `stages[1].lr`)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", stage.name):
+        raise ConfigError(
+            f"{where}.name: expected letters, digits, '_' or '-' (it names a folder), "
+            f"found {stage.name!r}"
+        )
+    for name in ("img_size", "epochs"):
+        value = getattr(stage, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}.{name}: expected a positive integer, found {value}")
+    if stage.lr is not None and not stage.lr > 0:
+        raise ConfigError(f"{where}.lr: expected a number > 0, found {stage.lr}")
+    for dotted, value in stage.overrides.items():
+        fixed = [f for f in STAGE_FIXED_FIELDS if dotted == f or dotted.startswith(f + ".")]
+        if fixed:
+            raise ConfigError(
+                f"{where}.overrides.{dotted}: a stage may not change {fixed[0]}",
+                hint="the student's shape, the run's folder and its init_from are the same "
+                "for every stage",
+            )
+        # Type-checked now, so that a typo fails when the config is read, not at stage 2.
+        try:
+            annotation = annotation_at(TrainConfig, dotted)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.overrides: {exc}") from None
+        convert(value, annotation, f"{where}.overrides.{dotted}")
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    """The folder of stage `index` (`name`) of the run in `run_dir`."""
+    return run_dir / "stages" / f"{index:02d}-{name}"
 
 
 def load_train_config(
@@ -238,7 +370,7 @@ def resolve_paths(cfg: TrainConfig, config_path: str | Path | None = None) -> Tr
     """Make every path absolute: relative paths are taken from the config file's folder (as
     `load_train_config` already does), or from the current directory without a file; a missing
     `out_dir` becomes runs/<config stem> under the current directory."""
-    if not cfg.data.cache:
+    if not cfg.data.cache and not (cfg.stages and all(s.cache for s in cfg.stages)):
         raise ConfigError(
             "data.cache: no cache path given",
             hint="set [data] cache = \"path/to/cache\" in the config or pass --cache PATH",
@@ -257,11 +389,14 @@ def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[
     diffs: list[str] = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
-        if prefix in RESUME_FREE_FIELDS:
+        if re.sub(r"\[\d+\]", "[]", prefix) in RESUME_FREE_FIELDS:
             return
         if isinstance(a, dict) and isinstance(b, dict):
             for key in sorted(set(a) | set(b)):
                 walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{prefix}[{i}]")
         elif a != b:
             diffs.append(f"{prefix} (stored {a!r}, now {b!r})")
 

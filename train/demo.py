@@ -121,7 +121,7 @@ def cache_config(sizes: DemoSizes, datasets: list[dict[str, Any]]) -> dict[str, 
 def train_config(sizes: DemoSizes) -> dict[str, Any]:
     """The `dune-train fit` config of the demo (paths relative to the config file)."""
     return {
-        "batch_size": sizes.batch_size,
+        "batch_size_global": sizes.batch_size,
         "epochs": sizes.epochs,
         "epoch_size": sizes.steps_per_epoch * sizes.batch_size,
         "log_every": sizes.log_every,

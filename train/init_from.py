@@ -8,12 +8,19 @@ from cache_format.errors import CheckpointError
 from train.checkpoint import load_checkpoint
 from train.model import DistillModel
 
+#: TeacherNorm buffers that carry over with `norms=True`: the running statistics. The step
+#: count (`steps_seen`) does not: the new run's momentum schedule starts again, as the
+#: reference's does when a run starts from `--pretrained` weights.
+_NORM_BUFFERS = ("mean", "std", "has_stats")
 
-def init_model_from(model: DistillModel, path: str) -> None:
+
+def init_model_from(model: DistillModel, path: str, *, norms: bool = False) -> None:
     """Initialise from a run checkpoint (.pt), an exported full model or a student (.safetensors).
 
     The student's position embeddings are interpolated to its grid (the 336 -> 448 stage);
     projectors are taken for the teachers whose names and widths match, the others stay new.
+    `norms`: also take the TeacherNorm running statistics of the matching teachers and token
+    types (batch mode; exact mode installs the new cache's own statistics instead).
     """
     if path.endswith(".safetensors"):
         state = load_file(path)
@@ -34,3 +41,12 @@ def init_model_from(model: DistillModel, path: str) -> None:
         own = projector.state_dict()
         if part and part.keys() == own.keys() and all(part[k].shape == own[k].shape for k in own):
             projector.load_state_dict(part)
+    if norms:
+        for name, per_token in model.norms.items():
+            for tok, norm in per_token.items():
+                prefix = f"norms.{name}.{tok}."
+                own = norm.state_dict()
+                part = {b: state[prefix + b] for b in _NORM_BUFFERS
+                        if prefix + b in state and state[prefix + b].shape == own[b].shape}
+                if len(part) == len(_NORM_BUFFERS):
+                    norm.load_state_dict(part, strict=False)  # steps_seen stays at 0

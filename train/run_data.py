@@ -84,9 +84,9 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     if cfg.data.heldout_images > 0:
         heldout_data = CacheTrainData(reader, teachers, datasets, split="heldout", **data_args)
     sampler = ViewEpochSampler(
-        train_data, cfg.seed, cfg.data.sampling, cfg.epoch_size,
+        train_data, cfg.seed, cfg.data.sampling, cfg.epoch_samples(),
         rank=dist_info.rank, world_size=dist_info.world_size,
-        batch_size=cfg.batch_size // dist_info.world_size,
+        batch_size=cfg.global_batch(dist_info.world_size) // dist_info.world_size,
     )
 
     def make_targets(device: torch.device) -> Callable[[Batch], Targets]:

@@ -34,10 +34,19 @@ def cache_fingerprint(manifest: Manifest, teachers: list[str], datasets: list[st
     }
 
 
-def write_run_files(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
-    """config.json (the resolved config) and teachers.json (heads + cache fingerprint)."""
+#: The batch and epoch sizes the run resolved at start (world size, both batches, images).
+SIZES_FILE = "sizes.json"
+
+
+def write_run_files(
+    run_dir: Path, cfg: TrainConfig, ctx: RunContext, sizes: dict[str, int] | None = None
+) -> None:
+    """config.json (the resolved config), teachers.json (heads + cache fingerprint) and
+    sizes.json (`sizes`: both batch values, images per epoch and per run, as resolved now)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if sizes is not None:
+        (run_dir / SIZES_FILE).write_text(json.dumps(sizes, indent=2) + "\n")
     teachers = {
         "heads": {n: {"dim": h.dim, "has_cls": h.has_cls} for n, h in ctx.heads.items()},
         "domains": ctx.domains,

@@ -18,9 +18,14 @@ of domains (`teacher_balanced`: every rank still sees the domains in equal share
 padded at its end, by continuing the sequence, to a whole number of blocks per rank so that all
 ranks take the same number of steps.
 
-Resuming: `state_dict(consumed)` records the epoch and how many samples this rank has consumed
-in it; after `load_state_dict`, iteration restarts at exactly the next sample of the same
-sequence.
+Resuming: `state_dict(consumed)` records the epoch and how far into its *global* sequence the
+run has read (`global_start`: consumed steps x the global batch), beside this rank's own count.
+After `load_state_dict`, iteration restarts at exactly the next sample of the same sequence. The
+global sequence depends on the seed, the mode, the epoch size and the global batch
+(`block x world_size`), not on how it is dealt, so a run may resume on another number of
+processes with the same global batch: each new rank starts at `global_start / world_size` of its
+own share, and no sample of the epoch is repeated or skipped. (Bit-exact losses are promised
+only at the same world size: per-rank RNG streams and reduction orders differ.)
 
 Memory: the sampler holds only this rank's order of the current epoch, as uint32 dataset indices
 (uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size. The
@@ -212,13 +217,12 @@ class ViewEpochSampler(Sampler[int]):
 
     # -- resume -------------------------------------------------------------------------------
     def _fingerprint(self) -> dict[str, Any]:
+        """What fixes the global sequence (not how it is dealt to the ranks)."""
         return {
             "seed": self.seed,
             "mode": self.mode,
             "epoch_size": self.epoch_size,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "block": self.block,
+            "global_block": self.block * self.world_size,
             "num_images": int(len(self.groups.image_first)),
         }
 
@@ -235,19 +239,44 @@ class ViewEpochSampler(Sampler[int]):
             raise ConfigError(
                 f"sampler state: consumed must be in [0, {self.samples_per_rank}], found {consumed}"
             )
-        return {"epoch": self.epoch, "start_index": int(consumed), **self._fingerprint()}
+        # Whole blocks map to a prefix of the global sequence; a partial block (a sampler
+        # iterated without a batch size) only resumes on the same ranks.
+        whole = consumed % self.block == 0
+        return {
+            "epoch": self.epoch,
+            "start_index": int(consumed),
+            "global_start": int(consumed * self.world_size) if whole else None,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            **self._fingerprint(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by `state_dict`; the sampler's settings must be the same."""
+        """Restore a position saved by `state_dict`, on any world size with the same global
+        batch; the sampler's other settings must be the same."""
         expected = self._fingerprint()
         for field, value in expected.items():
             if state.get(field) != value:
+                what = " (the global batch: block x world_size)" if field == "global_block" else ""
                 raise ConfigError(
-                    f"sampler state.{field}: the saved run used {state.get(field)!r}, this run "
-                    f"has {value!r}; resume with the same data, seed, sampling mode, epoch "
-                    f"size, batch size and world size"
+                    f"sampler state.{field}{what}: the saved run used {state.get(field)!r}, "
+                    f"this run has {value!r}",
+                    hint="resume with the same data, seed, sampling mode, epoch size and global "
+                    "batch (set batch_size_global when the number of processes changes)",
                 )
-        start = int(state["start_index"])
+        same_ranks = state.get("world_size") == self.world_size
+        if same_ranks and state.get("rank") in (None, self.rank):
+            start = int(state["start_index"])
+        elif state.get("global_start") is not None:
+            start = int(state["global_start"]) // self.world_size
+        else:
+            raise ConfigError(
+                f"sampler state: saved by rank {state.get('rank')} of "
+                f"{state.get('world_size')} in the middle of a block; it resumes only on the "
+                f"same rank of the same world size (this is rank {self.rank} of "
+                f"{self.world_size})",
+                hint="resume with the number of processes the run was saved with",
+            )
         if not 0 <= start <= self.samples_per_rank:
             raise ConfigError(
                 f"sampler state.start_index: expected in [0, {self.samples_per_rank}], "

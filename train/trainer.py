@@ -57,6 +57,16 @@ def lr_at(step: int, total_steps: int, peak: float, min_lr: float, warmup_fracti
     return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def describe_sizes(sizes: dict[str, int]) -> str:
+    """One line saying the batch per device and global, and the images of an epoch and run."""
+    return (
+        f"batch {sizes['batch_size_per_device']} per device x {sizes['world_size']} "
+        f"process(es) = {sizes['batch_size_global']} global; epoch {sizes['images_per_epoch']:,}"
+        f" images ({sizes['steps_per_epoch']:,} steps); run {sizes['epochs']} epochs = "
+        f"{sizes['images_total']:,} images ({sizes['steps_total']:,} steps)"
+    )
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: biases, norms, LayerScale, tokens and pos embed are exempt."""
     decay, no_decay = [], []
@@ -81,12 +91,14 @@ class Trainer:
         # -- processes and devices: torchrun's env vars, else one process ----------------------
         self.dist = setup_distributed(cfg)
         self.device = self.dist.device
-        if cfg.batch_size % self.dist.world_size:
+        self.global_batch = cfg.global_batch(self.dist.world_size)
+        if self.global_batch % self.dist.world_size:
             raise ConfigError(
-                f"batch_size: the global batch {cfg.batch_size} is not divisible by the "
-                f"{self.dist.world_size} processes; pick a multiple of the world size"
+                f"batch_size_global: the global batch {self.global_batch} is not divisible by "
+                f"the {self.dist.world_size} processes",
+                hint="pick a multiple of the world size, or set batch_size_per_device",
             )
-        self.local_batch = cfg.batch_size // self.dist.world_size
+        self.local_batch = self.global_batch // self.dist.world_size
         # -- the cache, checked against the run before anything is built -----------------------
         self.ctx: RunContext = open_run_data(cfg, self.dist)
         self.teachers = list(self.ctx.heads)
@@ -99,11 +111,13 @@ class Trainer:
             for tok, norm in norms.items():
                 norm.set_stats(*self.ctx.stats[teacher][tok])
         if cfg.init_from:
-            init_model_from(self.model, cfg.init_from)
+            # As the reference's --pretrained: student, projectors and (batch mode) the norms'
+            # running statistics carry over; the optimizer below starts afresh.
+            init_model_from(self.model, cfg.init_from, norms=cfg.norm.mode == "batch")
         self.model.to(self.device)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay),
-            lr=cfg.base_lr(),
+            lr=cfg.base_lr(self.dist.world_size),
             betas=cfg.optim.betas,
             eps=cfg.optim.eps,
         )
@@ -163,13 +177,16 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` saved (same world size: the sampler checks it)."""
+        """Restore what `state_dict` saved, on any number of processes with the same global
+        batch (the sampler checks it). Bit-exact only at the saved world size: on another one,
+        each rank continues the RNG stream of rank `rank % saved world size`."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         sampler_state = dict(state["sampler"], rank=self.dist.rank)
         self.ctx.sampler.load_state_dict(sampler_state)
         self.step = int(state["step"])
-        set_rng_state(state["rng_per_rank"][self.dist.rank])
+        rngs = state["rng_per_rank"]
+        set_rng_state(rngs[self.dist.rank % len(rngs)])
         self.dropping.set_rng_state(state["drop_generator"])
         self.best_heldout = float(state["best_heldout"])
 
@@ -177,6 +194,19 @@ class Trainer:
     def epoch(self) -> int:
         """The epoch the next step belongs to (the last one once training is over)."""
         return min(self.step // self.steps_per_epoch, self.cfg.epochs - 1)
+
+    def sizes(self) -> dict[str, int]:
+        """Batch and epoch sizes as this run resolved them (printed and stored at start)."""
+        return {
+            "world_size": self.dist.world_size,
+            "batch_size_global": self.global_batch,
+            "batch_size_per_device": self.local_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "images_per_epoch": self.steps_per_epoch * self.global_batch,
+            "epochs": self.cfg.epochs,
+            "steps_total": self.total_steps,
+            "images_total": self.total_steps * self.global_batch,
+        }
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -191,7 +221,9 @@ class Trainer:
             self.load_state_dict(load_checkpoint(last, map_location=self.device))
             resumed_from = self.step
         if is_main:
-            write_run_files(self.run_dir, cfg, self.ctx)
+            write_run_files(self.run_dir, cfg, self.ctx, self.sizes())
+            if self.show_progress != "off":
+                print(describe_sizes(self.sizes()), flush=True)
         metrics = MetricsLog(self.run_dir, resume_step=resumed_from) if is_main else None
         # -- held-out baseline, so the curves show where the student started ----------------------
         if resumed_from is None and self.step < stop_at:
@@ -210,7 +242,7 @@ class Trainer:
                     break
                 # -- one optimizer step: lr, forward, losses, dropping, backward, clip, update ---
                 logged = self.train_step(batch)
-                images_done += cfg.batch_size
+                images_done += self.global_batch
                 # -- log: one metrics row per logged step (images/s leaves out eval and saving) ---
                 elapsed = time.perf_counter() - started
                 rate = images_done / max(elapsed - paused, 1e-9)
@@ -247,8 +279,8 @@ class Trainer:
         """One optimizer step on `batch`; returns the logged values (lr, losses over ranks)."""
         cfg = self.cfg
         # -- learning rate of this step ------------------------------------------------------------
-        lr = lr_at(self.step, self.total_steps, cfg.base_lr(), cfg.optim.min_lr,
-                   cfg.optim.warmup_fraction)
+        peak = cfg.base_lr(self.dist.world_size)
+        lr = lr_at(self.step, self.total_steps, peak, cfg.optim.min_lr, cfg.optim.warmup_fraction)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # -- forward: student + projectors, targets, per-teacher losses, dropping ------------------
