@@ -26,6 +26,7 @@ from cache_format.errors import ConfigError
 from cache_format.serde import PathStr, check_types, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
+from train.sinks import LoggingConfig
 from train.student import StudentConfig
 from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
@@ -41,6 +42,7 @@ RESUME_FREE_FIELDS = (
     "data.cache",
     "data.num_workers",
     "data.roots",
+    "logging",
 )
 
 
@@ -172,6 +174,7 @@ class TrainConfig:
     dropping: DroppingConfig = field(default_factory=DroppingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     batch_size: int = 128
     epochs: int = 100
     epoch_size: int | None = None
