@@ -92,10 +92,16 @@ def test_a_checkpoint_without_our_extras_loads_from_args_alone(tmp_path: Path) -
 
 
 # -- a module tree with the reference's attribute names (model/dune.py, encoder, projector) --
+# The forwards follow the reference's semantics (pre-norm blocks with LayerScale; the cls
+# token gets position slot 0, registers are inserted after the position embeddings; the
+# encoder output is [cls; patches] of the last block without the final norm).
 class RefLayerScale(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
 
 
 class RefAttention(nn.Module):
@@ -103,6 +109,13 @@ class RefAttention(nn.Module):
         super().__init__()
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.heads = HEADS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
 class RefMlp(nn.Module):
@@ -111,12 +124,20 @@ class RefMlp(nn.Module):
         self.fc1 = nn.Linear(dim, 4 * dim)
         self.fc2 = nn.Linear(4 * dim, dim)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(nn.functional.gelu(self.fc1(x)))
+
 
 class RefBlock(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim), RefAttention(dim), RefLayerScale(dim)
         self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim), RefMlp(dim), RefLayerScale(dim)
+        self.norm1.eps = self.norm2.eps = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
 
 
 class RefPatchEmbed(nn.Module):
@@ -139,12 +160,26 @@ class RefEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mask_token = nn.Parameter(torch.zeros(1, dim))
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        registers = self.register_tokens.expand(len(x), -1, -1)
+        x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
+        for block in self.blocks[0]:
+            x = block(x)
+        return torch.cat([x[:, :1], x[:, 1 + registers.shape[1]:]], dim=1)
+
 
 class RefProjector(nn.Module):
     def __init__(self, dim: int, out: int, n_blocks: int) -> None:
         super().__init__()
         self.blocks = nn.ModuleList([RefBlock(dim) for _ in range(n_blocks)])
         self.linear = nn.Linear(dim, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.linear(x)
 
 
 class RefNormalizer(nn.Module):
@@ -190,6 +225,23 @@ def test_keys_and_shapes_match_the_reference_module_tree(tmp_path: Path) -> None
     got = {k: tuple(v.shape) for k, v in raw["model"].items()}
     assert got == want
     reference.load_state_dict(raw["model"], strict=True)  # what the reference's loader does
+
+
+def test_the_reference_forward_on_our_export_equals_ours(tmp_path: Path) -> None:
+    """Checks the parameterisation changes: the cls slot, register order, block chunk."""
+    cfg = tiny_cfg()
+    model = trained_like(cfg)
+    raw = torch.load(exported(tmp_path, model, cfg), weights_only=False)
+    reference = RefDune(raw["args"], TEACHERS).eval()
+    reference.load_state_dict(raw["model"], strict=True)
+    images = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        tokens = reference.encoder(images)
+        torch.testing.assert_close(tokens, model.student.forward_tokens(images))
+        ours = model(images)
+        for teacher in TEACHERS:
+            torch.testing.assert_close(reference.projectors[teacher](tokens)[:, 1:],
+                                       ours[teacher]["patch"])
 
 
 def test_the_reference_names_its_sizes_and_only_ours_need_explicit_widths() -> None:
