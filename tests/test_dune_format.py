@@ -53,7 +53,7 @@ def trained_like(cfg: TrainConfig, seed: int = 0) -> DistillModel:
 
 
 def exported(tmp_path: Path, model: DistillModel, cfg: TrainConfig) -> Path:
-    ckpt = to_dune_checkpoint(model, cfg.student, "tp", cfg.projector.n_blocks, step=7)
+    ckpt = to_dune_checkpoint(model, cfg, step=7)
     return save_dune_checkpoint(ckpt, tmp_path / "dune.pth")
 
 
@@ -80,7 +80,7 @@ def test_a_checkpoint_without_our_extras_loads_from_args_alone(tmp_path: Path) -
     """A released checkpoint carries `model` and `args` only: the student comes from `args`."""
     cfg = tiny_cfg()
     model = trained_like(cfg)
-    ckpt = to_dune_checkpoint(model, cfg.student, "tp", 1)
+    ckpt = to_dune_checkpoint(model, cfg)
     del ckpt[EXTRAS_KEY]
     path = save_dune_checkpoint(ckpt, tmp_path / "released.pth")
     back = model_from_dune(path)
@@ -246,13 +246,14 @@ def test_the_reference_forward_on_our_export_equals_ours(tmp_path: Path) -> None
 
 def test_the_reference_names_its_sizes_and_only_ours_need_explicit_widths() -> None:
     base = StudentConfig(img_size=56)  # ViT-B/14 with 4 registers, the reference's vit_base
-    model = DistillModel(TrainConfig(student=base, projector=ProjectorConfig(n_blocks=0)),
-                         {"t": TeacherHead(dim=8, has_cls=True)})
-    args = to_dune_checkpoint(model, base, "linear", 0)["args"]
+    cfg = TrainConfig(student=base, projector=ProjectorConfig(kind="linear"))
+    model = DistillModel(cfg, {"t": TeacherHead(dim=8, has_cls=True)})
+    args = to_dune_checkpoint(model, cfg)["args"]
     assert args.enc_args["arch"] == "vit_base" and "embed_dim" not in args.enc_args
-    assert args.proj_args["num_blocks"] == 0
+    assert args.proj_args["num_blocks"] == 0  # a linear projector is a TP without blocks
+    mlp = TrainConfig(student=base, projector=ProjectorConfig(kind="mlp"))
     with pytest.raises(CheckpointError, match="Transformer Projectors"):
-        to_dune_checkpoint(model, base, "mlp", 0)
+        to_dune_checkpoint(DistillModel(mlp, {"t": TeacherHead(dim=8, has_cls=True)}), mlp)
 
 
 def test_init_from_a_dune_checkpoint_at_another_grid(tmp_path: Path) -> None:

@@ -71,14 +71,14 @@ class DuneCheckpoint:
 
 # -- ours -> reference ----------------------------------------------------------------------------
 def to_dune_checkpoint(
-    model: DistillModel, student_cfg: StudentConfig, projector_kind: str, n_blocks: int,
-    step: int = 0, rename: dict[str, str] | None = None,
+    model: DistillModel, cfg: TrainConfig, step: int = 0, rename: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The reference's checkpoint dict (`model`, `args`, `iter`) for `model`.
+    """The reference's checkpoint dict (`model`, `args`, `iter`) for `model`, built from `cfg`.
 
     `rename` maps our teacher names to the reference's (its loader looks teachers up by name).
     """
     rename = rename or {}
+    student_cfg, projector_kind = cfg.student, cfg.projector.kind
     if projector_kind not in ("tp", "linear"):
         raise CheckpointError(
             f"projector.kind: the DUNE layout has Transformer Projectors only, found "
@@ -110,7 +110,7 @@ def to_dune_checkpoint(
         # Not one of the reference's sizes: record ours (its `get_model` builds only its sizes).
         enc_args.update(embed_dim=embed_dim, depth=depth, num_heads=heads)
     proj_args = {
-        "num_blocks": n_blocks if projector_kind == "tp" else 0,
+        "num_blocks": cfg.projector.n_blocks if projector_kind == "tp" else 0,
         "num_heads": heads,
         "layerscale_init": 1e-4,
         "qkv_bias": True,
@@ -225,28 +225,27 @@ def parse_dune_checkpoint(raw: dict[str, Any], where: str = "checkpoint") -> Dun
         {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
     )
     projectors: dict[str, dict[str, Tensor]] = {}
-    norms: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+    buffers: dict[tuple[str, str], dict[str, Tensor]] = {}  # (teacher, token type) -> mean, std
     for key, value in state.items():
         if key.startswith("projectors."):
             teacher, rest = key.removeprefix("projectors.").split(".", 1)
             projectors.setdefault(teacher, {})[rest] = value
         elif key.startswith("teacher_norms."):
             teacher, _, tok, buffer = key.removeprefix("teacher_norms.").split(".")
-            pair = norms.setdefault(teacher, {}).setdefault(tok, {})  # type: ignore[arg-type]
-            pair[buffer] = value  # type: ignore[index]
+            buffers.setdefault((teacher, tok), {})[buffer] = value
     for teacher, part in projectors.items():
         projectors[teacher] = _fold_scale(part)
-    norm_pairs = {
-        t: {tok: (b["mean"], b["std"]) for tok, b in toks.items()}  # type: ignore[index]
-        for t, toks in norms.items()
-    }
+    norm_pairs: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
+    for (teacher, tok), pair in buffers.items():
+        norm_pairs.setdefault(teacher, {})[tok] = (pair["mean"], pair["std"])
     extras = raw.get(EXTRAS_KEY) or {}
     if "student" in extras:
         student = from_dict(StudentConfig, extras["student"], where=f"{where}: {EXTRAS_KEY}")
     else:
         student = _student_from_args(args, encoder, where)
     heads = {
-        t: TeacherHead(dim=int(part["linear.weight"].shape[0]), has_cls="cls" in norms.get(t, {}))
+        t: TeacherHead(dim=int(part["linear.weight"].shape[0]),
+                       has_cls="cls" in norm_pairs.get(t, {}))
         for t, part in projectors.items()
     }
     return DuneCheckpoint(

@@ -128,10 +128,7 @@ def export_dune(
         )
     out = Path(out)
     path = out if out.suffix == ".pth" else out / "dune_checkpoint.pth"
-    checkpoint = to_dune_checkpoint(
-        model, cfg.student, cfg.projector.kind, cfg.projector.n_blocks,
-        step=int(payload.get("step", 0)), rename=rename,
-    )
+    checkpoint = to_dune_checkpoint(model, cfg, step=int(payload.get("step", 0)), rename=rename)
     return {"dune_checkpoint": save_dune_checkpoint(checkpoint, path)}
 
 
