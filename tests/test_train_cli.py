@@ -19,6 +19,8 @@ from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, 
 from train.checkpoint import load_checkpoint
 from train.cli import main
 from train.demo import summarize
+from train.dune_format import model_from_dune
+from train.export import load_full_model
 from train.metrics import read_metrics
 from train.trainer import Trainer
 
@@ -69,6 +71,19 @@ def test_fit_resumes_when_rerun_and_overrides_apply(
     meta = json.loads((tmp_path / "export" / "student.json").read_text())
     assert meta["architecture"] == "vit_small_patch14_reg4_dinov2" and meta["step"] == 6
     assert (tmp_path / "export" / "full_model.safetensors").is_file()
+    # ... and in naver/dune's layout, with a teacher renamed; it reads back with equal outputs.
+    teacher = json.loads((out / "teachers.json").read_text())["heads"]
+    first = sorted(teacher)[0]
+    dune_pth = tmp_path / "dune" / "student.pth"
+    assert run_main(["export", str(out), str(dune_pth), "--format", "dune", "--rename",
+                     f"{first}=dino2reg_vitlarge_14"], monkeypatch) == 0
+    full, from_dune = load_full_model(tmp_path / "export"), model_from_dune(dune_pth)
+    images = torch.randn(1, 3, full.student.cfg.img_size, full.student.cfg.img_size)
+    with torch.no_grad():
+        want, got = full(images), from_dune(images)
+    torch.testing.assert_close(got["dino2reg_vitlarge_14"]["patch"], want[first]["patch"])
+    assert run_main(["export", str(out), str(tmp_path / "bad"), "--format", "dune",
+                     "--rename", "nosuch=x"], monkeypatch) != 0
     # The demo's closing summary reads the cache and the run.
     console = Console(file=io.StringIO(), width=200)
     summarize(root, build_s=1.0, train_s=1.0, console=console, run=out)

@@ -1,7 +1,7 @@
 """`dune-train`: train a student from a cache (`fit`), export it (`export`).
 
     dune-train fit CONFIG.toml [--cache PATH] [--out DIR] [--online] [--max-steps N]
-    dune-train export RUN_DIR OUT_DIR [--which best|last]
+    dune-train export RUN_DIR OUT [--which best|last] [--format timm|dune] [--rename OURS=REF]
     dune-train preset NAME FOLDER [--overwrite]
 
 Rerunning the same `fit` command resumes from the run folder's last checkpoint. Several
@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cache_format.configfile import with_overrides
-from cache_format.errors import run_cli
+from cache_format.errors import ConfigError, run_cli
 from cache_format.locations import absolute_path
 from train.config import load_train_config, resolve_paths
 from train.metrics import first_last
@@ -31,6 +31,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Stage two of DUNE distillation: train the student and projectors from a cache.",
 )
+
+
+class ExportFormat(enum.StrEnum):
+    """What `export` writes: timm safetensors + our full model, or naver/dune's `.pth`."""
+
+    timm = "timm"
+    dune = "dune"
 
 
 class Which(enum.StrEnum):
@@ -81,20 +88,55 @@ def fit(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A `fit` run folder.")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the exported files.")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where to write (a folder; with --format dune also a .pth).")
+    ],
     which: Annotated[Which, typer.Option(help="Checkpoint to export.")] = Which.best,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="timm: student.safetensors + full model; dune: "
+                     "naver/dune's checkpoint layout (load_dune_from_checkpoint)."),
+    ] = ExportFormat.timm,
+    rename: Annotated[
+        list[str] | None,
+        typer.Option("--rename", help="OURS=REF: a teacher's name in the DUNE checkpoint "
+                     "(the reference looks teachers up by name). Repeatable."),
+    ] = None,
 ) -> None:
-    """Export the student (safetensors + timm config) and the full model of a run."""
-    from train.export import export_run
+    """Export a run: the student for timm and the full model, or the DUNE layout."""
+    from train.export import export_dune, export_run
 
-    paths = export_run(run_dir, out_dir, which=which.value)
     console = Console()
+    if fmt is ExportFormat.dune:
+        paths = export_dune(run_dir, out_dir, which=which.value, rename=parse_renames(rename))
+        for role, path in paths.items():
+            console.print(f"{role:16s} {path}")
+        console.print(
+            "load it with naver/dune: model.dune.load_dune_from_checkpoint(path), or here: "
+            "train.dune_format.model_from_dune(path)"
+        )
+        return
+    paths = export_run(run_dir, out_dir, which=which.value)
     for role, path in paths.items():
         console.print(f"{role:16s} {path}")
     console.print(
         "load the student with: timm.create_model(cfg['architecture'], "
         "checkpoint_path='student.safetensors', **cfg['model_args']) where cfg = student.json"
     )
+
+
+def parse_renames(pairs: list[str] | None) -> dict[str, str]:
+    """`["ours=ref", ...]` -> {"ours": "ref"}; a malformed pair is a ConfigError."""
+    renames: dict[str, str] = {}
+    for pair in pairs or []:
+        ours, sep, ref = pair.partition("=")
+        if not sep or not ours or not ref or ours in renames:
+            raise ConfigError(
+                f"--rename: expected OURS=REF once per teacher, found {pair!r}",
+                hint="e.g. --rename dinov2=dino2reg_vitlarge_14",
+            )
+        renames[ours] = ref
+    return renames
 
 
 @app.command()

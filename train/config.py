@@ -27,6 +27,7 @@ from cache_format.errors import ConfigError
 from cache_format.serde import PathStr, check_types, convert, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
+from train.sinks import LoggingConfig
 from train.student import StudentConfig
 from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
@@ -43,6 +44,7 @@ RESUME_FREE_FIELDS = (
     "data.num_workers",
     "data.roots",
     "stages[].cache",
+    "logging",
 )
 
 #: Named epoch sizes: the reference calls 1,281,167 images (ImageNet-1k's train split) an epoch.
@@ -218,6 +220,7 @@ class TrainConfig:
     dropping: DroppingConfig = field(default_factory=DroppingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     batch_size_global: int | None = None
     batch_size_per_device: int | None = None
     batch_size: int | None = None

@@ -1,84 +1,89 @@
-"""Loss curves: one PNG per teacher, drawn with PIL from the rows of `metrics.jsonl`.
+"""Loss curves drawn with matplotlib from the rows of `metrics.jsonl` (the source of truth).
 
-The training loss is a blue line, the held-out loss red dots; no plotting library is needed.
+`draw_loss_curves` writes into the run's `curves/` folder:
+- `losses.png`: one figure for the whole run: left, every teacher's training loss (line) and
+  held-out loss (dashed, dots) on a log scale, one colour per teacher; right, every teacher's
+  held-out cosine. Stage boundaries (rows carrying a `stage` field) are drawn as vertical lines.
+- `loss_<teacher>.png`: the same two panels for one teacher.
+Figures are built with `matplotlib.figure.Figure` and its Agg canvas (no pyplot), so drawing
+never touches a display or matplotlib's global backend.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from train.metrics import series
+
+ALL_TEACHERS_FILE = "losses.png"
 
 
 def draw_loss_curves(
     rows: list[dict[str, Any]], teachers: list[str], out_dir: str | Path
 ) -> list[Path]:
-    """Write `loss_<teacher>.png` per teacher (training loss line, held-out loss dots)."""
+    """Write `losses.png` (every teacher) and `loss_<teacher>.png`; returns their paths, the
+    all-teacher figure first."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written = [_save(loss_figure(rows, teachers), out / ALL_TEACHERS_FILE)]
     for teacher in teachers:
-        train_points = series(rows, f"loss/{teacher}")
-        eval_points = series(rows, f"heldout/loss/{teacher}", kind="eval")
-        path = out / f"loss_{teacher}.png"
-        _plot(train_points, eval_points, f"loss/{teacher}", path)
-        written.append(path)
+        written.append(_save(loss_figure(rows, [teacher]), out / f"loss_{teacher}.png"))
     return written
 
 
-_W, _H = 640, 400
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 28, 40
+def loss_figure(rows: list[dict[str, Any]], teachers: list[str]) -> Figure:
+    """Two panels: train and held-out loss per teacher (log scale), held-out cosine per teacher."""
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    loss_ax, cos_ax = figure.subplots(1, 2)
+    colors = [f"C{i % 10}" for i in range(len(teachers))]
+    for teacher, color in zip(teachers, colors, strict=True):
+        train = _positive(series(rows, f"loss/{teacher}"))
+        heldout = _positive(series(rows, f"heldout/loss/{teacher}", kind="eval"))
+        if train:
+            loss_ax.plot(*zip(*train, strict=True), color=color, lw=1.5, label=f"{teacher} train")
+        if heldout:
+            loss_ax.plot(*zip(*heldout, strict=True), color=color, ls="--", marker="o", ms=4,
+                         label=f"{teacher} held-out")
+        cosine = series(rows, f"heldout/cos/{teacher}", kind="eval")
+        if cosine:
+            cos_ax.plot(*zip(*cosine, strict=True), color=color, marker="o", ms=4, label=teacher)
+    loss_ax.set(title="loss (train: line, held-out: dashed)", xlabel="step", ylabel="loss")
+    cos_ax.set(title="held-out cosine (projected student vs teacher)", xlabel="step",
+               ylabel="cosine")
+    for ax, log in ((loss_ax, True), (cos_ax, False)):
+        if ax.lines:
+            if log:
+                ax.set_yscale("log")
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, which="both", alpha=0.3)
+        for step in stage_starts(rows):
+            ax.axvline(step, color="gray", lw=0.8, ls=":")
+    return figure
 
 
-def _plot(
-    line: list[tuple[int, float]], dots: list[tuple[int, float]], title: str, path: Path
-) -> None:
-    """A minimal line chart: axes, 5 ticks per axis, the line in blue, held-out dots in red."""
-    image = Image.new("RGB", (_W, _H), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    finite = [(s, v) for s, v in line + dots if math.isfinite(v)]
-    draw.text((_LEFT, 6), f"{title}  (blue: train, red: held-out)", fill="black", font=font)
-    x0, x1, y0, y1 = _LEFT, _W - _RIGHT, _H - _BOTTOM, _TOP
-    draw.rectangle((x0, y1, x1, y0), outline="black")
-    if not finite:
-        draw.text((x0 + 10, y1 + 10), "no data yet", fill="gray", font=font)
-        image.save(path)
-        return
-    smin, smax = min(s for s, _ in finite), max(s for s, _ in finite)
-    vmin, vmax = min(v for _, v in finite), max(v for _, v in finite)
-    if smax == smin:
-        smax = smin + 1
-    if vmax == vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
+def stage_starts(rows: list[dict[str, Any]]) -> list[int]:
+    """Steps where a new stage begins (rows with a `stage` field; none without)."""
+    starts, last = [], None
+    for row in rows:
+        stage = row.get("stage")
+        if stage is not None and last is not None and stage != last:
+            starts.append(int(row["step"]))
+        last = stage if stage is not None else last
+    return starts
 
-    def to_px(step: float, value: float) -> tuple[float, float]:
-        px = x0 + (step - smin) / (smax - smin) * (x1 - x0)
-        py = y0 - (value - vmin) / (vmax - vmin) * (y0 - y1)
-        return px, py
 
-    for i in range(5):
-        value = vmin + (vmax - vmin) * i / 4
-        _, py = to_px(smin, value)
-        draw.line((x0 - 4, py, x0, py), fill="black")
-        draw.text((4, py - 6), f"{value:.3g}", fill="black", font=font)
-        step = smin + (smax - smin) * i / 4
-        px, _ = to_px(step, vmin)
-        draw.line((px, y0, px, y0 + 4), fill="black")
-        draw.text((px - 12, y0 + 8), f"{step:.0f}", fill="black", font=font)
-    draw.text(((x0 + x1) // 2 - 12, _H - 16), "step", fill="black", font=font)
-    points = [to_px(s, v) for s, v in line if math.isfinite(v)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 119, 180), width=2)
-    elif points:
-        px, py = points[0]
-        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=(31, 119, 180))
-    for s, v in dots:
-        if math.isfinite(v):
-            px, py = to_px(s, v)
-            draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=(214, 39, 40))
-    image.save(path)
+def _positive(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Points a log axis can show (finite and > 0)."""
+    return [(s, v) for s, v in points if v > 0 and v != float("inf")]
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.savefig(path, dpi=100)
+    return path

@@ -9,6 +9,10 @@
 - `full_model.safetensors` + `full_model.json`: everything (`student.*`, `projectors.<t>.*`,
   `norms.<t>.<tok>.*`) plus the run's config and the teachers' widths, for reuse as teacher
   heads or to continue distilling (`load_full_model`).
+
+`export_dune` writes the same run in naver/dune's checkpoint layout (`train.dune_format`): one
+`.pth` that the reference's `load_dune_from_checkpoint` loads, and that `init_from` and
+`train.dune_format.model_from_dune` read back.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cache_format.errors import CheckpointError
 from cache_format.serde import from_dict, to_dict
 from train.checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint
 from train.config import TrainConfig
+from train.dune_format import save_dune_checkpoint, to_dune_checkpoint
 from train.model import DistillModel, TeacherHead
 from train.student import timm_kwargs
 
@@ -49,12 +54,12 @@ def _heads(raw: dict[str, Any], where: Path) -> dict[str, TeacherHead]:
     return {name: from_dict(TeacherHead, v, where=f"{where}: {name}") for name, v in raw.items()}
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> dict[str, Path]:
-    """Export a run's student and full model; `which` = "best" (falls back to "last") or "last".
-
-    Returns the written paths by role.
-    """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[
+    TrainConfig, DistillModel, dict[str, Any], Path
+]:
+    """A run's config, its DistillModel with the chosen checkpoint's weights, the checkpoint
+    payload and its path; `which` = "best" (falls back to "last") or "last"."""
+    run_dir = Path(run_dir)
     cfg, teachers = read_run(run_dir)
     ckpt_path = checkpoint_dir(run_dir) / (BEST if which == "best" else LAST)
     if which == "best" and not ckpt_path.is_file():
@@ -67,6 +72,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best") ->
             f"{ckpt_path}: model keys do not fit the run's config: missing {missing[:10]}, "
             f"unexpected {unexpected[:10]}"
         )
+    return cfg, model, payload, ckpt_path
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best") -> dict[str, Path]:
+    """Export a run's student and full model; `which` = "best" (falls back to "last") or "last".
+
+    Returns the written paths by role.
+    """
+    out_dir = Path(out_dir)
+    cfg, model, payload, ckpt_path = load_run_model(run_dir, which)
+    teachers = model.teachers
     out_dir.mkdir(parents=True, exist_ok=True)
     student_state = {k: v.contiguous() for k, v in model.student.vit.state_dict().items()}
     paths = {
@@ -95,6 +111,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path, which: str = "best") ->
     }
     paths["full_config"].write_text(json.dumps(full_meta, indent=2) + "\n")
     return paths
+
+
+def export_dune(
+    run_dir: str | Path, out: str | Path, which: str = "best",
+    rename: dict[str, str] | None = None,
+) -> dict[str, Path]:
+    """Write a run in naver/dune's layout: `out` itself when it ends in `.pth`, else
+    `out/dune_checkpoint.pth`. `rename` maps our teacher names to the reference's."""
+    cfg, model, payload, _ = load_run_model(run_dir, which)
+    unknown = sorted(set(rename or {}) - set(model.teachers))
+    if unknown:
+        raise CheckpointError(
+            f"--rename: {unknown} are not teachers of this run; its teachers are "
+            f"{sorted(model.teachers)}"
+        )
+    out = Path(out)
+    path = out if out.suffix == ".pth" else out / "dune_checkpoint.pth"
+    checkpoint = to_dune_checkpoint(model, cfg, step=int(payload.get("step", 0)), rename=rename)
+    return {"dune_checkpoint": save_dune_checkpoint(checkpoint, path)}
 
 
 def load_full_model(export_dir: str | Path) -> DistillModel:

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from cache_format.errors import CheckpointError
 from train.checkpoint import load_checkpoint
+from train.dune_format import fill_model, is_dune_file, load_dune_checkpoint
 from train.model import DistillModel
 
 #: TeacherNorm buffers that carry over with `norms=True`: the running statistics. The step
@@ -15,13 +16,20 @@ _NORM_BUFFERS = ("mean", "std", "has_stats")
 
 
 def init_model_from(model: DistillModel, path: str, *, norms: bool = False) -> None:
-    """Initialise from a run checkpoint (.pt), an exported full model or a student (.safetensors).
+    """Initialise from a run checkpoint (.pt), an exported full model or a student (.safetensors),
+    or a checkpoint in naver/dune's layout (.pth: a released DUNE model or our DUNE export).
 
     The student's position embeddings are interpolated to its grid (the 336 -> 448 stage);
     projectors are taken for the teachers whose names and widths match, the others stay new.
     `norms`: also take the TeacherNorm running statistics of the matching teachers and token
     types (batch mode; exact mode installs the new cache's own statistics instead).
     """
+    if is_dune_file(path):
+        # A released DUNE student or `export --format dune`: encoder and matching projectors.
+        # Norms are not taken: the run's own statistics apply (exact mode), and in batch mode
+        # the EMA restarts at momentum 1, so the first batch replaces any loaded value anyway.
+        fill_model(model, load_dune_checkpoint(path), norms=False)
+        return
     if path.endswith(".safetensors"):
         state = load_file(path)
     else:

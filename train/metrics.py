@@ -9,6 +9,7 @@
   normalized teacher tokens).
 Plain lines, so `jq`, pandas (`read_json(lines=True)`) or a CI diff read them without this code.
 On resume the rows after the checkpoint's step are dropped: the resumed run writes them again.
+Each row then goes to the run's sinks (`train.sinks`: TensorBoard, W&B), never instead of it.
 `series` and `first_last` read one metric back (the curves, the CLI's and the demo's summaries);
 `train.curves` draws the rows, `train.progress` shows them while training runs.
 """
@@ -17,9 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from train.sinks import MetricSink
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -27,7 +31,11 @@ METRICS_FILE = "metrics.jsonl"
 class MetricsLog:
     """Appends rows to `run_dir/metrics.jsonl`; only the main process should own one."""
 
-    def __init__(self, run_dir: str | Path, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str | Path, resume_step: int | None = None,
+        sinks: Sequence[MetricSink] = (),
+    ) -> None:
+        self.sinks = list(sinks)
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [] if resume_step is None else [
@@ -40,9 +48,18 @@ class MetricsLog:
                 handle.write(json.dumps(row) + "\n")
 
     def write(self, row: dict[str, Any]) -> None:
-        """Append one row and flush it (a killed run keeps every row logged so far)."""
+        """Append one row and flush it (a killed run keeps every row logged so far), then hand
+        it to each sink."""
         with self.path.open("a") as handle:
             handle.write(json.dumps(row, allow_nan=True) + "\n")
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self) -> None:
+        """Close the sinks (the JSONL file is closed after every row already)."""
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from train.model import DistillModel
 from train.progress import LiveProgress
 from train.run_data import RunContext, open_run_data
 from train.run_folder import check_resume, write_run_files
+from train.sinks import open_sinks
 from train.step import DistillStep, check_finite
 from train.teacher_dropping import TeacherDropping
 
@@ -224,7 +225,10 @@ class Trainer:
             write_run_files(self.run_dir, cfg, self.ctx, self.sizes())
             if self.show_progress != "off":
                 print(describe_sizes(self.sizes()), flush=True)
-        metrics = MetricsLog(self.run_dir, resume_step=resumed_from) if is_main else None
+        metrics = MetricsLog(
+            self.run_dir, resume_step=resumed_from,
+            sinks=open_sinks(cfg.logging, self.run_dir, resumed_from, cfg.to_dict()),
+        ) if is_main else None
         # -- held-out baseline, so the curves show where the student started ----------------------
         if resumed_from is None and self.step < stop_at:
             self._evaluate(metrics)
@@ -261,6 +265,8 @@ class Trainer:
                     self._save(LAST)
                 paused += time.perf_counter() - pause_began
         progress.close()
+        if metrics is not None:
+            metrics.close()
         # -- loss curves and summary -------------------------------------------------------------
         rows = read_metrics(self.run_dir) if is_main else []
         if is_main:
