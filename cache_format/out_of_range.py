@@ -11,12 +11,16 @@ reports a pair above encodings.OUT_OF_RANGE_LIMIT.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
 
 from cache_format import layout
 from cache_format.encodings import OUT_OF_RANGE_LIMIT
+
+if TYPE_CHECKING:
+    from cache_format.reader import CacheReader
 
 #: Array of a int8 pair: [outside, encoded] per token type, one row per token shard.
 OUT_OF_RANGE = "out_of_range"
@@ -42,6 +46,19 @@ def pair_counts(group: zarr.Group, token_types: tuple[str, ...]
     totals = np.asarray(group[OUT_OF_RANGE][:], dtype=np.int64).sum(axis=0)
     return {tok: (int(totals[2 * i]), int(totals[2 * i + 1]))
             for i, tok in enumerate(token_types)}
+
+
+def reader_counts(reader: CacheReader, dataset: str, teacher: str
+                  ) -> dict[str, tuple[int, int]] | None:
+    """`pair_counts` of a pair of an open cache."""
+    group = reader._group[layout.teacher_path(dataset, teacher)]
+    return pair_counts(group, reader.manifest.teachers[teacher].token_types)  # type: ignore[arg-type]
+
+
+def fractions(reader: CacheReader, dataset: str, teacher: str) -> dict[str, float]:
+    """{token type: fraction of int8 values outside the calibrated range} ({} unless int8)."""
+    counts = reader_counts(reader, dataset, teacher)
+    return {tok: fraction(*c) for tok, c in (counts or {}).items()}
 
 
 def fraction(outside: int, encoded: int) -> float:

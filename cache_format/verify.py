@@ -122,7 +122,6 @@ def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.nda
             if int(summary[0]) == layout.MARK_DONE and stats.count != expected:
                 problems.append(f"{label} {tok}: statistics count {stats.count}, expected "
                                 f"{expected} ({ok} ok samples)")
-    group = reader._group[layout.teacher_path(dataset, teacher)]
-    problems.extend(out_of_range.problems(label, out_of_range.pair_counts(
-        group, reader.manifest.teachers[teacher].token_types)))  # type: ignore[arg-type]
+    problems.extend(out_of_range.problems(label, out_of_range.reader_counts(reader, dataset,
+                                                                           teacher)))
     return checked

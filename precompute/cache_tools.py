@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_format import layout, locate, out_of_range
+from cache_format import locate, out_of_range
 from cache_format.files import tree_nbytes
 from cache_format.manifest import status_name
 from cache_format.reader import CacheReader, open_cache
@@ -36,15 +36,8 @@ def _pair_facts(reader: CacheReader, dataset: str, teacher: str) -> dict[str, An
         "shards": int(done.size), "stats_final": reader.stats_final(dataset, teacher),
         "bytes": reader.nbytes(dataset, teacher),
         "complete": reader.pair_complete(dataset, teacher),
-        "out_of_range": out_of_range_fractions(reader, dataset, teacher),
+        "out_of_range": out_of_range.fractions(reader, dataset, teacher),
     }
-
-
-def out_of_range_fractions(reader: CacheReader, dataset: str, teacher: str) -> dict[str, float]:
-    """{token type: fraction of int8 values outside the calibrated range} ({} unless int8)."""
-    group = reader._group[layout.teacher_path(dataset, teacher)]
-    counts = out_of_range.pair_counts(group, reader.manifest.teachers[teacher].token_types)
-    return {tok: out_of_range.fraction(*c) for tok, c in (counts or {}).items()}
 
 
 def cache_info(path: str) -> dict[str, Any]:
