@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cache_format.encodings import EncodingSpec
-from cache_format.errors import CacheMismatchError
+from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.reader import open_cache
 from cache_format.testing import build_tiny_cache, tiny_teacher
 from precompute.cli import app
@@ -93,3 +93,12 @@ def test_cli_transcode(fp16_cache: tuple[Path, dict], tmp_path: Path) -> None:
     assert "int8" in result.output and "written" in result.output
     info = CliRunner().invoke(app, ["info", str(tmp_path / "new")])
     assert info.exit_code == 0 and "int8" in info.output
+
+
+def test_an_unfinished_source_pair_is_refused(fp16_cache: tuple[Path, dict],
+                                              tmp_path: Path) -> None:
+    src, _ = fp16_cache
+    (src / "datasets" / "ds" / "teachers" / "t2" / "summary" / "c" / "0").unlink()
+    with pytest.raises(ConfigError, match="ds/t2 is not complete"):
+        transcode(str(src), str(tmp_path / "new"), EncodingSpec("int8"))
+    assert not (tmp_path / "new").exists()  # refused before anything was written
