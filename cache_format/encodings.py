@@ -6,6 +6,13 @@ calibration sample, stored in the cache), then scales each token by its absolute
 pretrained transformers carry a few channels 50-200x larger than the median, and a plain
 per-token absmax would spend the whole int8 range on them.
 
+The calibration cannot break it: a token whose standardized values leave the calibrated range
+(|z| > INT8_Z_BOUND, e.g. a channel that was nearly constant in the calibration sample and
+varies later) falls back to a gain floored at the median calibration std
+(`fallback_gain`) and is marked by a negative scale. Its error per channel is then at most
+(gain_c / median std) x max_j |x_j - mean_j| / 254 whatever the calibration saw; the writer
+counts the out-of-range values per pair (`count_out_of_range`) so `info` and `verify` show them.
+
 Decoding exists twice with the same formula: `decode_tokens` (numpy, CPU) and
 `decode_tokens_torch` (runs on the tensors' device, so a trainer can ship int8 to the GPU).
 Decoding by hand with plain numpy is documented in docs/cache-format.md.
@@ -28,6 +35,11 @@ INT8_MAX = 127
 #: Floor of a stored calibration std, as a fraction of the median channel std: a channel that is
 #: (nearly) constant on the calibration sample must not blow up every later token's absmax.
 CALIB_STD_FLOOR_FRACTION = 1e-3
+#: Standardized magnitude above which a value is "outside the calibrated range"; a token holding
+#: one is encoded with `fallback_gain` instead of the calibration std (and a negative scale).
+INT8_Z_BOUND = 32.0
+#: Out-of-range fraction above which `verify` reports a pair (its calibration did not fit).
+OUT_OF_RANGE_LIMIT = 1e-3
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -84,6 +96,27 @@ def fit_calibration(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.maximum(std, floor).astype(np.float32)
 
 
+def fallback_gain(calib_std: np.ndarray) -> np.ndarray:
+    """Per-channel gain of int8 fallback tokens: max(std_c, upper median of std), float32 [D].
+
+    The upper median is the sorted std at index D // 2 (a sort is exact, so numpy and torch agree
+    bit for bit). Flooring at it bounds what any channel's standardization can blow up.
+    """
+    std = np.asarray(calib_std, dtype=np.float32)
+    return np.maximum(std, np.sort(std)[std.shape[0] // 2])
+
+
+def _fallback_gain_torch(calib_std: torch.Tensor) -> torch.Tensor:
+    """`fallback_gain` on a tensor (same sort, same index, same maximum)."""
+    return torch.maximum(calib_std, torch.sort(calib_std).values[calib_std.shape[0] // 2])
+
+
+def count_out_of_range(x: np.ndarray, calib_mean: np.ndarray, calib_std: np.ndarray) -> int:
+    """How many values of `x[..., D]` lie outside the calibrated range (|z| > INT8_Z_BOUND)."""
+    z = (np.asarray(x, dtype=np.float32) - calib_mean) / calib_std
+    return int(np.count_nonzero(np.abs(z) > INT8_Z_BOUND))
+
+
 def _check_calibration(calib_mean: object, calib_std: object, dim: int) -> None:
     if calib_mean is None or calib_std is None:
         raise ConfigError("int8 encoding needs calib_mean and calib_std (per-channel, shape [D])")
@@ -130,15 +163,22 @@ def encode_tokens(
             raise InvalidTokensError("bf16 encoding: a value overflows bfloat16 (or is NaN/Inf)")
         return bits, None
     _check_calibration(calib_mean, calib_std, x.shape[-1])
-    z = (x - np.asarray(calib_mean, dtype=np.float32)) / np.asarray(calib_std, dtype=np.float32)
+    mean = np.asarray(calib_mean, dtype=np.float32)
+    std = np.asarray(calib_std, dtype=np.float32)
+    z = (x - mean) / std
     absmax = np.abs(z).max(axis=-1) if z.shape[-1] else np.zeros(z.shape[:-1], np.float32)
+    outside = absmax > INT8_Z_BOUND
+    if outside.any():
+        # Tokens outside the calibrated range: re-standardize with the floored gain.
+        z[outside] = (x[outside] - mean) / fallback_gain(std)
+        absmax[outside] = np.abs(z[outside]).max(axis=-1)
     scale = (absmax / np.float32(INT8_MAX)).astype(np.float32)
     # A token equal to the mean everywhere has scale 0; divide by 1 instead (its values are 0).
     safe = np.where(scale > 0, scale, np.float32(1.0))
     z /= safe[..., None]
     np.rint(z, out=z)
     np.clip(z, -INT8_MAX, INT8_MAX, out=z)
-    return z.astype(np.int8), scale
+    return z.astype(np.int8), np.where(outside, -scale, scale).astype(np.float32)
 
 
 def decode_tokens(
@@ -148,7 +188,11 @@ def decode_tokens(
     calib_mean: np.ndarray | None = None,
     calib_std: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode stored values back to float32 (numpy, CPU). int8: q * scale * std + mean."""
+    """Decode stored values back to float32 (numpy, CPU).
+
+    int8: q * scale * std + mean; a token with a negative scale (outside the calibrated range)
+    decodes as q * |scale| * fallback_gain(std) + mean.
+    """
     if spec.name == "fp16":
         return np.asarray(values).astype(np.float32)
     if spec.name == "bf16":
@@ -157,10 +201,17 @@ def decode_tokens(
     _check_calibration(calib_mean, calib_std, values.shape[-1])
     if scale is None:
         raise ConfigError("int8 decoding needs the per-token scale")
+    scale = np.asarray(scale, dtype=np.float32)
+    std = np.asarray(calib_std, dtype=np.float32)
     out = np.empty(values.shape, dtype=np.float32)
-    # One pass casts and scales per token, then per-channel std and mean, all in place.
-    np.multiply(values, np.asarray(scale, dtype=np.float32)[..., None], out=out)
-    out *= np.asarray(calib_std, dtype=np.float32)
+    fallback = scale < 0
+    if not fallback.any():
+        # One pass casts and scales per token, then per-channel std and mean, all in place.
+        np.multiply(values, scale[..., None], out=out)
+        out *= std
+    else:
+        np.multiply(values, np.abs(scale)[..., None], out=out)
+        out *= np.where(fallback[..., None], fallback_gain(std), std)
     out += np.asarray(calib_mean, dtype=np.float32)
     return out
 
@@ -190,7 +241,13 @@ def decode_tokens_torch(
     mean = calib_mean.to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
     # Same operations in the same order as decode_tokens (no fused multiply-add), so CPU, GPU
     # and numpy decoding agree bit for bit and the stored statistics describe exactly this.
-    out = values.float() * scale.to(device=device, dtype=torch.float32).unsqueeze(-1)
-    out *= std
+    scale = scale.to(device=device, dtype=torch.float32)
+    fallback = scale < 0
+    if not bool(fallback.any()):
+        out = values.float() * scale.unsqueeze(-1)
+        out *= std
+    else:
+        out = values.float() * scale.abs().unsqueeze(-1)
+        out *= torch.where(fallback.unsqueeze(-1), _fallback_gain_torch(std), std)
     out += mean
     return out

@@ -15,6 +15,9 @@
             tokens     u8    [N, R]             one record of R bytes per sample (below);
                                                 sharded: shard = S samples, chunk = 1 sample
             <tok>_calib_mean / <tok>_calib_std  f32 [D]   int8 only: standardization
+            out_of_range i64 [num_shards, 2K]   int8 only: per token type, values outside the
+                                                calibrated range and values encoded
+                                                (out_of_range.py; K token types)
             shard_meta f64   [num_shards, W]    per token shard: [1 = written, ok samples, per
                                                 token type (count, mean [D], m2 [D])]; one row
                                                 per object, written last (the done mark)
@@ -287,6 +290,13 @@ def create_teacher_arrays(group: zarr.Group, spec: EncodingSpec, num_samples: in
             for name in calib_names(tok):
                 _plain(group, name, (dim,), "float32", (dim,))
     create_pair_meta_arrays(group, num_shards(n, s), PairColumns(token_types, dim).width)
+
+
+def plain_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
+                chunks: tuple[int, ...]) -> zarr.Array:
+    """An unsharded array with crc32c on each chunk and fill value 0 (for modules that add a
+    pair's arrays of their own, e.g. out_of_range)."""
+    return _plain(group, name, shape, dtype, chunks)
 
 
 def create_pair_meta_arrays(group: zarr.Group, shards: int, width: int) -> None:

@@ -177,6 +177,9 @@ class Manifest:
     build_config: dict[str, Any] = field(default_factory=dict)
     #: What stage two replays views from (cache_format/replay.py); None in older caches.
     replay: ReplaySpec | None = None
+    #: Where the tokens came from when no teacher ran: `dune-cache transcode` records the source
+    #: cache ({"transcoded_from": location, "encoding": {...}}); empty for a build.
+    origin: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.grid) != 2 or min(self.grid) <= 0:

@@ -14,7 +14,12 @@ import numpy as np
 
 from cache_format import layout
 from cache_format.checksum import crc32c_value
-from cache_format.encodings import EncodingSpec, decode_tokens, encode_tokens
+from cache_format.encodings import (
+    EncodingSpec,
+    count_out_of_range,
+    decode_tokens,
+    encode_tokens,
+)
 from cache_format.errors import ConfigError, InvalidTokensError
 from cache_format.manifest import TeacherFingerprint
 from cache_format.stats import ChannelStats, merge
@@ -26,19 +31,23 @@ Calibration = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 def encode_records(spec: EncodingSpec, fp: TeacherFingerprint, num_tokens: int,
                    arrays: Mapping[str, np.ndarray], valid: np.ndarray,
-                   calibration: Calibration) -> tuple[np.ndarray, dict[str, ChannelStats]]:
+                   calibration: Calibration
+                   ) -> tuple[np.ndarray, dict[str, ChannelStats], dict[str, tuple[int, int]]]:
     """uint8 records [n, R] of the valid rows of `arrays` (others stay zero, which zarr does
-    not store) and each token type's statistics of the decoded valid rows."""
+    not store), each token type's statistics of the decoded valid rows, and (int8) each token
+    type's (values outside the calibrated range, values encoded)."""
     n = valid.shape[0]
     fields = {f.name: f for f in layout.record_fields(spec, fp.token_types, num_tokens, fp.dim)}
     records = np.zeros((n, layout.record_nbytes(tuple(fields.values()))), dtype=np.uint8)
     part_stats: dict[str, ChannelStats] = {}
+    out_of_range: dict[str, tuple[int, int]] = {}
     for tok, x in arrays.items():
         calib = calibration[tok] if spec.has_scale else (None, None)
         values = _field_view(records, fields[tok])
         scale = (_field_view(records, fields[layout.scale_name(tok)]) if spec.has_scale
                  else None)
         stats = ChannelStats.empty(fp.dim)
+        outside = encoded = 0
         for b in range(0, n, _ENCODE_BLOCK):
             rows = np.nonzero(valid[b : b + _ENCODE_BLOCK])[0] + b
             if rows.size == 0:
@@ -47,9 +56,12 @@ def encode_records(spec: EncodingSpec, fp: TeacherFingerprint, num_tokens: int,
             values[rows] = v
             if scale is not None:
                 scale[rows] = s
+                outside += count_out_of_range(x[rows], *calib)
+                encoded += x[rows].size
             stats = merge(stats, ChannelStats.of(decode_tokens(v, s, spec, *calib)))
         part_stats[tok] = stats
-    return records, part_stats
+        out_of_range[tok] = (outside, encoded)
+    return records, part_stats, out_of_range
 
 
 def _field_view(records: np.ndarray, field: layout.RecordField) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cache_format import layout, shards
+from cache_format import layout, out_of_range, shards
 from cache_format.errors import CacheCorruptionError, CacheVersionError
 from cache_format.manifest import STATUS_OK, STATUS_PENDING
 from cache_format.records import VerifyReport
@@ -122,4 +122,6 @@ def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.nda
             if int(summary[0]) == layout.MARK_DONE and stats.count != expected:
                 problems.append(f"{label} {tok}: statistics count {stats.count}, expected "
                                 f"{expected} ({ok} ok samples)")
+    problems.extend(out_of_range.problems(label, out_of_range.reader_counts(reader, dataset,
+                                                                           teacher)))
     return checked

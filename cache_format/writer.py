@@ -20,7 +20,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache_format import layout, shards
+from cache_format import layout, out_of_range, shards
 from cache_format.errors import (
     CacheNotFoundError,
     CacheVersionError,
@@ -253,6 +253,10 @@ class CacheWriter:
         layout.create_teacher_arrays(group, m.encoding, self.num_samples(dataset), m.num_tokens,
                                      fingerprint.dim, fingerprint.token_types,
                                      m.samples_per_shard)
+        if m.encoding.has_scale:
+            out_of_range.create_array(group, shards.num_shards(self.num_samples(dataset),
+                                                               m.samples_per_shard),
+                                      fingerprint.token_types)
         if m.encoding.has_scale and calibration is not None:
             for tok in fingerprint.token_types:
                 mean_name, std_name = layout.calib_names(tok)
@@ -379,11 +383,15 @@ class CacheWriter:
         base = layout.teacher_path(dataset, teacher)
         calibration = ({tok: self.calibration(dataset, teacher, tok) for tok in arrays}
                        if spec.has_scale else {})
-        records, part_stats = encode_records(spec, fp, m.num_tokens, arrays, valid, calibration)
+        records, part_stats, outside = encode_records(spec, fp, m.num_tokens, arrays, valid,
+                                                      calibration)
         meta = self._array(f"{base}/{layout.SHARD_META}")
         self._delete_chunk(meta, (shard, 0))
         self._clear_summary(base)
         self._write_whole_shard(f"{base}/{layout.TOKENS}", shard, start, stop, records)
+        if spec.has_scale:  # before the done mark, like the records
+            self._array(f"{base}/{out_of_range.OUT_OF_RANGE}")[shard] = out_of_range.shard_row(
+                outside, fp.token_types)
         columns = layout.PairColumns(fp.token_types, fp.dim)
         meta[shard] = columns.row(layout.MARK_DONE, int(valid.sum()), part_stats)
 

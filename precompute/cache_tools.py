@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache_format import locate
+from cache_format import locate, out_of_range
 from cache_format.files import tree_nbytes
 from cache_format.manifest import status_name
 from cache_format.reader import CacheReader, open_cache
@@ -36,6 +36,7 @@ def _pair_facts(reader: CacheReader, dataset: str, teacher: str) -> dict[str, An
         "shards": int(done.size), "stats_final": reader.stats_final(dataset, teacher),
         "bytes": reader.nbytes(dataset, teacher),
         "complete": reader.pair_complete(dataset, teacher),
+        "out_of_range": out_of_range.fractions(reader, dataset, teacher),
     }
 
 

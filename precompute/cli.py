@@ -4,6 +4,8 @@
                                  [--dry-run]
     dune-cache info PATH [--json]
     dune-cache verify PATH [--recompute N]
+    dune-cache transcode CACHE --encoding NAME --out NEW [--codec C] [--level L]
+                               [--calibration-samples N]
     dune-cache ls DIR
 
 Commands parse their arguments and call one library function. `main()` turns the project's own
@@ -109,11 +111,13 @@ def _info_tables(info: dict) -> list[Table]:
         datasets.add_row(d["name"], d["source_kind"], str(d["num_images"]), str(d["samples"]),
                          statuses, f"{d['index_shards_done']}/{d['index_shards']}", d["root"])
     pairs = Table(title="tokens per teacher and dataset")
-    for column in ("teacher", "dataset", "shards", "stats", "size"):
+    for column in ("teacher", "dataset", "shards", "stats", "size", "int8 out of range"):
         pairs.add_column(column)
     for p in info["pairs"]:
+        outside = ", ".join(f"{tok} {frac:.3%}" for tok, frac in p["out_of_range"].items())
         pairs.add_row(p["teacher"], p["dataset"], f"{p['shards_done']}/{p['shards']}",
-                      "final" if p["stats_final"] else "not final", _size(p["bytes"]))
+                      "final" if p["stats_final"] else "not final", _size(p["bytes"]),
+                      outside or "-")
     return [head, teachers, datasets, pairs]
 
 
@@ -172,6 +176,27 @@ def upgrade(
         return
     out.print(f"{escape(path)}: format version {report.found_version} -> {FORMAT_VERSION} "
               f"({len(report.converted)} group(s) converted)")
+
+
+@app.command()
+def transcode(
+    cache: Annotated[str, typer.Argument(metavar="CACHE", help="The source cache (complete).")],
+    encoding: Annotated[str, typer.Option(metavar="NAME", help="Encoding of the new cache.")],
+    out_path: Annotated[str, typer.Option("--out", metavar="NEW", help="The new cache.")],
+    codec: Annotated[str, typer.Option(help="Lossless codec of the new cache.")] = "none",
+    level: Annotated[int, typer.Option(help="zstd / blosc level.")] = 3,
+    calibration_samples: Annotated[int | None, typer.Option(
+        min=1, help="int8: calibration sample (default: the source build's).")] = None,
+) -> None:
+    """Derive a cache in another encoding from an existing one, without any teacher; rerun the
+    same command to resume."""
+    from cache_format.encodings import EncodingSpec
+    from precompute.transcode import transcode as run_transcode
+
+    report = run_transcode(cache, out_path, EncodingSpec(encoding, codec, level),
+                           calibration_samples=calibration_samples)
+    out.print(f"{escape(report.out)}: {report.encoding}, {report.shards_written} token shard(s) "
+              f"written, {report.shards_skipped} already done", soft_wrap=True)
 
 
 @app.command(name="ls")

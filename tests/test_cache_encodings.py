@@ -11,9 +11,11 @@ from hypothesis.extra import numpy as hnp
 
 from cache_format.encodings import (
     EncodingSpec,
+    count_out_of_range,
     decode_tokens,
     decode_tokens_torch,
     encode_tokens,
+    fallback_gain,
     fit_calibration,
 )
 from cache_format.errors import ConfigError, InvalidTokensError
@@ -65,8 +67,10 @@ def test_int8_error_is_half_a_step_per_token(x: np.ndarray, seed: int) -> None:
     assert values.dtype == np.int8 and scale is not None and scale.shape == x.shape[:-1]
     assert np.abs(values.astype(np.int32)).max() <= 127
     decoded = decode_tokens(values, scale, spec, mean, std)
-    # Rounding moves each standardized value by at most half a step (scale / 2).
-    bound = 0.5 * scale[..., None] * std + 1e-5 * (np.abs(x) + np.abs(mean) + std)
+    # Rounding moves each standardized value by at most half a step (|scale| / 2) of the gain
+    # the token was encoded with: std, or the fallback gain (negative scale, out of range).
+    gain = np.where(scale[..., None] < 0, fallback_gain(std), std)
+    bound = 0.5 * np.abs(scale)[..., None] * gain + 1e-5 * (np.abs(x) + np.abs(mean) + gain)
     assert (np.abs(decoded - x) <= bound).all()
     torch_decoded = decode_tokens_torch(torch.from_numpy(values), torch.from_numpy(scale), spec,
                                         torch.from_numpy(mean), torch.from_numpy(std))
@@ -134,3 +138,48 @@ def test_fit_calibration_floors_dead_channels() -> None:
 def test_encoding_spec_names_the_bad_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         EncodingSpec(**kwargs)
+
+
+def _constant_channel_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, calibration mean, std) where channel 5 was constant in the calibration sample."""
+    rng = np.random.default_rng(0)
+    calib_x = synthetic_activations(rng, (4, 64, 1024))
+    calib_x[..., 5] = calib_x[0, 0, 5]
+    mean, std = fit_calibration(calib_x)
+    return synthetic_activations(rng, (8, 128, 1024)), mean, std
+
+
+def test_int8_survives_a_near_constant_calibration_channel() -> None:
+    x, mean, std = _constant_channel_case()
+    spec = EncodingSpec("int8")
+    values, scale = encode_tokens(x, spec, mean, std)
+    cos = _cosines(decode_tokens(values, scale, spec, mean, std), x)
+    assert np.percentile(cos, 1) >= 0.999
+    assert (scale < 0).mean() > 0.5  # most tokens left the calibrated range and fell back
+    assert count_out_of_range(x, mean, std) > 0
+
+
+def test_int8_without_the_fallback_is_broken_by_that_channel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the fallback prevents: the floored channel takes the absmax, the rest rounds to 0.
+    monkeypatch.setattr("cache_format.encodings.INT8_Z_BOUND", float("inf"))
+    x, mean, std = _constant_channel_case()
+    spec = EncodingSpec("int8")
+    cos = _cosines(decode_tokens(*encode_tokens(x, spec, mean, std), spec, mean, std), x)
+    assert np.percentile(cos, 1) < 0.5
+
+
+def test_int8_fallback_decodes_bit_identically_in_torch() -> None:
+    x, mean, std = _constant_channel_case()
+    spec = EncodingSpec("int8")
+    values, scale = encode_tokens(x[:2], spec, mean, std)
+    assert (scale < 0).any() and (scale >= 0).any()
+    decoded = decode_tokens(values, scale, spec, mean, std)
+    torch_decoded = decode_tokens_torch(torch.from_numpy(values), torch.from_numpy(scale), spec,
+                                        torch.from_numpy(mean), torch.from_numpy(std))
+    np.testing.assert_array_equal(torch_decoded.numpy(), decoded)
+
+
+def test_fallback_gain_floors_at_the_upper_median() -> None:
+    std = np.array([1e-6, 2.0, 1.0, 300.0], np.float32)
+    np.testing.assert_array_equal(fallback_gain(std), [2.0, 2.0, 2.0, 300.0])
