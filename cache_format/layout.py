@@ -15,12 +15,11 @@
             tokens     u8    [N, R]             one record of R bytes per sample (below);
                                                 sharded: shard = S samples, chunk = 1 sample
             <tok>_calib_mean / <tok>_calib_std  f32 [D]   int8 only: standardization
-            out_of_range i64 [num_shards, 2K]   int8 only: per token type, values outside the
-                                                calibrated range and values encoded
-                                                (out_of_range.py; K token types)
             shard_meta f64   [num_shards, W]    per token shard: [1 = written, ok samples, per
-                                                token type (count, mean [D], m2 [D])]; one row
-                                                per object, written last (the done mark)
+                                                token type (count, mean [D], m2 [D]), then per
+                                                token type (int8 values outside the calibrated
+                                                range, values encoded)]; one row per object,
+                                                written last (the done mark)
             summary    f64   [W]                same columns merged over shards; column 0 is 1
                                                 (every shard merged) or 2 (only the done ones);
                                                 written by finalize_stats
@@ -248,7 +247,10 @@ def create_index_arrays(group: zarr.Group, keys_nbytes: int, num_images: int,
 @dataclass(frozen=True)
 class PairColumns:
     """The columns of a pair's `shard_meta` rows and `summary`: [mark, ok samples, then per token
-    type count, mean [D], m2 [D]] as float64 (counts are exact up to 2^53)."""
+    type count, mean [D], m2 [D], then per token type the int8 values outside the calibrated
+    range and the values encoded (zeros for other encodings)] as float64 (counts are exact up
+    to 2^53). Everything a finished token shard says about itself is this one row, one store
+    object, so a (pair, shard) stays two objects: its data and its row."""
 
     token_types: tuple[str, ...]
     dim: int
@@ -256,15 +258,26 @@ class PairColumns:
     @property
     def width(self) -> int:
         """Columns of one row."""
-        return 2 + len(self.token_types) * (1 + 2 * self.dim)
+        return 2 + len(self.token_types) * (1 + 2 * self.dim) + 2 * len(self.token_types)
 
-    def row(self, mark: int, ok: int, stats: Mapping[str, ChannelStats]) -> np.ndarray:
-        """One row: `mark` (MARK_DONE / MARK_PARTIAL), `ok` samples and each token type's stats."""
+    def row(self, mark: int, ok: int, stats: Mapping[str, ChannelStats],
+            out_of_range: Mapping[str, tuple[int, int]] | None = None) -> np.ndarray:
+        """One row: `mark` (MARK_DONE / MARK_PARTIAL), `ok` samples, each token type's stats and
+        its (outside, encoded) int8 value counts (None: zeros)."""
         parts = [np.array([mark, ok], dtype=np.float64)]
         for tok in self.token_types:
             s = stats[tok]
             parts += [np.array([s.count], dtype=np.float64), s.mean, s.m2]
+        counts = out_of_range or {}
+        parts.append(np.array([n for tok in self.token_types for n in counts.get(tok, (0, 0))],
+                              dtype=np.float64))
         return np.concatenate(parts).astype(np.float64)
+
+    def out_of_range(self, row: np.ndarray) -> dict[str, tuple[int, int]]:
+        """{token type: (int8 values outside the calibrated range, values encoded)} of a row."""
+        at = self.width - 2 * len(self.token_types)
+        return {tok: (int(row[at + 2 * i]), int(row[at + 2 * i + 1]))
+                for i, tok in enumerate(self.token_types)}
 
     def parse(self, row: np.ndarray) -> tuple[int, int, dict[str, ChannelStats]]:
         """(mark, ok samples, {tok: ChannelStats}) of a row (mark 0: never written)."""
@@ -290,13 +303,6 @@ def create_teacher_arrays(group: zarr.Group, spec: EncodingSpec, num_samples: in
             for name in calib_names(tok):
                 _plain(group, name, (dim,), "float32", (dim,))
     create_pair_meta_arrays(group, num_shards(n, s), PairColumns(token_types, dim).width)
-
-
-def plain_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
-                chunks: tuple[int, ...]) -> zarr.Array:
-    """An unsharded array with crc32c on each chunk and fill value 0 (for modules that add a
-    pair's arrays of their own, e.g. out_of_range)."""
-    return _plain(group, name, shape, dtype, chunks)
 
 
 def create_pair_meta_arrays(group: zarr.Group, shards: int, width: int) -> None:

@@ -3,9 +3,10 @@
 The int8 encoding is bounded whatever its calibration saw (out-of-range tokens fall back, see
 encodings.py), but a calibration that does not fit the data still costs precision. The writer
 counts, per token shard and token type, the values outside the calibrated range and the values
-encoded, in the pair's `out_of_range` array (int64 [num_shards, 2 x token types], one chunk per
-shard, written before the shard's done mark). `dune-cache info` shows the fraction and `verify`
-reports a pair above encodings.OUT_OF_RANGE_LIMIT.
+encoded, in the shard's metadata row (layout.PairColumns: no object of their own, so a finished
+(pair, shard) stays two store objects); finalize_stats sums them into the pair's summary.
+`dune-cache info` shows the fraction and `verify` reports a pair above
+encodings.OUT_OF_RANGE_LIMIT.
 """
 
 from __future__ import annotations
@@ -13,46 +14,28 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import numpy as np
-import zarr
-
-from cache_format import layout
 from cache_format.encodings import OUT_OF_RANGE_LIMIT
 
 if TYPE_CHECKING:
     from cache_format.reader import CacheReader
 
-#: Array of a int8 pair: [outside, encoded] per token type, one row per token shard.
-OUT_OF_RANGE = "out_of_range"
-
-
-def create_array(group: zarr.Group, shards: int, token_types: tuple[str, ...]) -> None:
-    """The pair's `out_of_range` array (rows of zeros until their shard is written)."""
-    width = 2 * len(token_types)
-    layout.plain_array(group, OUT_OF_RANGE, (shards, width), "int64", (1, width))
-
-
-def shard_row(counts: Mapping[str, tuple[int, int]], token_types: tuple[str, ...]) -> np.ndarray:
-    """One shard's row: (outside, encoded) per token type, in the teacher's token order."""
-    return np.array([n for tok in token_types for n in counts[tok]], dtype=np.int64)
-
-
-def pair_counts(group: zarr.Group, token_types: tuple[str, ...]
-                ) -> dict[str, tuple[int, int]] | None:
-    """{token type: (outside, encoded)} summed over the written shards of a pair's group, or
-    None when the pair has no such array (fp16 / bf16, or a cache written before it existed)."""
-    if OUT_OF_RANGE not in group:
-        return None
-    totals = np.asarray(group[OUT_OF_RANGE][:], dtype=np.int64).sum(axis=0)
-    return {tok: (int(totals[2 * i]), int(totals[2 * i + 1]))
-            for i, tok in enumerate(token_types)}
-
 
 def reader_counts(reader: CacheReader, dataset: str, teacher: str
                   ) -> dict[str, tuple[int, int]] | None:
-    """`pair_counts` of a pair of an open cache."""
-    group = reader._group[layout.teacher_path(dataset, teacher)]
-    return pair_counts(group, reader.manifest.teachers[teacher].token_types)  # type: ignore[arg-type]
+    """{token type: (outside, encoded)} of a pair, from its summary once finalized (one read),
+    else summed over its shards' metadata rows; None unless the cache is int8."""
+    if not reader.manifest.encoding.has_scale:
+        return None
+    meta = reader.pair_meta(dataset, teacher)
+    summary = meta.summary()
+    if summary is not None:
+        return meta.columns.out_of_range(summary)
+    totals: dict[str, tuple[int, int]] = {}
+    for row in meta.rows():
+        for tok, (outside, encoded) in meta.columns.out_of_range(row).items():
+            before = totals.get(tok, (0, 0))
+            totals[tok] = (before[0] + outside, before[1] + encoded)
+    return totals
 
 
 def fractions(reader: CacheReader, dataset: str, teacher: str) -> dict[str, float]:

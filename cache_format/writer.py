@@ -20,7 +20,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from cache_format import layout, out_of_range, shards
+from cache_format import layout, shards
 from cache_format.errors import (
     CacheNotFoundError,
     CacheVersionError,
@@ -253,10 +253,6 @@ class CacheWriter:
         layout.create_teacher_arrays(group, m.encoding, self.num_samples(dataset), m.num_tokens,
                                      fingerprint.dim, fingerprint.token_types,
                                      m.samples_per_shard)
-        if m.encoding.has_scale:
-            out_of_range.create_array(group, shards.num_shards(self.num_samples(dataset),
-                                                               m.samples_per_shard),
-                                      fingerprint.token_types)
         if m.encoding.has_scale and calibration is not None:
             for tok in fingerprint.token_types:
                 mean_name, std_name = layout.calib_names(tok)
@@ -389,11 +385,9 @@ class CacheWriter:
         self._delete_chunk(meta, (shard, 0))
         self._clear_summary(base)
         self._write_whole_shard(f"{base}/{layout.TOKENS}", shard, start, stop, records)
-        if spec.has_scale:  # before the done mark, like the records
-            self._array(f"{base}/{out_of_range.OUT_OF_RANGE}")[shard] = out_of_range.shard_row(
-                outside, fp.token_types)
         columns = layout.PairColumns(fp.token_types, fp.dim)
-        meta[shard] = columns.row(layout.MARK_DONE, int(valid.sum()), part_stats)
+        meta[shard] = columns.row(layout.MARK_DONE, int(valid.sum()), part_stats,
+                                  outside if spec.has_scale else None)
 
     def _write_whole_shard(self, path: str, shard: int, start: int, stop: int,
                            values: np.ndarray) -> None:
@@ -449,6 +443,9 @@ class CacheWriter:
         result = {tok: merge_all((p[2][tok] for p in parsed), fp.dim)
                   for tok in fp.token_types}
         mark = layout.MARK_DONE if done.all() else layout.MARK_PARTIAL
+        counts = [columns.out_of_range(rows[i]) for i in np.nonzero(done)[0]]
+        out_of_range = {tok: (sum(c[tok][0] for c in counts), sum(c[tok][1] for c in counts))
+                        for tok in fp.token_types}
         self._array(f"{base}/{layout.SUMMARY}")[:] = columns.row(
-            mark, sum(p[1] for p in parsed), result)
+            mark, sum(p[1] for p in parsed), result, out_of_range)
         return result
