@@ -3,7 +3,7 @@
     dune-cache build CONFIG.toml [--cache PATH] [--scheduler ADDR] [--workers N] [--strict]
                                  [--dry-run]
     dune-cache info PATH [--json]
-    dune-cache verify PATH [--recompute N]
+    dune-cache verify PATH [--recompute N] [--config BUILD.toml] [--trust-cache-code]
     dune-cache ls DIR
 
 Commands parse their arguments and call one library function. `main()` turns the project's own
@@ -138,11 +138,23 @@ def verify(
     path: Annotated[str, typer.Argument(metavar="PATH", help="The cache (folder or URL).")],
     recompute: Annotated[int, typer.Option(
         min=0, help="Re-run the teachers on N random cached views and compare.")] = 0,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Your own build config: --recompute takes teacher definitions from it "
+                         "(by name) instead of the cache's record.")] = None,
+    trust_cache_code: Annotated[bool, typer.Option(
+        "--trust-cache-code", help="Let --recompute run `factory:` teachers named inside the "
+                                   "cache (imports their code); only for caches you trust.")
+    ] = False,
 ) -> None:
     """Read every chunk (checksums), check counts; exit 1 on any problem."""
     from precompute.cache_tools import verify_cache
 
-    result = verify_cache(path, recompute=recompute)
+    own = None
+    if config is not None:
+        from precompute.config import load_build_config
+
+        own = load_build_config(config, {"cache": path})
+    result = verify_cache(path, recompute=recompute, trust=trust_cache_code, own=own)
     out.print(f"{result.shards_checked} token shard(s) read, checksums checked")
     for entry in result.recompute:
         out.print(f"recompute {entry['teacher']}: {entry['tokens']} tokens, cosine mean "

@@ -108,7 +108,7 @@ def cache_config(sizes: DemoSizes, datasets: list[dict[str, Any]]) -> dict[str, 
         # torch thread, so that 2 cores are not oversubscribed.
         "runtime": {"loader_workers": 1, "torch_threads": 1, "processes": False},
         "teachers": [
-            {"name": name, "kind": kind, "domain": domain, "init_seed": 100 + i,
+            {"name": name, "kind": kind, "domain": domain, "init": "random", "init_seed": 100 + i,
              "embed_dim": dim, "depth": sizes.teacher_depth, "num_heads": heads.get(dim, 1)}
             for i, ((name, kind, domain, _), dim) in enumerate(
                 zip(TEACHERS, sizes.teacher_dims, strict=True)
