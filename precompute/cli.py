@@ -13,6 +13,7 @@ errors into one line and a hint (DUNE_DEBUG=1 re-raises them with the traceback)
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -59,24 +60,32 @@ def build(
 ) -> None:
     """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
     from precompute.build import build_cache
+    from precompute.build_lock import build_lock
     from precompute.config import load_build_config
     from precompute.plan import make_plan, plan_lines, plan_table
     from precompute.results import summary_tables
 
     cfg = load_build_config(config, {"cache": cache})
-    plan = make_plan(cfg)
     if dry_run:
+        plan = make_plan(cfg)
         out.print(plan_table(plan))
         for line in plan_lines(plan):
             out.print(line, soft_wrap=True)
         out.print("dry run: nothing was written")
         return
-    for line in plan_lines(plan):
-        err.print(line, soft_wrap=True)
-    summary = build_cache(cfg, scheduler=scheduler, workers=workers, strict=strict,
-                          console=err, plan=plan)
+    resume = shlex.join(["dune-cache", "build", str(config), "--cache", cfg.cache])
+    with build_lock(cfg.cache):  # held from the plan to the end: one build at a time
+        plan = make_plan(cfg)
+        for line in plan_lines(plan):
+            err.print(line, soft_wrap=True)
+        summary = build_cache(cfg, scheduler=scheduler, workers=workers, strict=strict,
+                              console=err, plan=plan, resume=resume)
     for table in summary_tables(summary):
         out.print(table)
+    if plan.nothing_to_do:  # no rate, no time: nothing was computed
+        out.print(f"cache: {cfg.cache} ({_size(summary.cache_bytes)} on disk), already "
+                  "complete: nothing was computed", soft_wrap=True)
+        return
     out.print(f"cache: {cfg.cache} ({_size(summary.cache_bytes)} on disk, "
               f"{summary.seconds:.1f} s)", soft_wrap=True)
 
