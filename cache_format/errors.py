@@ -127,7 +127,8 @@ def run_cli(app: Callable[[], object], *, interrupted: str) -> None:
     """Run a CLI app as a console script's `main()`; both `dune-cache` and `dune-train` use it.
 
     A `DuneError` becomes two lines on stderr, `error: <message>` and `hint: <hint>`, and exit
-    code 1, also one raised in a DataLoader worker (`one_line`); with DUNE_DEBUG=1 it is re-raised, so Python prints the full traceback. Ctrl-C
+    code 1, also one raised in a DataLoader worker (`one_line`); with DUNE_DEBUG=1 it is
+    re-raised, so Python prints the full traceback. Ctrl-C
     prints `interrupted` and exits with 130. Usage errors, --help and their exit codes stay
     the app's (typer lets only exceptions of the commands through).
     """

@@ -53,7 +53,7 @@ def _build(root: Path) -> object:
 
 
 def test_a_second_build_is_refused_naming_the_live_holder(complete: Path) -> None:
-    """A live build holds the lock: a second `dune-cache build` refuses, naming pid, host, command."""
+    """A live build holds the lock: a second build refuses, naming its pid, host and command."""
     before = file_hashes(complete / "cache")
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
