@@ -178,3 +178,60 @@ def test_a_no_op_rebuild_reports_no_rate_or_time(complete: Path) -> None:
     assert "nothing was computed" in last and "img/s" not in result.output
     assert " s)" not in last and "written this run" not in result.output
     assert file_hashes(complete / "cache") == before
+
+
+def test_a_no_op_demo_rerun_reports_no_fake_rates_and_runnable_commands(complete: Path) -> None:
+    """Demo rerun with nothing to do: no build or training rate; rerun commands run as printed."""
+    import io
+    import shlex
+
+    from rich.console import Console
+
+    from train.demo import summarize
+
+    run = complete / "train"
+    run.mkdir(exist_ok=True)
+    rows = [{"kind": "train", "step": s, "loss": 1.0, "images_per_s": 99.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    console = Console(file=io.StringIO(), width=300)
+    summarize(complete, build_s=0.4, train_s=0.3, console=console, build_state="complete",
+              steps_before=3)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "this rerun computed nothing" in text and "this rerun trained nothing" in text
+    assert "images/s" not in text and "built in" not in text
+    commands = [line.split("#")[0].strip() for line in text.splitlines()
+                if line.startswith("  ") and ("build" in line or "fit" in line)]
+    assert len(commands) == 2
+    for command in commands:
+        program = shlex.split(command)[0]
+        assert os.access(program, os.X_OK) and Path(program).is_file(), command
+    # A resumed build shows its time but no rate; a fresh one its rate.
+    for state, expected in (("partial", "no rate"), ("none", "teacher-images/s")):
+        console = Console(file=io.StringIO(), width=300)
+        summarize(complete, build_s=2.0, train_s=1.0, console=console, build_state=state,
+                  steps_before=1)
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        assert expected in text and "2 steps in 1 s, 99.0 images/s" in text
+
+
+def test_heldout_images_above_half_a_dataset_is_warned_not_capped_silently(
+    complete: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data.heldout_images larger than half a dataset: a warning names the field, dataset, cap."""
+    from cache_format.reader import open_cache
+    from train.data import heldout_image_indices
+    from train.run_data import _warn_heldout_capped
+
+    with open_cache(complete / "cache") as reader:
+        manifest = reader.manifest
+    images = manifest.datasets["rooms"].num_images
+    with caplog.at_level("WARNING", logger="dune.train"):
+        _warn_heldout_capped(images // 2, manifest, ["rooms"])
+        assert not caplog.records  # within the limit: quiet
+        _warn_heldout_capped(images, manifest, ["rooms"])
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert f"data.heldout_images = {images}" in message and "dataset rooms" in message
+    assert f"only {images // 2} (half)" in message
+    # The split itself is what the warning says: half the images, no more.
+    assert len(heldout_image_indices(images, images, 0, "rooms")) == images // 2
