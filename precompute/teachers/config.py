@@ -154,5 +154,11 @@ class TeacherConfig:
             )
 
     def effective_domain(self) -> str:
-        """`domain`, or the kind's default domain when left empty."""
-        return self.domain or get_teacher_spec(self.kind).domain
+        """`domain`, or the kind's default domain when left empty.
+
+        Open-ended kinds (`timm:`, `factory:`) have no default domain: their spec is not asked,
+        so that parsing a config (a cache's stored one included) never imports a factory.
+        """
+        if self.domain or split_kind(self.kind)[0]:
+            return self.domain
+        return get_teacher_spec(self.kind).domain

@@ -122,6 +122,24 @@ def test_trust_comes_from_the_flag_or_the_users_own_config(
     assert not probe_module.exists()
 
 
+def test_parsing_a_caches_build_config_never_imports_its_factory(
+    small_cache: Path, probe_module: Path
+) -> None:
+    """A stored config naming a domain-less factory teacher parses without importing its module."""
+    from precompute.config import CacheBuildConfig
+
+    with open_cache(small_cache / "cache") as reader:
+        stored = dict(reader.manifest.build_config)
+    stored["teachers"] = [{**t, "kind": f"factory:{MARKER_MODULE}:make", "domain": ""}
+                          for t in stored["teachers"]]
+    for strategy in ("all", "own"):
+        try:
+            CacheBuildConfig.from_dict({**stored, "sharing": {"strategy": strategy}})
+        except ConfigError as exc:  # "own": the domain-less teacher gets no dataset
+            assert "no dataset" in str(exc)
+    assert not probe_module.exists()
+
+
 def test_list_paths_with_dotdot_are_refused(tmp_path: Path) -> None:
     """A list file line with '..' (escaping the root or not) is refused naming line and path."""
     make_image_folder(tmp_path / "root" / "a", 2, seed=1)
