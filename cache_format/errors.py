@@ -23,8 +23,14 @@ class DuneError(Exception):
         super().__init__(message)
         if hint:
             self.hint = hint
-        if self.hint:  # in the traceback text too, which is all a DataLoader worker sends back
+        if self.hint and _in_loader_worker():  # the traceback text is all a worker sends back
             self.add_note(f"hint: {self.hint}")
+
+
+def _in_loader_worker() -> bool:
+    """True inside a torch DataLoader worker process (torch is never imported for this)."""
+    data = sys.modules.get("torch.utils.data")
+    return data is not None and data.get_worker_info() is not None
 
 
 class ConfigError(DuneError, ValueError):
