@@ -9,6 +9,7 @@ through `run_cli` (set DUNE_DEBUG=1 for the traceback).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -22,6 +23,14 @@ class DuneError(Exception):
         super().__init__(message)
         if hint:
             self.hint = hint
+        if self.hint and _in_loader_worker():  # the traceback text is all a worker sends back
+            self.add_note(f"hint: {self.hint}")
+
+
+def _in_loader_worker() -> bool:
+    """True inside a torch DataLoader worker process (torch is never imported for this)."""
+    data = sys.modules.get("torch.utils.data")
+    return data is not None and data.get_worker_info() is not None
 
 
 class ConfigError(DuneError, ValueError):
@@ -91,21 +100,53 @@ class BatchMismatchError(DuneError, ValueError):
     message names both sides."""
 
 
+_LOADER_WORKER = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal ")
+
+
+def _dune_error_names(cls: type = DuneError) -> set[str]:
+    return {cls.__name__}.union(*(_dune_error_names(sub) for sub in cls.__subclasses__()))
+
+
+def one_line(exc: BaseException) -> tuple[str, str] | None:
+    """(message, hint) of one of our errors, also when it crossed a DataLoader worker; else None.
+
+    torch re-raises a worker's exception as `Caught X in DataLoader worker process N. Original
+    Traceback...` (or as a RuntimeError when X cannot be built from that text), which keeps only
+    the traceback text: the message is its last `X: ...` entry and the hint its `hint:` note.
+    Dask re-raises a unit's exception itself, so only DataLoader workers need this.
+    """
+    text = str(exc)
+    found = _LOADER_WORKER.match(text)
+    if found is None:
+        return (text, exc.hint) if isinstance(exc, DuneError) else None
+    name = found.group(1)
+    if name not in _dune_error_names():
+        return None
+    last = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, re.M))
+    if not last:
+        return None
+    message, _, hint = text[last[-1].end():].rstrip("\n").partition("\nhint: ")
+    return message, hint.strip()
+
+
 def run_cli(app: Callable[[], object], *, interrupted: str) -> None:
     """Run a CLI app as a console script's `main()`; both `dune-cache` and `dune-train` use it.
 
     A `DuneError` becomes two lines on stderr, `error: <message>` and `hint: <hint>`, and exit
-    code 1; with DUNE_DEBUG=1 it is re-raised, so Python prints the full traceback. Ctrl-C
+    code 1, also one raised in a DataLoader worker (`one_line`); with DUNE_DEBUG=1 it is
+    re-raised, so Python prints the full traceback. Ctrl-C
     prints `interrupted` and exits with 130. Usage errors, --help and their exit codes stay
     the app's (typer lets only exceptions of the commands through).
     """
     try:
         app()
-    except DuneError as exc:
-        if os.environ.get("DUNE_DEBUG") == "1":
+    except Exception as exc:
+        line = one_line(exc)
+        if line is None or os.environ.get("DUNE_DEBUG") == "1":
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        print(f"hint: {exc.hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
+        message, hint = line
+        print(f"error: {message}", file=sys.stderr)
+        print(f"hint: {hint or 'set DUNE_DEBUG=1 for the traceback'}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)

@@ -17,19 +17,23 @@ The cluster's life cycle is cluster.py's; what a build did and how it is shown, 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import Progress
 
+from cache_format.errors import InsufficientSpaceError
 from cache_format.files import tree_nbytes
 from cache_format.manifest import Manifest, status_name
 from cache_format.reader import open_cache
 from cache_format.shards import shard_bounds
 from cache_format.writer import CacheWriter
+from precompute.build_lock import build_lock
 from precompute.cluster import Cluster, open_cluster, run_units
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
 from precompute.plan import BuildPlan, PairPlan, check_fits, make_plan, plan_lines
@@ -165,9 +169,28 @@ def _run_teacher(cluster: Cluster, settings: UnitSettings, teacher: str, plan: B
     run_units(cluster, run_teacher_unit, units, done, gpu=True)
 
 
+@contextmanager
+def disk_full_as_one_line(plan: BuildPlan, resume: str) -> Iterator[None]:
+    """Turn ENOSPC anywhere in the build (this process or a worker's re-raised error) into one
+    line naming the path, the space the plan still needed and the command that resumes."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC or isinstance(exc, InsufficientSpaceError):
+            raise
+        where = exc.filename or plan.config.cache
+        raise InsufficientSpaceError(
+            f"{where}: disk full (no space left on device) while building {plan.config.cache}; "
+            f"the build needed about {plan.todo_bytes / 1e9:.2f} GB when it started; finished "
+            "shards are kept",
+            hint=f"free space there (or move the cache), then resume with: {resume}",
+        ) from None
+
+
 def build_cache(config: CacheBuildConfig, *, scheduler: str | None = None,
                 workers: int | None = None, strict: bool = False,
-                console: Console | None = None, plan: BuildPlan | None = None) -> BuildSummary:
+                console: Console | None = None, plan: BuildPlan | None = None,
+                resume: str = "") -> BuildSummary:
     """Build (or resume, or extend) the cache described by `config`; returns what was done.
 
     Refuses before starting when the config differs from the cache's (other than additions) or
@@ -177,8 +200,18 @@ def build_cache(config: CacheBuildConfig, *, scheduler: str | None = None,
     Whoever makes the plan shows it: given `plan`, the caller has printed it (the CLI prints
     `plan_lines`, which say when the cache is complete); without, it is made and its lines are
     printed here. So "nothing to do" is said once.
+
+    The build holds the cache's lock (precompute/build_lock.py) while it writes; a second build
+    is refused naming the holder. `resume` is the command a disk-full error says to rerun.
     """
     console = console or Console(stderr=True)
+    with build_lock(config.cache):  # before planning: the plan must see the last build's work
+        return _build_locked(config, scheduler, workers, strict, console, plan, resume)
+
+
+def _build_locked(config: CacheBuildConfig, scheduler: str | None, workers: int | None,
+                  strict: bool, console: Console, plan: BuildPlan | None,
+                  resume: str) -> BuildSummary:
     began = time.perf_counter()
     if plan is None:
         plan = make_plan(config)
@@ -187,28 +220,37 @@ def build_cache(config: CacheBuildConfig, *, scheduler: str | None = None,
     check_fits(plan)
     summary = BuildSummary(plan)
     console.print(f"cache: {config.cache}", soft_wrap=True)
+    resume = resume or f"dune-cache build CONFIG.toml --cache {config.cache}"
     if not plan.nothing_to_do:
-        writer = _open_writer(plan)
-        with open_cluster(config, scheduler, workers) as cluster:
-            threads = config.runtime.torch_threads or os.cpu_count() or 1
-            settings = UnitSettings(config, cluster.device, threads, strict)
-            console.print(f"dask: {cluster.workers} worker(s) on {cluster.device}, "
-                          f"{threads} torch thread(s) per unit", soft_wrap=True)
-            with progress_display(console) as progress:
-                _run_index(cluster, settings, plan, progress)
-                for d in plan.datasets.values():
-                    if not d.index_final:
-                        writer.finalize_index(d.name)
-                for teacher in config.teacher_names:
-                    pairs = [p for p in plan.pairs_of(teacher) if not p.done]
-                    if not pairs:
-                        continue
-                    _prepare_pairs(cluster, settings, writer, plan, pairs)
-                    _run_teacher(cluster, settings, teacher, plan, pairs, progress,
-                                 summary.pairs)
-                    for p in pairs:
-                        writer.finalize_stats(p.dataset, p.teacher)
+        with disk_full_as_one_line(plan, resume):
+            _execute(plan, summary, scheduler, workers, strict, console)
     summary.skipped = _skip_counts(config.cache, list(plan.datasets))
     summary.cache_bytes = tree_nbytes(config.cache)
     summary.seconds = time.perf_counter() - began
     return summary
+
+
+def _execute(plan: BuildPlan, summary: BuildSummary, scheduler: str | None,
+             workers: int | None, strict: bool, console: Console) -> None:
+    """Run the plan's phases (see the module doc) on a dask cluster."""
+    config = plan.config
+    writer = _open_writer(plan)
+    with open_cluster(config, scheduler, workers) as cluster:
+        threads = config.runtime.torch_threads or os.cpu_count() or 1
+        settings = UnitSettings(config, cluster.device, threads, strict)
+        console.print(f"dask: {cluster.workers} worker(s) on {cluster.device}, "
+                      f"{threads} torch thread(s) per unit", soft_wrap=True)
+        with progress_display(console) as progress:
+            _run_index(cluster, settings, plan, progress)
+            for d in plan.datasets.values():
+                if not d.index_final:
+                    writer.finalize_index(d.name)
+            for teacher in config.teacher_names:
+                pairs = [p for p in plan.pairs_of(teacher) if not p.done]
+                if not pairs:
+                    continue
+                _prepare_pairs(cluster, settings, writer, plan, pairs)
+                _run_teacher(cluster, settings, teacher, plan, pairs, progress,
+                             summary.pairs)
+                for p in pairs:
+                    writer.finalize_stats(p.dataset, p.teacher)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from cache_format.files import tree_nbytes
 from cache_format.manifest import status_name
 from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import to_dict
+
+if TYPE_CHECKING:  # the builder's config is imported when --recompute runs
+    from precompute.config import CacheBuildConfig
 
 #: Per-token cosine (fresh vs cached, 1st percentile) each encoding must keep. int8 is the
 #: format's tested floor; fp16 / bf16 lose far less, the floor leaves room for a rerun on
@@ -88,11 +91,17 @@ class VerifyResult:
         return not self.problems
 
 
-def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> None:
-    """Re-run each teacher on n random ok samples (spread over its datasets) and compare."""
+def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int,
+               trust: bool = False, own: CacheBuildConfig | None = None) -> None:
+    """Re-run each teacher on n random ok samples (spread over its datasets) and compare.
+
+    Teachers whose kind runs user code are rebuilt only when trusted or defined in `own`, the
+    user's build config (precompute/teachers/trust.py); `own`'s definition is then the one used.
+    """
     from precompute.config import CacheBuildConfig
     from precompute.sources import open_source
     from precompute.teachers.loaded import load_teacher
+    from precompute.teachers.trust import check_cache_teachers
     from precompute.units import UnitSettings, compute_tokens
 
     m = reader.manifest
@@ -101,13 +110,16 @@ def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> 
                                "and images are unknown")
         return
     config = CacheBuildConfig.from_dict(m.build_config)
+    mine = {t.name: t for t in own.teachers} if own is not None else {}
+    check_cache_teachers([t for t in config.teachers if t.name in reader.teachers],
+                         f"{reader.location}: --recompute", trust=trust, own=mine)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = UnitSettings(config, device, torch.get_num_threads())
     floor = FIDELITY_FLOORS[m.encoding.name]
     rng = np.random.default_rng(seed)
     sources = {}
     for teacher in reader.teachers:
-        cfg = next((t for t in config.teachers if t.name == teacher), None)
+        cfg = mine.get(teacher) or next((t for t in config.teachers if t.name == teacher), None)
         if cfg is None:
             result.problems.append(f"--recompute: teacher {teacher} is not in the stored "
                                    "build config")
@@ -150,8 +162,12 @@ def _recompute(reader: CacheReader, n: int, result: VerifyResult, seed: int) -> 
                 f"{entry['p01']:.6f} is below the {m.encoding.name} floor {floor}")
 
 
-def verify_cache(path: str, recompute: int = 0, seed: int = 0) -> VerifyResult:
-    """Check a cache (see the module docstring); never raises for problems found in the data."""
+def verify_cache(path: str, recompute: int = 0, seed: int = 0, *, trust: bool = False,
+                 own: CacheBuildConfig | None = None) -> VerifyResult:
+    """Check a cache (see the module docstring); never raises for problems found in the data.
+
+    `trust` / `own`: see `_recompute` (a cache's `factory:` teachers are never run unasked).
+    """
     result = VerifyResult()
     with open_cache(path) as reader:
         report = reader.verify()
@@ -160,7 +176,7 @@ def verify_cache(path: str, recompute: int = 0, seed: int = 0) -> VerifyResult:
         result.problems.extend(f"missing: {m}" for m in report.missing)
         result.problems.extend(report.incomplete)
         if recompute > 0:
-            _recompute(reader, recompute, result, seed)
+            _recompute(reader, recompute, result, seed, trust, own)
     return result
 
 

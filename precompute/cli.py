@@ -3,7 +3,7 @@
     dune-cache build CONFIG.toml [--cache PATH] [--scheduler ADDR] [--workers N] [--strict]
                                  [--dry-run]
     dune-cache info PATH [--json]
-    dune-cache verify PATH [--recompute N]
+    dune-cache verify PATH [--recompute N] [--config BUILD.toml] [--trust-cache-code]
     dune-cache transcode CACHE --encoding NAME --out NEW [--codec C] [--level L]
                                [--calibration-samples N]
     dune-cache ls DIR
@@ -15,6 +15,7 @@ errors into one line and a hint (DUNE_DEBUG=1 re-raises them with the traceback)
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated
 
@@ -61,24 +62,32 @@ def build(
 ) -> None:
     """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
     from precompute.build import build_cache
+    from precompute.build_lock import build_lock
     from precompute.config import load_build_config
     from precompute.plan import make_plan, plan_lines, plan_table
     from precompute.results import summary_tables
 
     cfg = load_build_config(config, {"cache": cache})
-    plan = make_plan(cfg)
     if dry_run:
+        plan = make_plan(cfg)
         out.print(plan_table(plan))
         for line in plan_lines(plan):
             out.print(line, soft_wrap=True)
         out.print("dry run: nothing was written")
         return
-    for line in plan_lines(plan):
-        err.print(line, soft_wrap=True)
-    summary = build_cache(cfg, scheduler=scheduler, workers=workers, strict=strict,
-                          console=err, plan=plan)
+    resume = shlex.join(["dune-cache", "build", str(config), "--cache", cfg.cache])
+    with build_lock(cfg.cache):  # held from the plan to the end: one build at a time
+        plan = make_plan(cfg)
+        for line in plan_lines(plan):
+            err.print(line, soft_wrap=True)
+        summary = build_cache(cfg, scheduler=scheduler, workers=workers, strict=strict,
+                              console=err, plan=plan, resume=resume)
     for table in summary_tables(summary):
         out.print(table)
+    if plan.nothing_to_do:  # no rate, no time: nothing was computed
+        out.print(f"cache: {cfg.cache} ({_size(summary.cache_bytes)} on disk), already "
+                  "complete: nothing was computed", soft_wrap=True)
+        return
     out.print(f"cache: {cfg.cache} ({_size(summary.cache_bytes)} on disk, "
               f"{summary.seconds:.1f} s)", soft_wrap=True)
 
@@ -142,11 +151,23 @@ def verify(
     path: Annotated[str, typer.Argument(metavar="PATH", help="The cache (folder or URL).")],
     recompute: Annotated[int, typer.Option(
         min=0, help="Re-run the teachers on N random cached views and compare.")] = 0,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="Your own build config: --recompute takes teacher definitions from it "
+                         "(by name) instead of the cache's record.")] = None,
+    trust_cache_code: Annotated[bool, typer.Option(
+        "--trust-cache-code", help="Let --recompute run `factory:` teachers named inside the "
+                                   "cache (imports their code); only for caches you trust.")
+    ] = False,
 ) -> None:
     """Read every chunk (checksums), check counts; exit 1 on any problem."""
     from precompute.cache_tools import verify_cache
 
-    result = verify_cache(path, recompute=recompute)
+    own = None
+    if config is not None:
+        from precompute.config import load_build_config
+
+        own = load_build_config(config, {"cache": path})
+    result = verify_cache(path, recompute=recompute, trust=trust_cache_code, own=own)
     out.print(f"{result.shards_checked} token shard(s) read, checksums checked")
     for entry in result.recompute:
         out.print(f"recompute {entry['teacher']}: {entry['tokens']} tokens, cosine mean "

@@ -26,6 +26,21 @@ from precompute.config import CacheBuildConfig
 from precompute.units import release_teachers
 
 
+class _UnitErrorsOnce(logging.Filter):
+    """Drop dask's "Compute Failed" dump of a unit's exception: `run_units` re-raises that very
+    exception on the driver, where the CLI shows it as the project's one line and hint."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def quiet_unit_failures() -> None:
+    """Install `_UnitErrorsOnce` on this process's dask worker logger (once)."""
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _UnitErrorsOnce) for f in worker_log.filters):
+        worker_log.addFilter(_UnitErrorsOnce())
+
+
 @dataclass(frozen=True)
 class Cluster:
     """A connected dask client and what the units run on."""
@@ -74,6 +89,7 @@ def open_cluster(config: CacheBuildConfig, scheduler: str | None,
                     f"--scheduler {scheduler}: {found} worker(s) connected after 120 s, "
                     f"{workers or 1} wanted",
                     hint="start more `dask worker` processes, or lower --workers") from None
+            client.run(quiet_unit_failures)
             cuda = client.run(torch.cuda.is_available)
             device = config.runtime.device
             if device == "auto":
@@ -107,6 +123,9 @@ def open_cluster(config: CacheBuildConfig, scheduler: str | None,
     threads = torch.get_num_threads()  # units in this process (threads mode) change it
     try:
         client = Client(cluster)
+        quiet_unit_failures()  # in-process (threads) workers log here
+        if config.runtime.processes:
+            client.run(quiet_unit_failures)
         try:
             yield Cluster(client, device, n, {"GPU": 1.0 / slots} if device == "cuda" else None)
         finally:

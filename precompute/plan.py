@@ -200,6 +200,10 @@ def _diff(path: str, stored: Any, wanted: Any, out: list[str]) -> None:
         out.append(f"{path}: cache has {stored!r}, config has {wanted!r}")
 
 
+def _without(entry: Mapping[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != key}
+
+
 def config_changes(manifest: Manifest, config: CacheBuildConfig) -> list[str]:
     """Every difference between the cache's build and `config`, except allowed additions.
 
@@ -222,8 +226,9 @@ def config_changes(manifest: Manifest, config: CacheBuildConfig) -> list[str]:
             for name, entry in old.items():
                 if name not in new:
                     changes.append(f"{part}[{name}]: in the cache, missing from the config")
-                else:
-                    _diff(f"{part}[{name}]", entry, new[name], changes)
+                else:  # `init` states intent; the weights themselves are fingerprinted
+                    _diff(f"{part}[{name}]", _without(entry, "init"),
+                          _without(new[name], "init"), changes)
     assignment = config.assignment()
     for teacher, datasets in manifest.assignment.items():
         if teacher not in assignment:
@@ -256,6 +261,8 @@ def _check_dataset_fingerprint(location: str, manifest: Manifest,
 
 def make_plan(config: CacheBuildConfig) -> BuildPlan:
     """Plan a build: list the sources, read what the cache holds, refuse config changes."""
+    for teacher in config.teachers:  # before any work: a wrong weights path fails here
+        teacher.check_weights_source()
     location = config.cache
     reader = open_existing(location)
     try:

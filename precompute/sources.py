@@ -5,7 +5,11 @@ Three kinds, all behind one `ImageSource` interface:
   names starting with "." are ignored; symlinked folders are followed once), keyed by its POSIX
   path relative to `root` and sorted by key, so the order is the same on every machine.
 - `list`: the paths in `list_file` (one per line, relative to `root`, blank lines ignored), in
-  the file's order; a duplicate or absolute path is refused.
+  the file's order; a duplicate path, an absolute path, or one with a `..` part (any path that
+  could resolve outside `root`, and any non-canonical spelling of one inside it) is refused.
+  Symlinks under `root` are followed wherever they point, for both file kinds: a link inside
+  the dataset was put there by whoever owns the dataset, who could as well have copied the file
+  in; what a list file (often shipped by someone else) names is held to the root by name.
 - `hdf5`: one HDF5 file (`root`) with a 1-D dataset `hdf5_key` whose rows hold whole encoded
   image files (variable-length uint8, variable-length bytes, or opaque). If a dataset named
   `<hdf5_key>_keys` of the same length exists (strings), its rows are the keys; otherwise the
@@ -285,6 +289,11 @@ def _read_list(cfg: DatasetConfig) -> list[str]:
         if os.path.isabs(key):
             raise ConfigError(f"{where}, line {number}: {key!r} is absolute; list paths are "
                               "relative to root")
+        if ".." in key.replace("\\", "/").split("/"):
+            raise ConfigError(f"{where}, line {number}: {key!r} has a '..' part, so it may "
+                              f"point outside root {cfg.root!r}; list paths stay inside root",
+                              hint="write the path relative to root without '..', or move "
+                              "root up to a folder that holds every image")
         if key in first_line:
             raise ConfigError(f"{where}, line {number}: {key!r} repeats line {first_line[key]}; "
                               "every image must be listed once")

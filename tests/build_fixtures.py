@@ -29,8 +29,10 @@ VIEWS = 2
 WEB_GOOD, ROOMS = 6, 4
 
 TEACHERS = {
-    "dino": {"kind": "dino2reg_vitlarge_14", "domain": "2d", "init_seed": 1},
-    "mast3r": {"kind": "mast3r_vitlarge_16", "domain": "3d", "init_seed": 2},
+    "dino": {"kind": "dino2reg_vitlarge_14", "domain": "2d", "init_seed": 1,
+             "init": "random"},
+    "mast3r": {"kind": "mast3r_vitlarge_16", "domain": "3d", "init_seed": 2,
+               "init": "random"},
 }
 
 

@@ -19,6 +19,7 @@ docs/training.md). `write_demo_configs` is also what the tests use, with tinier 
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -108,7 +109,7 @@ def cache_config(sizes: DemoSizes, datasets: list[dict[str, Any]]) -> dict[str, 
         # torch thread, so that 2 cores are not oversubscribed.
         "runtime": {"loader_workers": 1, "torch_threads": 1, "processes": False},
         "teachers": [
-            {"name": name, "kind": kind, "domain": domain, "init_seed": 100 + i,
+            {"name": name, "kind": kind, "domain": domain, "init": "random", "init_seed": 100 + i,
              "embed_dim": dim, "depth": sizes.teacher_depth, "num_heads": heads.get(dim, 1)}
             for i, ((name, kind, domain, _), dim) in enumerate(
                 zip(TEACHERS, sizes.teacher_dims, strict=True)
@@ -192,12 +193,43 @@ def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _command(script: str, module: str) -> str:
+    """How to run a console script so that the line works as printed: the venv's own script
+    (relative to here when inside it), else `python -m module` with this interpreter."""
+    path = Path(sys.executable).parent / script
+    if not path.is_file():
+        return f"{shlex.quote(sys.executable)} -m {module}"
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else str(path)
+
+
+def _cache_state(cache: Path) -> str:
+    """"none", "partial" or "complete": what a build would find (so its rate can be honest)."""
+    if not (cache / "zarr.json").exists():
+        return "none"
+    from precompute.cache_tools import cache_info
+
+    return "complete" if cache_info(str(cache))["complete"] else "partial"
+
+
+def _trained_steps(run: Path) -> int:
+    """The last logged training step of a run folder (0 when it has none)."""
+    from train.metrics import read_metrics
+
+    if not (run / "metrics.jsonl").exists():
+        return 0
+    return max((r["step"] for r in read_metrics(run) if r.get("kind") == "train"), default=0)
+
+
 def summarize(
-    root: Path, build_s: float, train_s: float, console: Console, run: Path | None = None
+    root: Path, build_s: float, train_s: float, console: Console, run: Path | None = None,
+    *, build_state: str = "none", steps_before: int = 0,
 ) -> None:
     """The demo's closing summary (cache, throughput, losses, outputs, rerun commands).
 
     `root` holds cache.toml, train.toml and cache/; the run is root/train unless given.
+    `build_state` is what the build found (`_cache_state`) and `steps_before` the run's last
+    step before training: a rerun that computed nothing reports no rate.
     """
     from cache_format.reader import open_cache
     from train.metrics import first_last, read_metrics
@@ -222,24 +254,36 @@ def summarize(
                       f"{last:.4f}", f"{c0:.3f}", f"{c1:.3f}")
     console.rule("[bold]demo summary")
     enc = manifest.encoding
+    built = {
+        "none": f"built in {build_s:.0f} s "
+                f"({samples * len(manifest.teachers) / build_s:.0f} teacher-images/s)",
+        "partial": f"resumed in {build_s:.0f} s (no rate: part was built by an earlier run)",
+        "complete": "already complete: this rerun computed nothing",
+    }[build_state]
     console.print(
         f"cache      {cache}  {_folder_size(cache) / 1e6:.1f} MB, {samples} samples x "
         f"{len(manifest.teachers)} teachers, encoding {enc.name} (codec {enc.codec}), grid "
-        f"{manifest.grid[0]}x{manifest.grid[1]}; built in {build_s:.0f} s "
-        f"({samples * len(manifest.teachers) / build_s:.0f} teacher-images/s)"
+        f"{manifest.grid[0]}x{manifest.grid[1]}; {built}"
     )
     rate = train_rows[-1].get("images_per_s", float("nan")) if train_rows else float("nan")
     steps = train_rows[-1]["step"] if train_rows else 0
-    console.print(f"training   {steps} steps in {train_s:.0f} s, {rate:.1f} images/s")
+    if steps <= steps_before:
+        console.print(f"training   already at step {steps}: this rerun trained nothing")
+    else:
+        console.print(f"training   {steps - steps_before} steps in {train_s:.0f} s, "
+                      f"{rate:.1f} images/s")
     console.print(table)
     console.print(f"configs    {root / 'cache.toml'}  {root / 'train.toml'}")
     console.print(f"run        {run}  (config.json, metrics.jsonl, curves/loss_*.png, "
                   "checkpoints/last.pt and best.pt)")
-    console.print("rerun by hand:")
-    console.print(f"  dune-cache build {root / 'cache.toml'}      # resumes; a no-op when complete")
-    console.print(f"  dune-train fit {root / 'train.toml'}        # resumes from last.pt")
-    console.print(f"  dune-train export {run} {root / 'export'}")
-    console.print("  (without the console scripts: python -m precompute.cli / python -m train.cli)")
+    cache_cli, train_cli = _command("dune-cache", "precompute.cli"), _command("dune-train",
+                                                                              "train.cli")
+    console.print("rerun by hand (these lines work as printed, from this folder):")
+    console.print(f"  {cache_cli} build {root / 'cache.toml'}      # resumes; a no-op when "
+                  "complete", soft_wrap=True)
+    console.print(f"  {train_cli} fit {root / 'train.toml'}        # resumes from last.pt",
+                  soft_wrap=True)
+    console.print(f"  {train_cli} export {run} {root / 'export'}", soft_wrap=True)
 
 
 def demo(
@@ -252,10 +296,13 @@ def demo(
     started = time.perf_counter()
     cache_toml, train_toml = write_demo_configs(root, sizes)
     console.print(f"data and configs written under {root} ({time.perf_counter() - started:.0f} s)")
+    build_state = _cache_state(root / "cache")
     build_s = _run([sys.executable, "-m", "precompute.cli", "build", str(cache_toml)], console)
     fit = [sys.executable, "-m", "train.cli", "fit", str(train_toml)]
+    steps_before = _trained_steps(root / "train")
     train_s = _run(fit + (["--max-steps", str(steps)] if steps else []), console)
-    summarize(root, build_s, train_s, console)
+    summarize(root, build_s, train_s, console, build_state=build_state,
+              steps_before=steps_before)
     from heads.demo import run as run_heads  # heads/: linear heads, comparison, PCA pictures
 
     run_heads(root, console)

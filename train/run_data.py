@@ -9,7 +9,8 @@ import the teachers when they are built (`train.targets`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,18 @@ class RunContext:
     student_std: tuple[float, float, float]
 
 
+def _warn_heldout_capped(count: int, manifest: Manifest, datasets: Sequence[str]) -> None:
+    """Say so when `data.heldout_images` exceeds what a dataset allows (half its images), rather
+    than hold out fewer images in silence (`train.data.heldout_image_indices` caps it)."""
+    for name in datasets:
+        images = manifest.datasets[name].num_images
+        if count > images // 2:
+            logging.getLogger("dune.train").warning(
+                "warning: data.heldout_images = %d but dataset %s has %d images, so only %d "
+                "(half) are held out; set data.heldout_images <= %d to keep this quiet",
+                count, name, images, images // 2, images // 2)
+
+
 def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     """Open the cache, check it against the run, and build the data, sampler and targets."""
     reader = open_cache(cfg.data.cache)
@@ -79,6 +92,8 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
         img_size=cfg.student.img_size, student_patch=student.patch_size,
         read_tokens=not cfg.online,
     )
+    if dist_info.rank == 0:
+        _warn_heldout_capped(cfg.data.heldout_images, manifest, datasets)
     train_data = CacheTrainData(reader, teachers, datasets, split="train", **data_args)
     heldout_data = None
     if cfg.data.heldout_images > 0:

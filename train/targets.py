@@ -159,7 +159,8 @@ class OnlineTargets:
     The teachers are rebuilt from the manifest's build config (`_load_cached_teachers`): each
     must reproduce the cached fingerprint (checkpoint sha256 or random-init seed, architecture,
     dims, patch size, token types, normalization), else CacheMismatchError. Its checkpoint file
-    must therefore still be where the build read it.
+    must therefore still be where the build read it. A `factory:` teacher named in the cache is
+    refused unless `DUNE_TRUST_CACHE_CODE=1` (a cache never makes us import its code).
     """
 
     def __init__(
@@ -222,6 +223,7 @@ def _load_cached_teachers(
     fingerprints. The one place stage two imports the teacher code and reads `build_config`."""
     from precompute.teachers.config import TeacherConfig
     from precompute.teachers.loaded import load_teacher
+    from precompute.teachers.trust import check_cache_teachers
 
     stored = manifest.build_config.get("teachers")
     entries = {e.get("name"): e for e in stored or [] if isinstance(e, Mapping)}
@@ -234,6 +236,9 @@ def _load_cached_teachers(
         )
     configs = {name: from_dict(TeacherConfig, dict(entries[name]),
                                where=f"build_config.teachers[{name}]") for name in names}
+    # The manifest is untrusted input: a `factory:` teacher in it runs only when the user set
+    # DUNE_TRUST_CACHE_CODE=1 (precompute/teachers/trust.py). Checked before any import.
+    check_cache_teachers(configs.values(), "OnlineTargets")
     grid = (int(manifest.grid[0]), int(manifest.grid[1]))
     teachers = {}
     for name in names:

@@ -12,6 +12,7 @@ from cache_format.serde import PathStr, check_types
 from precompute.teachers.specs import check_kind, get_teacher_spec, split_kind
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+INIT_CHOICES = ("", "random")  # "": weights from checkpoint / pretrained; "random": on purpose
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,10 @@ class TeacherConfig:
     - `checkpoint`: a local `.pth` / `.pt` / `.bin` / `.safetensors` file; None means random
       init (seeded with `init_seed`, so that two processes build identical weights) or, with
       `pretrained=True`, a hub download for online users.
+    - `init`: "random" says that random weights are wanted (a stand-in, a test). A build
+      refuses a real architecture (a registered kind with published weights, or `timm:`) with
+      neither checkpoint nor pretrained unless `init = "random"` (`check_weights_source`), so
+      that a forgotten checkpoint never spends a build on noise.
     - `embed_dim` / `depth` / `num_heads`: architecture overrides, for tiny random-init
       stand-ins of the real architectures in tests and the demo.
     """
@@ -35,6 +40,7 @@ class TeacherConfig:
     checkpoint: PathStr | None = None
     pretrained: bool = False
     init_seed: int = 0
+    init: str = ""
     embed_dim: int | None = None
     depth: int | None = None
     num_heads: int | None = None
@@ -58,6 +64,14 @@ class TeacherConfig:
             raise ConfigError(
                 f"{where}.pretrained: set either checkpoint (a local file) or pretrained=true "
                 f"(a hub download), not both; found checkpoint={self.checkpoint!r}"
+            )
+        if self.init not in INIT_CHOICES:
+            raise ConfigError(f"{where}.init: expected \"random\" or nothing, found {self.init!r}")
+        if self.init == "random" and (self.checkpoint is not None or self.pretrained):
+            raise ConfigError(
+                f"{where}.init: \"random\" contradicts "
+                + (f"checkpoint={self.checkpoint!r}" if self.checkpoint else "pretrained=true"),
+                hint="drop init for trained weights, or drop the checkpoint for random ones",
             )
         if not 0 <= self.init_seed < 2**63:
             raise ConfigError(
@@ -114,6 +128,37 @@ class TeacherConfig:
         """How error messages name this config."""
         return f"TeacherConfig({self.name!r})"
 
+    def check_weights_source(self) -> None:
+        """Refuse what a build would silently get wrong about the weights (called by the build's
+        pre-flight, so `--dry-run` says it too): a checkpoint that is not a readable file, and a
+        real architecture with no weights at all unless `init = "random"` says so."""
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint)
+            if not path.is_file():
+                found = "a folder" if path.is_dir() else "nothing"
+                raise ConfigError(
+                    f"{self.where}.checkpoint: expected a weights file at {str(path)!r}, "
+                    f"found {found}",
+                    hint="fix the path (relative paths are taken from the config file's folder)",
+                )
+            return
+        if self.pretrained or self.init == "random" or split_kind(self.kind)[0] == "factory":
+            return  # hub weights, random on purpose, or a factory that loads its own
+        prefix, _ = split_kind(self.kind)
+        if prefix == "timm" or get_teacher_spec(self.kind).checkpoint_file:
+            raise ConfigError(
+                f"{self.where}.checkpoint: kind {self.kind!r} is a real architecture but no "
+                "checkpoint is set, so the build would run it with random weights",
+                hint='set checkpoint to the weights file, pretrained = true, or init = "random" '
+                "if random weights are what you want",
+            )
+
     def effective_domain(self) -> str:
-        """`domain`, or the kind's default domain when left empty."""
-        return self.domain or get_teacher_spec(self.kind).domain
+        """`domain`, or the kind's default domain when left empty.
+
+        Open-ended kinds (`timm:`, `factory:`) have no default domain: their spec is not asked,
+        so that parsing a config (a cache's stored one included) never imports a factory.
+        """
+        if self.domain or split_kind(self.kind)[0]:
+            return self.domain
+        return get_teacher_spec(self.kind).domain
