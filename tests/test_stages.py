@@ -19,14 +19,16 @@ from typing import Any
 import pytest
 import tomli_w
 import torch
+from safetensors.torch import load_file
 
 from cache_format.errors import ConfigError
 from tests.test_train_cli import REPO, cli_env
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, train_losses
-from train.checkpoint import load_checkpoint
+from train.checkpoint import latest_stage_dir, load_checkpoint
 from train.config import TrainConfig, load_train_config, resolve_paths
+from train.export import export_run
 from train.metrics import read_metrics
-from train.stages import fit_run, latest_stage_dir
+from train.stages import fit_run
 from train.trainer import Trainer
 
 __all__ = ["cache_base", "one_thread"]  # fixtures shared with test_trainer.py
@@ -86,6 +88,9 @@ def test_two_stages_run_in_order_and_carry_the_student_over(
     again = fit_run(cfg, progress="off")
     assert again["step"] == 20 and len(read_metrics(run)) == len(merged)
     assert latest_stage_dir(run) == run / "stages" / "01-g3"
+    # `dune-train export RUN` on the staged run folder exports the last stage's student.
+    paths = export_run(run, tmp_path / "export")
+    assert load_file(paths["student_weights"])["pos_embed"].shape[1] == 9
 
 
 def test_max_steps_counts_over_the_stages_and_a_rerun_continues(

@@ -11,6 +11,7 @@ end; what a rerun resumes from) and `checkpoints/best.pt` (lowest held-out loss 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -24,6 +25,8 @@ from cache_format.errors import CheckpointError
 
 LAST = "last.pt"
 BEST = "best.pt"
+#: A staged run's record of its stages and their folders (train/stages.py writes it).
+STAGES_FILE = "stages.json"
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -116,3 +119,17 @@ def _tuples(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_tuples(v) for v in value)
     return value
+
+
+def latest_stage_dir(run_dir: str | Path) -> Path:
+    """The folder holding a run's latest checkpoints: the last stage that has a `last.pt` for
+    a staged run (what `dune-train export RUN` should read), the run folder itself otherwise."""
+    run = Path(run_dir)
+    record = run / STAGES_FILE
+    if not record.is_file():
+        return run
+    dirs = [Path(s["dir"]) for s in json.loads(record.read_text())["stages"]]
+    # A moved run folder: the stage folders keep their names under run/stages/.
+    dirs = [d if d.is_dir() else run / "stages" / d.name for d in dirs]
+    started = [d for d in dirs if (checkpoint_dir(d) / LAST).is_file()]
+    return started[-1] if started else run

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from cache_format.errors import CheckpointError
 from cache_format.serde import from_dict, to_dict
-from train.checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint
+from train.checkpoint import BEST, LAST, checkpoint_dir, latest_stage_dir, load_checkpoint
 from train.config import TrainConfig
 from train.dune_format import save_dune_checkpoint, to_dune_checkpoint
 from train.model import DistillModel, TeacherHead
@@ -59,7 +59,7 @@ def load_run_model(run_dir: str | Path, which: str = "best") -> tuple[
 ]:
     """A run's config, its DistillModel with the chosen checkpoint's weights, the checkpoint
     payload and its path; `which` = "best" (falls back to "last") or "last"."""
-    run_dir = Path(run_dir)
+    run_dir = latest_stage_dir(run_dir)  # a staged run: its latest stage's folder
     cfg, teachers = read_run(run_dir)
     ckpt_path = checkpoint_dir(run_dir) / (BEST if which == "best" else LAST)
     if which == "best" and not ckpt_path.is_file():

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from cache_format.errors import ConfigError
-from train.checkpoint import LAST, checkpoint_dir
+from train.checkpoint import LAST, STAGES_FILE, checkpoint_dir
 from train.config import TrainConfig, resume_differences
 from train.curves import draw_loss_curves
 from train.metrics import METRICS_FILE, read_metrics
 from train.trainer import Trainer
 
 #: The run's whole config and its stages' folders (the run folder of a staged run).
-STAGES_FILE = "stages.json"
 #: Written into a stage's folder once its last step is done.
 STAGE_DONE_FILE = "stage_done.json"
 
@@ -116,20 +115,6 @@ def merge_stage_metrics(run_dir: Path, stage_dirs: list[Path], names: list[str]
     tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
     tmp.replace(run_dir / METRICS_FILE)
     return merged
-
-
-def latest_stage_dir(run_dir: str | Path) -> Path:
-    """The folder holding a run's latest checkpoints: the last stage that has a `last.pt` for
-    a staged run (what `dune-train export RUN` should read), the run folder itself otherwise."""
-    run = Path(run_dir)
-    record = run / STAGES_FILE
-    if not record.is_file():
-        return run
-    dirs = [Path(s["dir"]) for s in json.loads(record.read_text())["stages"]]
-    # A moved run folder: the stage folders keep their names under run/stages/.
-    dirs = [d if d.is_dir() else run / "stages" / d.name for d in dirs]
-    started = [d for d in dirs if (checkpoint_dir(d) / LAST).is_file()]
-    return started[-1] if started else run
 
 
 def _read_done(stage_dir: Path) -> int | None:
