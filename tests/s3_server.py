@@ -56,6 +56,19 @@ class S3Server:
         return dest
 
 
+    def upload(self, src: Path, url: str) -> str:
+        """Copy the local file or folder `src` to `url`; returns `url`."""
+        fs = self.filesystem()
+        dest = url.removeprefix("s3://")
+        if src.is_file():
+            fs.pipe_file(dest, src.read_bytes())
+            return url
+        for path in sorted(src.rglob("*")):
+            if path.is_file():
+                fs.pipe_file(f"{dest}/{path.relative_to(src).as_posix()}", path.read_bytes())
+        return url
+
+
 def client_options(endpoint: str) -> dict[str, object]:
     """The s3fs options that point every client at the local server."""
     return {"endpoint_url": endpoint, "key": _KEY, "secret": _SECRET,
