@@ -53,6 +53,11 @@ class CacheCorruptionError(DuneError, OSError):
     """A chunk failed its checksum or could not be decoded (names the sample and the file)."""
 
 
+class RemoteReadError(DuneError, OSError):
+    """A read from an object store kept failing (or timing out) after every retry; names the
+    object, the attempts and the last error."""
+
+
 class InvalidTokensError(DuneError, ValueError):
     """Teacher tokens are unusable: a teacher's `forward_tokens` gave other keys or shapes than
     it promised, or tokens handed to the writer hold NaN/Inf or have a wrong shape or dtype."""

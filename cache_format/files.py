@@ -9,13 +9,18 @@ import itertools
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
+from cache_format.errors import RemoteReadError
 from cache_format.locations import local_path
+
+T = TypeVar("T")
 
 
 class LocalFiles:
@@ -156,37 +161,90 @@ def _close_all(fds: dict[str, int], retired: list[tuple[int, int]]) -> None:
     retired.clear()
 
 
-class FsspecFiles:
-    """Byte-range reads through an fsspec filesystem (object stores, http, memory, ...)."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed or timed-out object-store request is retried: `attempts` in all, waiting
+    `first_delay_s`, then twice as long each time, at most `max_delay_s`. The defaults ride out
+    a few seconds of throttling (HTTP 503 SlowDown) or a dropped connection; a request that
+    still fails is an outage, reported with the object's name."""
 
-    def __init__(self, fs: Any, root: str) -> None:
+    attempts: int = 5
+    first_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.first_delay_s < 0 or self.max_delay_s < self.first_delay_s:
+            raise ValueError(f"RetryPolicy: expected attempts >= 1 and 0 <= first_delay_s <= "
+                             f"max_delay_s, found {self}")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (0 = the first retry)."""
+        return min(self.max_delay_s, self.first_delay_s * 2.0 ** retry)
+
+
+def with_retries(call: Callable[[], T], what: str, policy: RetryPolicy) -> T:
+    """`call()`, retried under `policy` when it raises OSError (timeouts included; botocore
+    and aiohttp failures reach us as OSError through s3fs). A missing object
+    (FileNotFoundError) is an answer, not a failure: it is raised at once."""
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            last = exc
+            if attempt + 1 < policy.attempts:
+                time.sleep(policy.delay(attempt))
+    raise RemoteReadError(
+        f"{what}: the request failed {policy.attempts} time(s); last error: "
+        f"{type(last).__name__}: {last}",
+        hint="check the endpoint and credentials (fsspec configuration) and the network; "
+             "a rerun resumes where this one stopped",
+    ) from last
+
+
+class FsspecFiles:
+    """Byte-range reads through an fsspec filesystem (object stores, http, memory, ...).
+
+    Every request is retried with backoff (`RetryPolicy`); after the last retry the error
+    names the object."""
+
+    def __init__(self, fs: Any, root: str, retry: RetryPolicy = RetryPolicy()) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
+        self.retry = retry
 
     def describe(self, key: str) -> str:
         """The URL-ish path of `key`, for messages."""
         return f"{self.root}/{key}"
 
+    def _call(self, key: str, call: Callable[[], T]) -> T:
+        return with_retries(call, self.describe(key), self.retry)
+
     def tail(self, key: str, nbytes: int) -> tuple[bytes, int] | None:
         """The last `nbytes` bytes of `key` and its size, or None when it does not exist."""
         path = f"{self.root}/{key}"
         try:
-            size = int(self.fs.size(path))
+            size = int(self._call(key, lambda: self.fs.size(path)))
         except FileNotFoundError:
             return None
-        return self.fs.cat_file(path, start=max(0, size - nbytes), end=size), size
+        start = max(0, size - nbytes)
+        return self._call(key, lambda: self.fs.cat_file(path, start=start, end=size)), size
 
     def read(self, key: str, start: int, nbytes: int) -> bytes | None:
         """`nbytes` bytes of `key` from `start` (None when the object does not exist)."""
+        path = f"{self.root}/{key}"
         try:
-            return self.fs.cat_file(f"{self.root}/{key}", start=start, end=start + nbytes)
+            return self._call(key, lambda: self.fs.cat_file(path, start=start,
+                                                            end=start + nbytes))
         except FileNotFoundError:
             return None
 
     def read_all(self, key: str) -> bytes | None:
         """The whole object `key` in one request (None when it does not exist)."""
+        path = f"{self.root}/{key}"
         try:
-            return self.fs.cat_file(f"{self.root}/{key}")
+            return self._call(key, lambda: self.fs.cat_file(path))
         except FileNotFoundError:
             return None
 

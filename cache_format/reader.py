@@ -60,7 +60,8 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
                             verify_checksums=verify_checksums,
                             sample_index_cache_bytes=sample_index_cache_bytes)
     try:
-        group = zarr.open_group(location, mode="r", storage_options=settings.storage_options)
+        group = zarr.open_group(location, mode="r", zarr_format=3,
+                                storage_options=settings.storage_options)
     except FileNotFoundError:
         raise CacheNotFoundError(f"{location}: no cache there",
                                  hint="build one with `dune-cache build`") from None

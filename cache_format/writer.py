@@ -81,7 +81,8 @@ class CacheWriter:
                 "assignment; add them with add_dataset() and add_teacher()"
             )
         try:
-            group = zarr.open_group(location, mode="w-", storage_options=storage_options)
+            group = zarr.open_group(location, mode="w-", zarr_format=3,
+                                    storage_options=storage_options)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
             if not exist_ok:
                 raise ConfigError(
@@ -104,7 +105,8 @@ class CacheWriter:
         """Open an existing cache for writing (shards, or new datasets and teachers)."""
         location = _location(path)
         try:
-            group = zarr.open_group(location, mode="r+", storage_options=storage_options)
+            group = zarr.open_group(location, mode="r+", zarr_format=3,
+                                    storage_options=storage_options)
         except FileNotFoundError:
             raise CacheNotFoundError(f"{location}: no cache there",
                                      hint="create it with CacheWriter.create()") from None

@@ -36,8 +36,10 @@ import torch
 from PIL import Image
 
 from cache_format.errors import ConfigError
+from cache_format.locations import is_url
 from cache_format.manifest import check_node_name, keys_sha256
 from cache_format.serde import PathStr, check_types
+from precompute import url_files
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES, bad_image, decode_image
 
 SOURCE_KINDS: tuple[str, ...] = ("folder", "list", "hdf5")
@@ -145,7 +147,7 @@ class ImageSource:
     def check_root(self) -> None:
         """Refuse a root that is not there (on a dask worker: the data is not mounted), rather
         than recording every image as unreadable."""
-        is_there = os.path.isfile if self.cfg.kind == "hdf5" else os.path.isdir
+        is_there = url_files.is_file if self.cfg.kind == "hdf5" else url_files.is_dir
         if not is_there(self.cfg.root):
             raise ConfigError(
                 f"dataset {self.cfg.name!r}: root {self.cfg.root!r} is not there on this machine "
@@ -196,13 +198,12 @@ class FileSource(ImageSource):
     """Images stored as files under a root folder (the folder and list kinds)."""
 
     def location(self, i: int) -> str:
-        return os.path.join(self.cfg.root, self.key(i))
+        return url_files.join(self.cfg.root, self.key(i))
 
     def read_bytes(self, i: int) -> bytes:
         path = self.location(i)
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return url_files.read_bytes(path)
         except OSError as exc:
             raise bad_image(
                 path, "unreadable", f"cannot be read ({exc.strerror or exc}); check the file"
@@ -228,10 +229,8 @@ class HDF5Source(ImageSource):
 
     def _dataset(self) -> Any:  # an h5py.Dataset (h5py is imported lazily)
         if self._rows is None or self._pid != os.getpid():
-            import h5py
-
             # After a fork the parent's handle is unusable here: open our own.
-            self._file = h5py.File(self.cfg.root, "r")
+            self._file = url_files.open_hdf5(self.cfg.root)
             self._rows = self._file[self.cfg.hdf5_key]
             self._pid = os.getpid()
         return self._rows
@@ -256,6 +255,11 @@ class HDF5Source(ImageSource):
 
 def _list_folder(root: str) -> list[str]:
     """Image files under root, recursively, as sorted POSIX paths relative to root."""
+    if is_url(root):
+        return sorted(name if folder == "." else f"{folder}/{name}"
+                      for folder, name in url_files.list_files(root)
+                      if _is_image_name(name)
+                      and (folder == "." or not any(p.startswith(".") for p in folder.split("/"))))
     keys: list[str] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -267,17 +271,22 @@ def _list_folder(root: str) -> list[str]:
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel = os.path.relpath(dirpath, root)
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if _is_image_name(name):
                 key = name if rel == "." else f"{rel}/{name}"
                 keys.append(key.replace(os.sep, "/"))
     return sorted(keys)
 
 
+def _is_image_name(name: str) -> bool:
+    """A file the folder kind lists: not hidden, with an image extension."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _read_list(cfg: DatasetConfig) -> list[str]:
     where = f"dataset {cfg.name!r}: list_file {cfg.list_file!r}"
     try:
-        with open(cfg.list_file, encoding="utf-8") as f:  # type: ignore[arg-type]
-            lines = f.read().splitlines()
+        text = url_files.read_bytes(cfg.list_file).decode("utf-8")  # type: ignore[arg-type]
+        lines = text.splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: cannot be read ({exc})") from None
     keys: list[str] = []
@@ -307,7 +316,7 @@ def _hdf5_keys(cfg: DatasetConfig) -> list[str]:
 
     where = f"dataset {cfg.name!r}: hdf5 file {cfg.root!r}"
     try:
-        with h5py.File(cfg.root, "r") as f:
+        with url_files.open_hdf5(cfg.root) as f:
             if cfg.hdf5_key not in f or not isinstance(f[cfg.hdf5_key], h5py.Dataset):
                 found = []
                 f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
@@ -353,11 +362,11 @@ def open_source(
         )
     where = f"dataset {cfg.name!r}: root {cfg.root!r}"
     if cfg.kind == "hdf5":
-        if not os.path.isfile(cfg.root):
+        if not url_files.is_file(cfg.root):
             raise ConfigError(f"{where}: expected an HDF5 file, found nothing there")
         keys, source_cls = _hdf5_keys(cfg), HDF5Source
     else:
-        if not os.path.isdir(cfg.root):
+        if not url_files.is_dir(cfg.root):
             raise ConfigError(f"{where}: expected an existing folder")
         keys = _list_folder(cfg.root) if cfg.kind == "folder" else _read_list(cfg)
         source_cls = FileSource

@@ -11,3 +11,7 @@ from tests.build_fixtures import make_images
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """The tiny two-dataset mix of tests/build_fixtures.py, written once per test module."""
     return make_images(tmp_path_factory.mktemp("images"))
+
+
+# The S3 server fixture (`s3_server`): one moto server per session, for tests/test_remote_*.py.
+pytest_plugins = ["tests.s3_server"]

@@ -4,7 +4,7 @@ Everything comes from the manifest's replay section (`cache_format.replay.Replay
 settings become stage one's `ViewConfig`, each dataset's source description its `DatasetConfig`,
 opened with the build's decoding settings so that every pixel decodes as the teachers saw it.
 Only the view-replay modules of `precompute` are imported (`views`, `view_params`, `render`,
-`sources`, `decode`): never its config, builder or teachers.
+`sources` with `url_files`, `decode`): never its config, builder or teachers.
 """
 
 from __future__ import annotations
