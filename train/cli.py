@@ -171,7 +171,8 @@ def print_fit_summary(summary: dict[str, Any], console: Console) -> None:
     run_dir = Path(summary["run_dir"])
     console.print(f"run folder   {run_dir}")
     console.print(f"metrics      {run_dir / 'metrics.jsonl'}")
-    console.print(f"loss curves  {run_dir / 'curves'}")
+    console.print(f"loss curves  {run_dir / 'curves' / 'losses.png'} (TensorBoard: "
+                  f"{run_dir / 'tensorboard'})")
     console.print(f"checkpoints  {run_dir / 'checkpoints'}")
 
 

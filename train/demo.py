@@ -274,8 +274,8 @@ def summarize(
                       f"{rate:.1f} images/s")
     console.print(table)
     console.print(f"configs    {root / 'cache.toml'}  {root / 'train.toml'}")
-    console.print(f"run        {run}  (config.json, metrics.jsonl, curves/loss_*.png, "
-                  "checkpoints/last.pt and best.pt)")
+    console.print(f"run        {run}  (config.json, metrics.jsonl, curves/losses.png, "
+                  "tensorboard/, checkpoints/last.pt and best.pt)")
     cache_cli, train_cli = _command("dune-cache", "precompute.cli"), _command("dune-train",
                                                                               "train.cli")
     console.print("rerun by hand (these lines work as printed, from this folder):")
