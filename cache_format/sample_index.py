@@ -184,8 +184,18 @@ class SampleIndex:
         return self._load(self._arrays[layout.INDEX_META])
 
     def _load_status(self) -> np.ndarray:
-        if self.summary() is not None:  # complete: the consolidated array, a few large chunks
-            return self._load(self._arrays[layout.STATUSES])
+        summary = self.summary()
+        if summary is not None:  # complete: the consolidated array, a few large chunks
+            status = self._load(self._arrays[layout.STATUSES])
+            counts = layout.index_meta_row(status, summary.size - 1)
+            if not np.array_equal(counts, summary):
+                raise CacheCorruptionError(
+                    f"dataset {self.dataset!r}, array {layout.STATUSES!r}: the statuses count "
+                    f"{counts[1:].tolist()} samples per status, the dataset's summary says "
+                    f"{summary[1:].tolist()}",
+                    hint="the cache is damaged: run `dune-cache verify`, then "
+                    "`dune-cache repair CACHE`")
+            return status
         rows = self._arrays[layout.INDEX_ROWS]
         out = np.empty(self.num_samples, dtype=np.uint8)
         column = rows.shape[1] - 1
@@ -378,8 +388,29 @@ class SampleIndex:
         return files
 
     def _read_chunk(self, array: PlainArray, chunk: int) -> tuple[np.ndarray, int]:
-        """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached."""
-        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk))
+        """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached. A missing
+        chunk that the metadata says was written is damage (`_chunk_required`)."""
+        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk),
+                          lambda: self._chunk_required(array, chunk))
+
+    def _chunk_required(self, array: PlainArray, chunk: int) -> bool:
+        """Whether chunk `chunk` of `array` must exist (asked only when its file is missing).
+
+        Keys are written when the dataset is added; an index shard's rows before its metadata
+        row (its done mark); the consolidated statuses before the summary. None of them can
+        equal the fill value once written (a written status is never 0, "pending"), so a
+        missing one was lost, never skipped by zarr."""
+        name = array.path.rsplit("/", 1)[-1]
+        if name in (layout.KEY_UTF8, layout.KEY_OFFSETS):
+            return True
+        if name == layout.STATUSES:
+            return self.summary() is not None
+        if name == layout.INDEX_ROWS:
+            if self.summary() is not None:
+                return True
+            meta = self._read_chunk(self._arrays[layout.INDEX_META], chunk)[0]
+            return int(meta[0, 0]) == layout.MARK_DONE
+        return False
 
     def _fix_hint(self, array: PlainArray, chunk: int) -> str:
         """How to repair a damaged chunk of `array` (the end of the error's hint)."""

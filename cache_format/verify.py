@@ -20,10 +20,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+import zarr
+import zarr.storage
 
 from cache_format import layout, shards
 from cache_format.errors import CacheCorruptionError, CacheVersionError
-from cache_format.manifest import STATUS_OK, STATUS_PENDING
+from cache_format.manifest import STATUS_OK, STATUS_PENDING, keys_sha256
 from cache_format.records import VerifyReport
 
 if TYPE_CHECKING:
@@ -36,12 +38,63 @@ def verify_cache(reader: CacheReader) -> VerifyReport:
     missing: list[str] = []
     incomplete: list[str] = []
     checked = 0
+    problems.extend(_verify_metadata(reader))
+    if problems:  # arrays whose zarr metadata is damaged cannot be read as what they claim
+        return VerifyReport(0, tuple(problems), (), ())
     for dataset in reader.datasets:
         status, index_done = _verify_index(reader, dataset, problems, incomplete)
         for teacher in reader.teachers_for(dataset):
             checked += _verify_pair(reader, dataset, teacher, status, index_done, problems,
                                     missing, incomplete)
+    found = reader.completeness()
+    problems.extend(p for p in found.damaged if p not in problems)
+    reported = " ".join([*missing, *incomplete])
+    incomplete.extend(p for p in found.incomplete if p.split(":")[0] not in reported)
     return VerifyReport(checked, tuple(problems), tuple(missing), tuple(incomplete))
+
+
+def _reference_group(reader: CacheReader) -> zarr.Group:
+    """The cache's groups and arrays as this code creates them (metadata only, in memory)."""
+    m = reader.manifest
+    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    for dataset, fp in m.datasets.items():
+        group = root.require_group(layout.dataset_path(dataset))
+        stored = reader._group[f"{layout.dataset_path(dataset)}/{layout.KEY_UTF8}"]
+        layout.create_index_arrays(group, int(stored.shape[0]), fp.num_images,
+                                   m.views_per_image, m.samples_per_shard,
+                                   len(m.view_param_names), len(m.status_codes))
+    for teacher, datasets in m.assignment.items():
+        fp = m.teachers[teacher]
+        for dataset in datasets:
+            group = root.require_group(layout.teacher_path(dataset, teacher))
+            layout.create_teacher_arrays(group, m.encoding, reader.num_samples(dataset),
+                                         m.num_tokens, fp.dim, fp.token_types,
+                                         m.samples_per_shard)
+    return root
+
+
+def _verify_metadata(reader: CacheReader) -> list[str]:
+    """Every group's and array's zarr metadata (zarr.json) against what this code writes for
+    the manifest: a damaged or edited zarr.json changes how its chunks are read, so it is
+    damage even when every chunk's checksum holds. Format version 2 only."""
+    if reader.manifest.format_version != 2:
+        return []
+    try:
+        reference = _reference_group(reader)
+    except Exception as exc:  # zarr's parser fails in many ways on a damaged zarr.json
+        return [f"{reader.location}: zarr metadata unreadable ({type(exc).__name__}: {exc})"]
+    problems = []
+    for path, expected in reference.members(max_depth=None):
+        try:
+            found = reader._group[path].metadata.to_dict()
+        except Exception as exc:  # any failure to parse is damage of that file
+            problems.append(f"{reader.location}: {path}/zarr.json missing or unreadable "
+                            f"({type(exc).__name__}: {exc})")
+            continue
+        if found != expected.metadata.to_dict():
+            problems.append(f"{reader.location}: {path}/zarr.json differs from the metadata "
+                            "this cache's manifest implies (edited or damaged)")
+    return problems
 
 
 def _verify_index(reader: CacheReader, dataset: str, problems: list[str],
@@ -56,6 +109,10 @@ def _verify_index(reader: CacheReader, dataset: str, problems: list[str],
             return None, None
         done = reader.index_done(dataset)
         status = index.status
+        if keys_sha256(index.keys.tolist()) != reader.manifest.datasets[dataset].keys_sha256:
+            problems.append(f"dataset {dataset}: the stored keys do not hash to the manifest's "
+                            "keys_sha256 (key_utf8 / key_offsets edited or damaged)")
+            return None, None
     except (CacheCorruptionError, CacheVersionError, ValueError) as exc:
         problems.append(f"dataset {dataset} index: {exc}")
         return None, None

@@ -35,7 +35,9 @@ from cache_format.manifest import (
     DatasetFingerprint,
     Manifest,
     TeacherFingerprint,
+    check_manifest_sha,
     keys_sha256,
+    manifest_attrs,
 )
 from cache_format.replay import ReplaySpec
 from cache_format.serde import json_problem, to_dict
@@ -89,13 +91,13 @@ class CacheWriter:
                     hint="use CacheWriter.open() to extend it, or pick another path",
                 ) from None
             writer = cls.open(location, storage_options=storage_options)
-            grown = ("teachers", "datasets", "assignment", "build_config", "replay")
+            grown = ("teachers", "datasets", "assignment", "build_config", "replay", "planned")
             settings = {k: v for k, v in to_dict(manifest).items() if k not in grown}
             settings["encoding"] = manifest.encoding
             writer.manifest.check_against(**settings)
             return writer
         group.require_group(layout.DATASETS)
-        group.attrs[ROOT_ATTR] = manifest.to_dict()
+        group.attrs.update(manifest_attrs(manifest.to_dict()))
         return cls(group, manifest, location)
 
     @classmethod
@@ -110,6 +112,7 @@ class CacheWriter:
                                      hint="create it with CacheWriter.create()") from None
         if ROOT_ATTR not in group.attrs:
             raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest")
+        check_manifest_sha(group.attrs, location)  # the build refuses an edited manifest
         manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location)
         if manifest.format_version != FORMAT_VERSION:
             raise CacheVersionError(
@@ -124,8 +127,20 @@ class CacheWriter:
         return self._manifest
 
     def _save_manifest(self, manifest: Manifest) -> None:
-        self._group.attrs[ROOT_ATTR] = manifest.to_dict()
+        # The manifest and its checksum in one update of the root metadata (manifest_attrs).
+        self._group.attrs.update(manifest_attrs(manifest.to_dict()))
         self._manifest = manifest
+
+    def set_planned(self, planned: Mapping[str, Sequence[str]]) -> None:
+        """Record every (teacher, dataset) pair the build asks for, before any is added, so
+        that readers judge completeness against it (a pair that was never added because its
+        `add_teacher` died is then missing, not absent by choice). Pairs already planned stay
+        planned. Only the root manifest attribute is rewritten."""
+        merged = {t: tuple(d) for t, d in self._manifest.planned.items()}
+        for teacher, datasets in planned.items():
+            merged[teacher] = tuple(dict.fromkeys([*merged.get(teacher, ()), *datasets]))
+        if merged != self._manifest.planned:
+            self._save_manifest(replace(self._manifest, planned=merged))
 
     def set_build_config(self, config: dict[str, Any]) -> None:
         """Replace the manifest's `build_config`, the record of how the cache was built.

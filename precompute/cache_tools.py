@@ -31,11 +31,12 @@ FIDELITY_FLOORS: dict[str, float] = {"int8": 0.9995, "fp16": 0.999, "bf16": 0.99
 
 def _pair_facts(reader: CacheReader, dataset: str, teacher: str) -> dict[str, Any]:
     done = reader.pair_done(dataset, teacher)
+    lost = reader.lost_shard_files(dataset, teacher) if reader.index_complete(dataset) else []
     return {
         "teacher": teacher, "dataset": dataset, "shards_done": int(done.sum()),
         "shards": int(done.size), "stats_final": reader.stats_final(dataset, teacher),
-        "bytes": reader.nbytes(dataset, teacher),
-        "complete": reader.pair_complete(dataset, teacher),
+        "bytes": reader.nbytes(dataset, teacher), "lost_shard_files": lost,
+        "complete": reader.pair_complete(dataset, teacher) and not lost,
     }
 
 
@@ -54,6 +55,7 @@ def cache_info(path: str) -> dict[str, Any]:
                 "index_complete": bool(index_done.all()),
             })
         pairs = [_pair_facts(reader, d, t) for t, names in m.assignment.items() for d in names]
+        found = reader.completeness()  # against what was planned, not what happens to be there
         return {
             "path": reader.location,
             "format_version": m.format_version,
@@ -69,7 +71,11 @@ def cache_info(path: str) -> dict[str, Any]:
             "pairs": pairs,
             "bytes": reader.nbytes(),
             "complete": all(p["complete"] for p in pairs)
-            and all(d["index_complete"] for d in datasets),
+            and all(d["index_complete"] for d in datasets) and found.complete,
+            "missing": list(found.incomplete) + [
+                f"{p['dataset']}/{p['teacher']}: shard file(s) lost: {p['lost_shard_files']}"
+                for p in pairs if p["lost_shard_files"]],
+            "damaged": list(found.damaged),
         }
 
 

@@ -91,9 +91,12 @@ def _info_tables(info: dict) -> list[Table]:
                   f"{info['seed']}"),
         ("encoding", f"{enc['name']}, codec {enc['codec']}"),
         ("size", _size(info["bytes"])),
-        ("complete", "yes" if info["complete"] else "NO (resume the build)"),
+        ("complete", "yes" if info["complete"] else "NO (resume the build)" if not
+         info["damaged"] else "NO (damaged: run `dune-cache verify`)"),
     ):
         head.add_row(key, str(value))
+    for line in [*info["missing"], *info["damaged"]]:
+        head.add_row("", escape(line))
     teachers = Table(title="teachers")
     for column in ("name", "arch", "dim", "tokens", "input", "checkpoint"):
         teachers.add_column(column)

@@ -11,3 +11,10 @@ from tests.build_fixtures import make_images
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     """The tiny two-dataset mix of tests/build_fixtures.py, written once per test module."""
     return make_images(tmp_path_factory.mktemp("images"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--fuzz-count N`: trials of the reliability suite's fuzz test (default: its small count,
+    or the DUNE_FUZZ_COUNT environment variable)."""
+    parser.addoption("--fuzz-count", type=int, default=None,
+                     help="trials of tests/reliability/test_fuzz.py (default 60)")
