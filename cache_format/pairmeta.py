@@ -17,7 +17,6 @@ from cache_format.errors import CacheCorruptionError
 from cache_format.files import Files
 from cache_format.plainread import PlainArray, read_chunk
 
-
 #: How to repair a damaged calibration chunk: the pair's tokens were encoded with it.
 _CALIB_FIX = "the pair's tokens were encoded with it: rebuild the cache from a copy or anew"
 

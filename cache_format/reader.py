@@ -21,6 +21,7 @@ from cache_format import layout, shards
 from cache_format.completeness import Completeness
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import (
+    CacheCorruptionError,
     CacheNotFoundError,
     CacheVersionError,
     ConfigError,
@@ -65,6 +66,11 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
     except FileNotFoundError:
         raise CacheNotFoundError(f"{location}: no cache there",
                                  hint="build one with `dune-cache build`") from None
+    except (ValueError, TypeError, KeyError) as exc:  # zarr.json is not JSON zarr can read
+        raise CacheCorruptionError(
+            f"{location}: the root zarr.json does not parse ({type(exc).__name__}: {exc})",
+            hint="the cache's root metadata is damaged: restore zarr.json from a copy, or "
+            "rebuild the cache") from None
     if ROOT_ATTR not in group.attrs:
         raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest",
                                  hint="this is not a dune-distill cache")

@@ -17,6 +17,7 @@ as `incomplete` (a build to resume), not as damage.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,13 @@ import zarr.storage
 
 from cache_format import layout, shards
 from cache_format.errors import CacheCorruptionError, CacheVersionError
-from cache_format.manifest import STATUS_OK, STATUS_PENDING, keys_sha256
+from cache_format.manifest import (
+    MANIFEST_SHA_ATTR,
+    ROOT_ATTR,
+    STATUS_OK,
+    STATUS_PENDING,
+    keys_sha256,
+)
 from cache_format.records import VerifyReport
 
 if TYPE_CHECKING:
@@ -53,16 +60,23 @@ def verify_cache(reader: CacheReader) -> VerifyReport:
     return VerifyReport(checked, tuple(problems), tuple(missing), tuple(incomplete))
 
 
-def _reference_group(reader: CacheReader) -> zarr.Group:
-    """The cache's groups and arrays as this code creates them (metadata only, in memory)."""
+def _reference_metadata(reader: CacheReader) -> dict[str, dict]:
+    """{path: zarr metadata} of the cache's groups and arrays as this code creates them for its
+    manifest (built in memory, remembered per manifest: a fuzz run verifies one cache often)."""
     m = reader.manifest
+    key_bytes = tuple(
+        int(reader._group[f"{layout.dataset_path(d)}/{layout.KEY_UTF8}"].shape[0])
+        for d in m.datasets)
+    cache_key = (json.dumps(m.to_dict(), sort_keys=True), key_bytes)
+    hit = _REFERENCES.get(cache_key)
+    if hit is not None:
+        return hit
     root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
-    for dataset, fp in m.datasets.items():
+    for (dataset, fp), nbytes in zip(m.datasets.items(), key_bytes, strict=True):
         group = root.require_group(layout.dataset_path(dataset))
-        stored = reader._group[f"{layout.dataset_path(dataset)}/{layout.KEY_UTF8}"]
-        layout.create_index_arrays(group, int(stored.shape[0]), fp.num_images,
-                                   m.views_per_image, m.samples_per_shard,
-                                   len(m.view_param_names), len(m.status_codes))
+        layout.create_index_arrays(group, nbytes, fp.num_images, m.views_per_image,
+                                   m.samples_per_shard, len(m.view_param_names),
+                                   len(m.status_codes))
     for teacher, datasets in m.assignment.items():
         fp = m.teachers[teacher]
         for dataset in datasets:
@@ -70,7 +84,16 @@ def _reference_group(reader: CacheReader) -> zarr.Group:
             layout.create_teacher_arrays(group, m.encoding, reader.num_samples(dataset),
                                          m.num_tokens, fp.dim, fp.token_types,
                                          m.samples_per_shard)
-    return root
+    store = root.store._store_dict  # type: ignore[attr-defined]
+    found = {key[: -len("zarr.json")].rstrip("/"): json.loads(value.to_bytes())
+             for key, value in store.items() if key.endswith("zarr.json")}
+    if len(_REFERENCES) >= 8:
+        _REFERENCES.clear()
+    _REFERENCES[cache_key] = found
+    return found
+
+
+_REFERENCES: dict[tuple[str, tuple[int, ...]], dict[str, dict]] = {}
 
 
 def _verify_metadata(reader: CacheReader) -> list[str]:
@@ -80,20 +103,37 @@ def _verify_metadata(reader: CacheReader) -> list[str]:
     if reader.manifest.format_version != 2:
         return []
     try:
-        reference = _reference_group(reader)
+        reference = _reference_metadata(reader)
     except Exception as exc:  # zarr's parser fails in many ways on a damaged zarr.json
         return [f"{reader.location}: zarr metadata unreadable ({type(exc).__name__}: {exc})"]
     problems = []
-    for path, expected in reference.members(max_depth=None):
+    files = reader._fast.files
+    for path, expected in reference.items():
+        name = f"{path}/zarr.json" if path else "zarr.json"
         try:
-            found = reader._group[path].metadata.to_dict()
-        except Exception as exc:  # any failure to parse is damage of that file
-            problems.append(f"{reader.location}: {path}/zarr.json missing or unreadable "
-                            f"({type(exc).__name__}: {exc})")
+            raw = files.read_all(name)
+            found = None if raw is None else json.loads(raw)
+        except ValueError as exc:
+            problems.append(f"{reader.location}: {name} does not parse ({exc})")
             continue
-        if found != expected.metadata.to_dict():
-            problems.append(f"{reader.location}: {path}/zarr.json differs from the metadata "
-                            "this cache's manifest implies (edited or damaged)")
+        if found is None:
+            problems.append(f"{reader.location}: {name} is missing")
+            continue
+        if not path:  # the root: the manifest is checked by its checksum, on open
+            attrs = found.pop("attributes", {})
+            expected = {k: v for k, v in expected.items() if k != "attributes"}
+            extra = sorted(set(attrs) - {ROOT_ATTR, MANIFEST_SHA_ATTR})
+            if extra:
+                problems.append(f"{reader.location}: zarr.json: unexpected root attributes "
+                                f"{extra}")
+            if MANIFEST_SHA_ATTR not in attrs:
+                problems.append(f"{reader.location}: zarr.json has no manifest checksum "
+                                f"({MANIFEST_SHA_ATTR}), so an edit of the manifest cannot be "
+                                "told from the build's (caches built before checksums: "
+                                "`dune-cache upgrade CACHE` adds it)")
+        if found != expected:
+            problems.append(f"{reader.location}: {name} differs from the zarr metadata this "
+                            "cache's manifest implies (edited or damaged)")
     return problems
 
 

@@ -17,4 +17,4 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     """`--fuzz-count N`: trials of the reliability suite's fuzz test (default: its small count,
     or the DUNE_FUZZ_COUNT environment variable)."""
     parser.addoption("--fuzz-count", type=int, default=None,
-                     help="trials of tests/reliability/test_fuzz.py (default 60)")
+                     help="trials of tests/reliability/test_fuzz.py (default 100)")

@@ -1,6 +1,6 @@
 """The reliability suite's table: docs/reliability.md is written here, never by hand.
 
-Every test in tests/reliability/ is a scenario: its docstring's first line says what is done to
+Every test in tests/reliability/ is a scenario: its docstring's first paragraph says what is done to
 the cache and what must happen. At the end of a session that ran every test file of this folder
 (and deselected none of its tests), the scenarios, their trials and their outcomes are written
 to docs/reliability.md. A test may add `trials` (an int) and `detail` (a short text) with
@@ -27,8 +27,11 @@ def _function_of(item: pytest.Item) -> tuple[str, str]:
 
 
 def _scenario(item: pytest.Item) -> str:
+    """The first paragraph of the test's docstring, on one line (else the test's name)."""
     doc = (getattr(item, "function", None).__doc__ or "").strip()  # type: ignore[union-attr]
-    return doc.splitlines()[0].strip() if doc else item.name.replace("_", " ")
+    if not doc:
+        return item.name.replace("_", " ")
+    return " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
@@ -64,7 +67,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         "",
         "Written by `tests/reliability/conftest.py` at the end of every run of the whole "
         "reliability suite (`make test` runs it); do not edit by hand. Each row is one test of "
-        "`tests/reliability/`: its scenario (the docstring's first line), how many trials it "
+        "`tests/reliability/`: its scenario (the docstring's first paragraph), how many trials it "
         "ran and their outcome.",
         "",
         "| scenario | test | trials | result |",

@@ -39,7 +39,8 @@ def _verify_cli(path: Path) -> tuple[int, str]:
 
 
 def test_deleted_token_shard_file(cache: tuple[Path, dict]) -> None:
-    """Deleted token shard file: verify fails naming the file, the reader refuses it, info is not complete."""
+    """Deleted token shard file: verify fails naming the file, the reader refuses it, info is not
+    complete."""
     path, before = cache
     shard = path / "datasets/a/teachers/t1/tokens/c/1/0"
     shard.unlink()
@@ -56,7 +57,8 @@ def test_deleted_token_shard_file(cache: tuple[Path, dict]) -> None:
 
 
 def test_ok_record_absent_from_shard_index(cache: tuple[Path, dict]) -> None:
-    """A shard index that marks an ok sample's record absent: the reader refuses it, naming the shard file."""
+    """A shard index that marks an ok sample's record absent: the reader refuses it, naming the
+    shard file."""
     path, before = cache
     shard = path / "datasets/a/teachers/t2/tokens/c/0/0"
     data = bytearray(shard.read_bytes())
@@ -76,7 +78,8 @@ def test_ok_record_absent_from_shard_index(cache: tuple[Path, dict]) -> None:
 
 
 def test_deleted_status_chunk(cache: tuple[Path, dict]) -> None:
-    """Deleted consolidated status chunk: the index refuses to load (what the trainer reads first), verify names the array."""
+    """Deleted consolidated status chunk: the index refuses to load (what the trainer reads first),
+    verify names the array."""
     path, before = cache
     chunk = path / "datasets/b/statuses/c/0"
     chunk.unlink()
@@ -89,7 +92,8 @@ def test_deleted_status_chunk(cache: tuple[Path, dict]) -> None:
 
 
 def test_deleted_view_params_chunk(cache: tuple[Path, dict]) -> None:
-    """Deleted index rows (view parameters) chunk: reading its view parameters is refused naming the file; verify fails."""
+    """Deleted index rows (view parameters) chunk: reading its view parameters is refused naming the
+    file; verify fails."""
     path, before = cache
     chunk = path / "datasets/a/index_rows/c/1/0"
     chunk.unlink()
@@ -104,7 +108,8 @@ def test_deleted_view_params_chunk(cache: tuple[Path, dict]) -> None:
 
 @pytest.mark.parametrize("array", ["summary", "patch_calib_mean", "cls_calib_std"])
 def test_flipped_byte_in_statistics_or_calibration(cache: tuple[Path, dict], array: str) -> None:
-    """Flipped byte in a statistics or calibration chunk: verify names the array; the reader raises one CacheCorruptionError naming it."""
+    """Flipped byte in a statistics or calibration chunk: verify names the array; the reader raises
+    one CacheCorruptionError naming it."""
     path, before = cache
     flip_byte(path / f"datasets/a/teachers/t1/{array}/c/0", 7)
     code, output = _verify_cli(path)
@@ -131,7 +136,8 @@ def test_deleted_calibration_chunk(cache: tuple[Path, dict]) -> None:
 
 def test_add_teacher_died_on_a_full_disk(cache: tuple[Path, dict],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Disk full inside add_teacher: info says not complete, verify fails, the trainer's check refuses naming the pair."""
+    """Disk full inside add_teacher: info says not complete, verify fails, the trainer's check
+    refuses naming the pair."""
     path, before = cache
     writer = CacheWriter.open(path)
     writer.set_planned({"t3": ["a"]})
@@ -154,7 +160,8 @@ def test_add_teacher_died_on_a_full_disk(cache: tuple[Path, dict],
 
 
 def test_edited_manifest_checkpoint_sha256(cache: tuple[Path, dict]) -> None:
-    """Edited manifest (a teacher's checkpoint_sha256): every open refuses naming the manifest, the build included."""
+    """Edited manifest (a teacher's checkpoint_sha256): every open refuses naming the manifest, the
+    build included."""
     path, _ = cache
 
     def edit(manifest: dict) -> None:
