@@ -37,6 +37,10 @@ from cache_format.records import VerifyReport
 
 if TYPE_CHECKING:
     from cache_format.reader import CacheReader
+    from cache_format.sample_index import SampleIndex
+
+#: The documented repair of damaged shards (docs/reliability.md).
+REPAIR = "`dune-cache build CONFIG.toml --redo-damaged` recomputes the damaged shards"
 
 
 def verify_cache(reader: CacheReader) -> VerifyReport:
@@ -45,19 +49,21 @@ def verify_cache(reader: CacheReader) -> VerifyReport:
     missing: list[str] = []
     incomplete: list[str] = []
     checked = 0
+    damaged: list[tuple[str, str, int]] = []
     problems.extend(_verify_metadata(reader))
     if problems:  # arrays whose zarr metadata is damaged cannot be read as what they claim
         return VerifyReport(0, tuple(problems), (), ())
     for dataset in reader.datasets:
-        status, index_done = _verify_index(reader, dataset, problems, incomplete)
+        status, index_done = _verify_index(reader, dataset, problems, incomplete, damaged)
         for teacher in reader.teachers_for(dataset):
             checked += _verify_pair(reader, dataset, teacher, status, index_done, problems,
-                                    missing, incomplete)
+                                    missing, incomplete, damaged)
     found = reader.completeness()
     problems.extend(p for p in found.damaged if p not in problems)
     reported = " ".join([*missing, *incomplete])
     incomplete.extend(p for p in found.incomplete if p.split(":")[0] not in reported)
-    return VerifyReport(checked, tuple(problems), tuple(missing), tuple(incomplete))
+    return VerifyReport(checked, tuple(problems), tuple(missing), tuple(incomplete),
+                        tuple(dict.fromkeys(damaged)))
 
 
 def _reference_metadata(reader: CacheReader) -> dict[str, dict]:
@@ -138,14 +144,16 @@ def _verify_metadata(reader: CacheReader) -> list[str]:
 
 
 def _verify_index(reader: CacheReader, dataset: str, problems: list[str],
-                  missing: list[str]) -> tuple[np.ndarray | None, np.ndarray | None]:
+                  missing: list[str], damaged: list[tuple[str, str, int]]
+                  ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Check a dataset's index; its statuses and index done marks (None when they cannot be
-    read)."""
+    read). Index shards found damaged go to `damaged` as (dataset, "", shard)."""
     try:
         index = reader.index(dataset)
         found = index.verify()
         problems.extend(found)
         if found:
+            damaged.extend((dataset, "", s) for s in _damaged_index_shards(index))
             return None, None
         done = reader.index_done(dataset)
         status = index.status
@@ -166,16 +174,40 @@ def _verify_index(reader: CacheReader, dataset: str, problems: list[str],
     return status, done
 
 
+def _damaged_index_shards(index: SampleIndex) -> list[int]:
+    """Index shards whose rows or metadata row cannot be read, or disagree (to redo)."""
+    rows, meta_array = index._arrays[layout.INDEX_ROWS], index._arrays[layout.INDEX_META]
+    out = []
+    for shard in range(rows.num_chunks):
+        try:
+            block = index._read_chunk(rows, shard)[0]
+            meta = index._read_chunk(meta_array, shard)[0][0]
+        except CacheCorruptionError:
+            out.append(shard)
+            continue
+        start, stop = shards.shard_bounds(shard, index.num_samples, rows.rows_per_chunk)
+        if meta[0] and not np.array_equal(
+                meta, layout.index_meta_row(block[: stop - start, -1], meta.size - 1)):
+            out.append(shard)
+    return out
+
+
 def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.ndarray | None,
                  index_done: np.ndarray | None, problems: list[str], missing: list[str],
-                 incomplete: list[str]) -> int:
-    """Check one pair; the number of token shards read."""
+                 incomplete: list[str], damaged: list[tuple[str, str, int]]) -> int:
+    """Check one pair; the number of token shards read. Token shards found damaged go to
+    `damaged` as (dataset, teacher, shard)."""
     label = f"{dataset}/{teacher}"
     try:
         meta = reader.pair_meta(dataset, teacher)
         found = meta.verify()
         problems.extend(found)
         if found:
+            for shard in range(reader.num_shards(dataset)):
+                try:
+                    meta.done_mark(shard)
+                except CacheCorruptionError:
+                    damaged.append((dataset, teacher, shard))
             return 0
         rows = meta.rows()
         records = reader._records(dataset, teacher)[0]
@@ -196,20 +228,25 @@ def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.nda
             stored = reader._fast.stored_samples(records, shard)
         except CacheCorruptionError as exc:
             problems.append(str(exc))
+            damaged.append((dataset, teacher, shard))
             continue
         indexed = status is not None and index_done is not None and index_done[shard]
         if indexed and ok != int((status[start:stop] == STATUS_OK).sum()):
             problems.append(f"{label} shard {shard}: metadata says {ok} ok sample(s), the index "
                             f"{int((status[start:stop] == STATUS_OK).sum())}")
+            damaged.append((dataset, teacher, shard))
         elif stored != ok:
             lost = "its shard file is missing" if stored == 0 else f"{stored} stored"
             problems.append(f"{label} shard {shard}: written with {ok} ok sample(s), {lost} "
-                            "(lost or damaged; delete its metadata row and resume the build)")
+                            f"(lost or damaged; {REPAIR})")
+            damaged.append((dataset, teacher, shard))
     summary = meta.summary()
     unmarked = int((rows[:, 0] != layout.MARK_DONE).sum())
     if summary is not None and int(summary[0]) == layout.MARK_DONE and unmarked:
         problems.append(f"{label}: marked complete, but {unmarked} shard(s) have no metadata row "
-                        "(lost; delete the pair's summary and resume the build)")
+                        f"(lost; {REPAIR})")
+        damaged.extend((dataset, teacher, int(s)) for s in
+                       np.flatnonzero(rows[:, 0] != layout.MARK_DONE))
     if summary is None:
         incomplete.append(f"{label}: statistics never finalized (resume the build)")
     elif status is not None and index_done is not None and index_done.all():

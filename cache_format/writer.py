@@ -354,6 +354,29 @@ class CacheWriter:
         for path in also:
             self._array(path)[:] = 0
 
+    # -- repair -----------------------------------------------------------------------------
+    def forget_shard(self, dataset: str, teacher: str, shard: int) -> None:
+        """Mark a damaged token shard as never written: delete its metadata row (its done mark)
+        and the pair's summary, without reading either (they may be what is damaged). The next
+        build recomputes exactly that shard and merges the statistics again."""
+        self._teacher_fp(dataset, teacher)
+        self.shard_bounds(dataset, shard)
+        base = layout.teacher_path(dataset, teacher)
+        self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+        self._delete_chunk(self._array(f"{base}/{layout.SHARD_META}"), (shard, 0))
+
+    def forget_index_shard(self, dataset: str, shard: int) -> None:
+        """Mark a damaged index shard as never written: delete the dataset's summary and
+        consolidated statuses, then the shard's metadata row. The next build rewrites the same
+        rows (views are a pure function of the seed) and consolidates the statuses again."""
+        self.shard_bounds(dataset, shard)
+        base = layout.dataset_path(dataset)
+        self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+        statuses = self._array(f"{base}/{layout.STATUSES}")
+        for chunk in range(shards.num_shards(statuses.shape[0], statuses.chunks[0])):
+            self._delete_chunk(statuses, (chunk,))
+        self._delete_chunk(self._array(f"{base}/{layout.INDEX_META}"), (shard, 0))
+
     # -- token shards ----------------------------------------------------------------------
     def shard_done(self, dataset: str, teacher: str, shard: int) -> bool:
         """Whether token shard `shard` of (dataset, teacher) was written completely."""

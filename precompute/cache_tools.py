@@ -6,6 +6,9 @@
   checksums and counts; see cache_format/verify.py) and, with `recompute`, re-runs
   each teacher on N random cached views and compares fresh and cached tokens per token (cosine),
   against the encoding's fidelity floor. Any problem makes the report fail.
+- `redo_damaged(path)`: what `dune-cache build --redo-damaged` does first: verify, then mark
+  every damaged shard as never written, so that the build recomputes exactly those.
+- `skipped_images(path)`: every image skipped by the build, with its reason (`ls --skipped`).
 - `find_caches(folder)`: every cache under a folder, one summary each.
 """
 
@@ -18,10 +21,12 @@ import numpy as np
 import torch
 
 from cache_format import locate
+from cache_format.errors import CacheCorruptionError
 from cache_format.files import tree_nbytes
-from cache_format.manifest import status_name
+from cache_format.manifest import STATUS_OK, status_name
 from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import to_dict
+from cache_format.writer import CacheWriter
 
 #: Per-token cosine (fresh vs cached, 1st percentile) each encoding must keep. int8 is the
 #: format's tested floor; fp16 / bf16 lose far less, the floor leaves room for a rerun on
@@ -85,6 +90,7 @@ class VerifyResult:
 
     shards_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    damaged_shards: list[tuple[str, str, int]] = field(default_factory=list)
     recompute: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -161,6 +167,7 @@ def verify_cache(path: str, recompute: int = 0, seed: int = 0) -> VerifyResult:
     with open_cache(path) as reader:
         report = reader.verify()
         result.shards_checked = report.shards_checked
+        result.damaged_shards = list(report.damaged_shards)
         result.problems.extend(report.problems)
         result.problems.extend(f"missing: {m}" for m in report.missing)
         result.problems.extend(report.incomplete)
@@ -186,3 +193,53 @@ def _summary_line(path: str, manifest: dict[str, Any]) -> dict[str, Any]:
 def find_caches(folder: str) -> list[dict[str, Any]]:
     """Every cache under `folder` (not looking inside caches), sorted by path."""
     return [_summary_line(path, manifest) for path, manifest in locate.find_caches(folder)]
+
+
+def redo_damaged(path: str) -> list[str]:
+    """Verify the cache, then mark every damaged shard (index or tokens) as never written, so
+    that the build that follows recomputes exactly those; returns what was marked. Damage that
+    no shard recompute repairs (the manifest, a zarr.json, keys, calibration) is refused in one
+    CacheCorruptionError naming it, before anything is changed."""
+    with open_cache(path) as reader:
+        report = reader.verify()
+    unexplained = [p for p in report.problems if not any(
+        _names_shard(p, d, t, s) for d, t, s in report.damaged_shards)]
+    if unexplained:
+        raise CacheCorruptionError(
+            f"{path}: damage that recomputing shards cannot repair: " + "; ".join(unexplained[:3])
+            + (f" (and {len(unexplained) - 3} more)" if len(unexplained) > 3 else ""),
+            hint="restore the cache from a copy, or rebuild it into a new --cache path")
+    writer = CacheWriter.open(path)
+    done = []
+    for dataset, teacher, shard in report.damaged_shards:
+        if teacher:
+            writer.forget_shard(dataset, teacher, shard)
+            done.append(f"{dataset}/{teacher} token shard {shard}")
+        else:
+            writer.forget_index_shard(dataset, shard)
+            done.append(f"{dataset} index shard {shard}")
+    return done
+
+
+def _names_shard(problem: str, dataset: str, teacher: str, shard: int) -> bool:
+    """Whether a verify problem is about that shard (its pair or dataset is named in it)."""
+    names = (f"{dataset}/{teacher}", f"'{dataset}', teacher '{teacher}'") if teacher else (
+        f"dataset '{dataset}'", f"dataset {dataset} ")
+    return any(n in problem for n in names)
+
+
+def skipped_images(path: str) -> list[dict[str, Any]]:
+    """Every image with a view that the build skipped: dataset, image index, key, reason."""
+    out = []
+    with open_cache(path) as reader:
+        for dataset in reader.datasets:
+            index = reader.index(dataset)
+            status = index.status.reshape(-1, reader.manifest.views_per_image)
+            bad = np.flatnonzero((status != STATUS_OK).any(axis=1))
+            if not bad.size:
+                continue
+            for image, key in zip(bad.tolist(), index.keys_of(bad), strict=True):
+                codes = [c for c in status[image].tolist() if c != STATUS_OK]
+                out.append({"dataset": dataset, "image": image, "key": key,
+                            "reason": status_name(codes[0])})
+    return out
