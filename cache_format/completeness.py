@@ -16,7 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cache_format.errors import CacheCorruptionError, CacheNotFoundError, CacheVersionError
+from cache_format.errors import (
+    REPAIR_DAMAGED,
+    CacheCorruptionError,
+    CacheNotFoundError,
+    CacheVersionError,
+)
 from cache_format.manifest import STATUS_OK
 
 if TYPE_CHECKING:
@@ -116,7 +121,7 @@ def require_complete(reader: CacheReader, datasets: Sequence[str] | None = None)
     if found.damaged:
         raise CacheCorruptionError(
             f"{reader.location}: " + "; ".join(found.damaged),
-            hint="the cache is damaged: run `dune-cache verify`, then `dune-cache repair CACHE`")
+            hint=f"the cache is damaged: {REPAIR_DAMAGED}")
     if found.incomplete:
         more = f" (and {len(found.incomplete) - 3} more)" if len(found.incomplete) > 3 else ""
         raise CacheNotFoundError(

@@ -37,7 +37,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 
 from cache_format.checksum import crc32c_extend as _crc_extend
 from cache_format.checksum import crc32c_value as _crc_value
-from cache_format.errors import CacheCorruptionError, CacheVersionError
+from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError, CacheVersionError
 from cache_format.files import Files, LocalFiles
 
 MISSING = np.uint64(2**64 - 1)
@@ -160,8 +160,7 @@ class ShardReader:
         raise CacheCorruptionError(
             f"{layout.label}, {where}: {what} in shard file "
             f"{self.files.describe(layout.shard_key(shard))}",
-            hint="the cache is damaged: run `dune-cache verify`, delete the damaged shard's done "
-            "mark (or the file) and rebuild it",
+            hint=f"the cache is damaged: {REPAIR_DAMAGED}",
         )
 
     def shard_index(self, layout: ShardedLayout, shard: int) -> tuple[bytes, str]:

@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from cache_format import layout
-from cache_format.errors import CacheCorruptionError
+from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError
 from cache_format.files import Files
 from cache_format.plainread import PlainArray, read_chunk
 
@@ -51,7 +51,7 @@ class PairMeta:
         return out[0], out[1]
 
     def _read(self, name: str, chunk: int) -> np.ndarray:
-        hint = (f"delete that shard's metadata row ({name}/c/{chunk}/0) and resume the build"
+        hint = (REPAIR_DAMAGED
                 if name == layout.SHARD_META else "resume the build, which finalizes it again")
         return read_chunk(self._files, self._arrays[name], chunk, hint)[0]
 

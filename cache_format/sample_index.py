@@ -23,7 +23,12 @@ import numpy as np
 import zarr
 
 from cache_format import layout, shards
-from cache_format.errors import CacheCorruptionError, CacheVersionError, ConfigError
+from cache_format.errors import (
+    REPAIR_DAMAGED,
+    CacheCorruptionError,
+    CacheVersionError,
+    ConfigError,
+)
 from cache_format.files import Files, files_for
 from cache_format.locations import local_path
 from cache_format.manifest import STATUS_OK
@@ -193,8 +198,7 @@ class SampleIndex:
                     f"dataset {self.dataset!r}, array {layout.STATUSES!r}: the statuses count "
                     f"{counts[1:].tolist()} samples per status, the dataset's summary says "
                     f"{summary[1:].tolist()}",
-                    hint="the cache is damaged: run `dune-cache verify`, then "
-                    "`dune-cache repair CACHE`")
+                    hint=f"the cache is damaged: {REPAIR_DAMAGED}")
             return status
         rows = self._arrays[layout.INDEX_ROWS]
         out = np.empty(self.num_samples, dtype=np.uint8)
@@ -415,8 +419,7 @@ class SampleIndex:
     def _fix_hint(self, array: PlainArray, chunk: int) -> str:
         """How to repair a damaged chunk of `array` (the end of the error's hint)."""
         if array.path.endswith(f"/{layout.INDEX_ROWS}"):
-            return (f"delete that index shard's metadata row ({layout.INDEX_META}/c/{chunk}/0) "
-                    "and resume the build, which rewrites it")
+            return REPAIR_DAMAGED
         return "rebuild the cache, or `dune-cache upgrade` again if it was upgraded"
 
 

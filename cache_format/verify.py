@@ -25,6 +25,7 @@ import zarr
 import zarr.storage
 
 from cache_format import layout, shards
+from cache_format.errors import REPAIR_DAMAGED as REPAIR
 from cache_format.errors import CacheCorruptionError, CacheVersionError
 from cache_format.manifest import (
     MANIFEST_SHA_ATTR,
@@ -39,8 +40,11 @@ if TYPE_CHECKING:
     from cache_format.reader import CacheReader
     from cache_format.sample_index import SampleIndex
 
-#: The documented repair of damaged shards (docs/reliability.md).
-REPAIR = "`dune-cache build CONFIG.toml --redo-damaged` recomputes the damaged shards"
+
+
+#: `VerifyReport.damaged_shards`' shard number for "only the summary is damaged": merging the
+#: shards' rows again (a dataset: consolidating its statuses again) repairs it.
+SUMMARY_ONLY = -1
 
 
 def verify_cache(reader: CacheReader) -> VerifyReport:
@@ -152,8 +156,11 @@ def _verify_index(reader: CacheReader, dataset: str, problems: list[str],
         index = reader.index(dataset)
         found = index.verify()
         problems.extend(found)
-        if found:
-            damaged.extend((dataset, "", s) for s in _damaged_index_shards(index))
+        if found:  # the shards to redo; else only the consolidation (summary, statuses)
+            shards_ = _damaged_index_shards(index)
+            if not shards_ and all("summary" in p or "statuses" in p for p in found):
+                shards_ = [SUMMARY_ONLY]
+            damaged.extend((dataset, "", s) for s in shards_)
             return None, None
         done = reader.index_done(dataset)
         status = index.status
@@ -203,11 +210,17 @@ def _verify_pair(reader: CacheReader, dataset: str, teacher: str, status: np.nda
         found = meta.verify()
         problems.extend(found)
         if found:
+            before = len(damaged)
             for shard in range(reader.num_shards(dataset)):
                 try:
                     meta.done_mark(shard)
                 except CacheCorruptionError:
                     damaged.append((dataset, teacher, shard))
+            if len(damaged) == before:  # the rows hold: is it the summary (or calibration)?
+                try:
+                    meta.summary()
+                except CacheCorruptionError:
+                    damaged.append((dataset, teacher, SUMMARY_ONLY))
             return 0
         rows = meta.rows()
         records = reader._records(dataset, teacher)[0]

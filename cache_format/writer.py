@@ -355,6 +355,21 @@ class CacheWriter:
             self._array(path)[:] = 0
 
     # -- repair -----------------------------------------------------------------------------
+    def forget_summary(self, dataset: str, teacher: str = "") -> None:
+        """Delete a damaged summary (a pair's; with no teacher, the dataset's summary and
+        consolidated statuses) without reading it; the next build merges or consolidates again
+        from the shards' rows."""
+        if teacher:
+            self._teacher_fp(dataset, teacher)
+            base = layout.teacher_path(dataset, teacher)
+            self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+            return
+        base = layout.dataset_path(dataset)
+        self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+        statuses = self._array(f"{base}/{layout.STATUSES}")
+        for chunk in range(shards.num_shards(statuses.shape[0], statuses.chunks[0])):
+            self._delete_chunk(statuses, (chunk,))
+
     def forget_shard(self, dataset: str, teacher: str, shard: int) -> None:
         """Mark a damaged token shard as never written: delete its metadata row (its done mark)
         and the pair's summary, without reading either (they may be what is damaged). The next
@@ -370,11 +385,8 @@ class CacheWriter:
         consolidated statuses, then the shard's metadata row. The next build rewrites the same
         rows (views are a pure function of the seed) and consolidates the statuses again."""
         self.shard_bounds(dataset, shard)
+        self.forget_summary(dataset)
         base = layout.dataset_path(dataset)
-        self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
-        statuses = self._array(f"{base}/{layout.STATUSES}")
-        for chunk in range(shards.num_shards(statuses.shape[0], statuses.chunks[0])):
-            self._delete_chunk(statuses, (chunk,))
         self._delete_chunk(self._array(f"{base}/{layout.INDEX_META}"), (shard, 0))
 
     # -- token shards ----------------------------------------------------------------------

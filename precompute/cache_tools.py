@@ -202,7 +202,7 @@ def redo_damaged(path: str) -> list[str]:
     CacheCorruptionError naming it, before anything is changed."""
     with open_cache(path) as reader:
         report = reader.verify()
-    unexplained = [p for p in report.problems if not any(
+    unexplained = [p for p in report.problems if any(w in p for w in _NOT_SHARDS) or not any(
         _names_shard(p, d, t, s) for d, t, s in report.damaged_shards)]
     if unexplained:
         raise CacheCorruptionError(
@@ -212,13 +212,20 @@ def redo_damaged(path: str) -> list[str]:
     writer = CacheWriter.open(path)
     done = []
     for dataset, teacher, shard in report.damaged_shards:
-        if teacher:
+        if shard < 0:  # verify.SUMMARY_ONLY
+            writer.forget_summary(dataset, teacher)
+            done.append(f"{dataset}/{teacher} summary" if teacher else f"{dataset} summary")
+        elif teacher:
             writer.forget_shard(dataset, teacher, shard)
             done.append(f"{dataset}/{teacher} token shard {shard}")
         else:
             writer.forget_index_shard(dataset, shard)
             done.append(f"{dataset} index shard {shard}")
     return done
+
+
+#: Words of verify problems about parts that no shard recompute rewrites.
+_NOT_SHARDS = ("key_utf8", "key_offsets", "keys_sha256", "_calib_", "zarr.json", "manifest")
 
 
 def _names_shard(problem: str, dataset: str, teacher: str, shard: int) -> bool:

@@ -83,3 +83,16 @@ def test_ls_skipped_lists_skipped_images_with_reasons(built: tuple[Path, Path, d
     assert lines and all(row[0] == "web" for row in lines)
     reasons = {row[3] for row in lines}
     assert {"zero_bytes", "truncated", "not_an_image"} <= reasons
+
+
+def test_redo_damaged_repairs_damaged_summaries(built: tuple[Path, Path, dict]) -> None:
+    """Flipped byte in a pair's statistics summary and in a dataset's consolidated statuses:
+    `build --redo-damaged` merges and consolidates them again, bit-identical."""
+    config, cache, original = built
+    flip_byte(cache / "datasets/web/teachers/mast3r/summary/c/0", 11)
+    flip_byte(cache / "datasets/rooms/statuses/c/0", 2)
+    assert _run("verify", str(cache))[0] == 1
+    code, output = _run("build", str(config), "--redo-damaged")
+    assert code == 0, output
+    assert "web/mast3r summary" in output and "rooms summary" in output
+    assert file_hashes(cache) == original
