@@ -13,6 +13,11 @@ import re
 import sys
 from collections.abc import Callable
 
+#: The documented repair of damaged shards (docs/building.md, "Checking a cache"): the hint of
+#: every error about a damaged shard ends with it.
+REPAIR_DAMAGED = ("`dune-cache verify CACHE` lists the damage; `dune-cache build CONFIG.toml "
+                  "--redo-damaged` recomputes the damaged shards")
+
 
 class DuneError(Exception):
     """Base class of every error this project raises on purpose."""

@@ -25,7 +25,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +37,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, Zstd
 
 from cache_format.checksum import crc32c_extend as _crc_extend
 from cache_format.checksum import crc32c_value as _crc_value
-from cache_format.errors import CacheCorruptionError, CacheVersionError
+from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError, CacheVersionError
 from cache_format.files import Files, LocalFiles
 
 MISSING = np.uint64(2**64 - 1)
@@ -142,6 +142,11 @@ class ShardReader:
         self._index_cache: dict[tuple[str, int], tuple[bytes, str]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        #: Which samples of a shard must have a stored chunk (bool [samples in the shard]), or
+        #: None when unknown: the reader's index statuses. Asked once per shard index loaded,
+        #: never per sample, so that "never written" and "written, then lost" differ at no
+        #: cost on the hot path.
+        self.expected: Callable[[ShardedLayout, int], np.ndarray | None] | None = None
         _READERS.add(self)
 
     def after_fork(self) -> None:
@@ -155,8 +160,7 @@ class ShardReader:
         raise CacheCorruptionError(
             f"{layout.label}, {where}: {what} in shard file "
             f"{self.files.describe(layout.shard_key(shard))}",
-            hint="the cache is damaged: run `dune-cache verify`, delete the damaged shard's done "
-            "mark (or the file) and rebuild it",
+            hint=f"the cache is damaged: {REPAIR_DAMAGED}",
         )
 
     def shard_index(self, layout: ShardedLayout, shard: int) -> tuple[bytes, str]:
@@ -175,6 +179,7 @@ class ShardReader:
             index = _EMPTY_ENTRY * layout.samples_per_shard
         else:
             index = self._parse_index(layout, shard, *tail)
+        self._check_expected(layout, shard, index, tail is None)
         with self._lock:
             self._index_cache[cache_key] = (index, key)
             while len(self._index_cache) > self._index_capacity:  # oldest first
@@ -193,6 +198,25 @@ class ShardReader:
         if ends.size and int(ends.max()) > size - layout.index_nbytes:
             self._corrupt(layout, shard, None, "index points past the data (truncated file?)")
         return bytes(raw[:-4])
+
+    def _check_expected(self, layout: ShardedLayout, shard: int, index: bytes,
+                        absent: bool) -> None:
+        """Refuse a shard whose index lacks a chunk that `expected` says was written: its
+        file or record was lost (read as the fill value, it would decode as the calibration
+        mean)."""
+        if self.expected is None:
+            return
+        wanted = self.expected(layout, shard)
+        if wanted is None:
+            return
+        entries = np.frombuffer(index, dtype="<u8").reshape(-1, 2)[: wanted.size, 0]
+        lost = np.flatnonzero(wanted & (entries == MISSING))
+        if lost.size:
+            first = shard * layout.samples_per_shard + int(lost[0])
+            what = ("shard file missing" if absent else
+                    f"{lost.size} record(s) absent from the shard index (first: sample {first})")
+            self._corrupt(layout, shard, None, f"{what}, though the index says "
+                          f"{int(wanted.sum())} sample(s) of this shard are ok and were written")
 
     def read(self, samples: Sequence[int], targets: Sequence[ReadTarget]) -> None:
         """Fill the output arrays of every target with `samples`, verifying each chunk's crc32c.
@@ -326,9 +350,11 @@ class ShardReader:
         key = layout.shard_key(shard)
         tail = self.files.tail(key, layout.index_nbytes)
         if tail is None:
+            self._check_expected(layout, shard, _EMPTY_ENTRY * layout.samples_per_shard, True)
             out[...] = layout.fill_value
             return out
         index = self._parse_index(layout, shard, *tail)
+        self._check_expected(layout, shard, index, False)
         raw = self.files.read(key, 0, tail[1])
         if raw is None or len(raw) != tail[1]:
             self._corrupt(layout, shard, None, "shard file changed while being read")

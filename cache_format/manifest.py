@@ -11,18 +11,28 @@ cache of the new one. A reader refuses a cache whose version is newer than its o
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cache_format.encodings import EncodingSpec
-from cache_format.errors import CacheMismatchError, CacheVersionError, ConfigError
+from cache_format.errors import (
+    CacheCorruptionError,
+    CacheMismatchError,
+    CacheVersionError,
+    ConfigError,
+)
 from cache_format.replay import ReplaySpec
 from cache_format.serde import from_dict, to_dict
 
 FORMAT_VERSION = 2
 ROOT_ATTR = "dune_cache"
+#: Root attribute holding the SHA-256 of the manifest's canonical JSON (`manifest_sha256`). It
+#: sits beside the manifest, so an edit of any manifest field that does not also recompute it
+#: (a hand edit, a flipped byte) is refused when the cache is opened.
+MANIFEST_SHA_ATTR = "dune_cache_sha256"
 #: The token types a teacher can give, in storage order: "patch" always, "cls" when it has one.
 #: The one definition: teachers, the writer, the reader and the trainer all use this.
 TOKEN_TYPES: tuple[str, ...] = ("cls", "patch")
@@ -84,6 +94,38 @@ def check_node_name(name: str, what: str, *, stored: bool = False) -> None:
             f"{what}: expected a name of {NAME_RULE} (it names cache groups and TOML keys), "
             f"found {name!r}"
         )
+
+
+def manifest_sha256(stored: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a stored manifest's canonical JSON: keys sorted, no whitespace, UTF-8."""
+    text = json.dumps(stored, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def manifest_attrs(stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The root attributes that store a manifest: the manifest and its checksum (written in one
+    update, so that they never disagree on disk)."""
+    return {ROOT_ATTR: dict(stored), MANIFEST_SHA_ATTR: manifest_sha256(stored)}
+
+
+def check_manifest_sha(attrs: Mapping[str, Any], where: str) -> None:
+    """Refuse a root whose manifest no longer matches its checksum (CacheCorruptionError).
+
+    Caches written before the checksum existed have none; they are accepted as they are (the
+    next write through CacheWriter adds it)."""
+    found = attrs.get(MANIFEST_SHA_ATTR)
+    version = (attrs.get(ROOT_ATTR) or {}).get("format_version")
+    if found is None or (isinstance(version, int) and version > FORMAT_VERSION):
+        return  # no checksum yet; or a newer format, refused by Manifest.from_dict's own rule
+    actual = manifest_sha256(attrs[ROOT_ATTR])
+    if found != actual:
+        raise CacheCorruptionError(
+            f"{where}: the manifest (root attribute {ROOT_ATTR!r} in zarr.json) does not match "
+            f"its checksum {MANIFEST_SHA_ATTR}: expected {found!r}, found {actual!r}; it was "
+            "edited or damaged after the build wrote it",
+            hint="restore the cache's zarr.json from a copy, or rebuild the cache; a manifest "
+            "is never edited by hand")
 
 
 def keys_sha256(keys: Iterable[str]) -> str:
@@ -180,6 +222,10 @@ class Manifest:
     #: Where the tokens came from when no teacher ran: `dune-cache transcode` records the source
     #: cache ({"transcoded_from": location, "encoding": {...}}); empty for a build.
     origin: dict[str, Any] = field(default_factory=dict)
+    #: {teacher: [datasets]}: every pair the build config asks for, recorded by the builder
+    #: before it adds any pair. Completeness is judged against it (a pair planned but never
+    #: added is missing, not absent by choice); empty in caches written before it.
+    planned: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.grid) != 2 or min(self.grid) <= 0:

@@ -13,9 +13,12 @@ import numpy as np
 import zarr
 
 from cache_format import layout
-from cache_format.errors import CacheCorruptionError
+from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError
 from cache_format.files import Files
 from cache_format.plainread import PlainArray, read_chunk
+
+#: How to repair a damaged calibration chunk: the pair's tokens were encoded with it.
+_CALIB_FIX = "the pair's tokens were encoded with it: rebuild the cache from a copy or anew"
 
 
 class PairMeta:
@@ -29,12 +32,26 @@ class PairMeta:
         self._arrays = {name: PlainArray.from_array(group[name],  # type: ignore[arg-type]
                                                     f"{self.label}, array {name!r}")
                         for name in (layout.SHARD_META, layout.SUMMARY)}
-        self._calib = [PlainArray.from_array(a, f"{self.label}, array {a.basename!r}")
+        self._calib = {a.basename: PlainArray.from_array(a, f"{self.label}, array "
+                                                         f"{a.basename!r}")
                        for a in group.array_values()  # type: ignore[union-attr]
-                       if a.basename.endswith(("_calib_mean", "_calib_std"))]
+                       if a.basename.endswith(("_calib_mean", "_calib_std"))}
+
+    def calibration(self, tok: str) -> tuple[np.ndarray, np.ndarray]:
+        """The int8 calibration (mean, std) float32 [D] of token type `tok`, checksums
+        verified. Written with the pair, before any shard: a missing chunk is damage."""
+        out = []
+        for name in layout.calib_names(tok):
+            array = self._calib.get(name)
+            if array is None:
+                raise CacheCorruptionError(
+                    f"{self.label}: calibration array {name!r} is missing",
+                    hint="the cache is damaged: run `dune-cache verify`")
+            out.append(np.array(read_chunk(self._files, array, 0, _CALIB_FIX, True)[0]))
+        return out[0], out[1]
 
     def _read(self, name: str, chunk: int) -> np.ndarray:
-        hint = (f"delete that shard's metadata row ({name}/c/{chunk}/0) and resume the build"
+        hint = (REPAIR_DAMAGED
                 if name == layout.SHARD_META else "resume the build, which finalizes it again")
         return read_chunk(self._files, self._arrays[name], chunk, hint)[0]
 
@@ -57,10 +74,16 @@ class PairMeta:
     def verify(self) -> list[str]:
         """Read every chunk of the pair's metadata and calibration arrays; the damaged ones."""
         problems = []
-        for array in [*self._arrays.values(), *self._calib]:
+        for array in self._arrays.values():
             for chunk in range(array.num_chunks):
                 try:
                     read_chunk(self._files, array, chunk)
+                except CacheCorruptionError as exc:
+                    problems.append(str(exc))
+        for array in self._calib.values():
+            for chunk in range(array.num_chunks):
+                try:
+                    read_chunk(self._files, array, chunk, _CALIB_FIX, True)
                 except CacheCorruptionError as exc:
                     problems.append(str(exc))
         return problems

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -105,11 +105,20 @@ class PlainArray:
                    0 if fill is None else fill)
 
 
-def read_chunk(files: Files, array: PlainArray, chunk: int, fix: str = "") -> tuple[np.ndarray,
-                                                                                    int]:
+#: `read_chunk`'s `required`: whether a missing chunk file is damage (a bool, or a function
+#: asked only when the file is missing, so that the check costs nothing on the read path).
+Required = bool | Callable[[], bool]
+
+
+def read_chunk(files: Files, array: PlainArray, chunk: int, fix: str = "",
+               required: Required = False) -> tuple[np.ndarray, int]:
     """Chunk `chunk` of `array` decoded to [rows_per_chunk, ...] (read-only; an edge chunk keeps
     its padding), and an estimate of the bytes it holds. `fix` ends the hint of the
-    CacheCorruptionError raised for a damaged chunk (naming array, chunk and file)."""
+    CacheCorruptionError raised for a damaged chunk (naming array, chunk and file).
+
+    A chunk file that does not exist reads as the fill value (zarr stores no chunk equal to it)
+    unless `required` says the metadata promises it was written: then it was lost, and that is
+    a CacheCorruptionError too."""
     key = array.chunk_key(chunk)
     if array.vlen:
         raw = files.read_all(key)
@@ -117,7 +126,10 @@ def read_chunk(files: Files, array: PlainArray, chunk: int, fix: str = "") -> tu
     else:
         expected = array.chunk_nbytes + 4
         raw = files.read(key, 0, expected + 1)  # one byte more: a longer file is damage too
-    if raw is None:  # never stored: all fill value, as zarr reads it
+    if raw is None:  # never stored (all fill value, as zarr reads it) or lost
+        if required if isinstance(required, bool) else required():
+            _corrupt(files, array, chunk, "chunk file missing, though the metadata says it "
+                     "was written", fix)
         block = array.fill_chunk()
         return block, block.nbytes
     if len(raw) < 4 or (expected is not None and len(raw) != expected):

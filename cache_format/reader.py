@@ -18,8 +18,10 @@ import torch
 import zarr
 
 from cache_format import layout, shards
+from cache_format.completeness import Completeness
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import (
+    CacheCorruptionError,
     CacheNotFoundError,
     CacheVersionError,
     ConfigError,
@@ -27,7 +29,7 @@ from cache_format.errors import (
 from cache_format.fastread import ShardedLayout, ShardReader
 from cache_format.files import BufferPool, files_for, tree_nbytes
 from cache_format.locations import is_url
-from cache_format.manifest import ROOT_ATTR, Manifest
+from cache_format.manifest import ROOT_ATTR, STATUS_OK, Manifest, check_manifest_sha
 from cache_format.pairmeta import PairMeta
 from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
 from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
@@ -65,9 +67,15 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
     except FileNotFoundError:
         raise CacheNotFoundError(f"{location}: no cache there",
                                  hint="build one with `dune-cache build`") from None
+    except (ValueError, TypeError, KeyError) as exc:  # zarr.json is not JSON zarr can read
+        raise CacheCorruptionError(
+            f"{location}: the root zarr.json does not parse ({type(exc).__name__}: {exc})",
+            hint="the cache's root metadata is damaged: restore zarr.json from a copy, or "
+            "rebuild the cache") from None
     if ROOT_ATTR not in group.attrs:
         raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest",
                                  hint="this is not a dune-distill cache")
+    check_manifest_sha(group.attrs, location)
     manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location)
     fast = ShardReader(files_for(location, settings.storage_options), threads=threads,
                        index_cache_entries=index_cache_entries,
@@ -103,6 +111,8 @@ class CacheReader:
         self._num_samples: dict[str, int] = {}
         self._pair_metas: dict[tuple[str, str], PairMeta | V1PairMeta] = {}
         self._meta_files: Any = None
+        self._pair_of_path: dict[str, tuple[str, str]] = {}
+        fast.expected = self._expected_records
 
     def reopen(self) -> CacheReader:
         """A new reader of the same cache, opened with the same settings (e.g. in a worker)."""
@@ -194,11 +204,13 @@ class CacheReader:
             return None
         key = (dataset, teacher, tok)
         if key not in self._calib:
-            self._check_pair(dataset, teacher)
-            group = self._group[layout.teacher_path(dataset, teacher)]
-            mean_name, std_name = layout.calib_names(tok)
-            self._calib[key] = (torch.from_numpy(group[mean_name][:]),
-                                torch.from_numpy(group[std_name][:]))
+            meta = self.pair_meta(dataset, teacher)
+            if isinstance(meta, PairMeta):  # checksums verified, a lost chunk named
+                mean, std = meta.calibration(tok)
+            else:
+                group = self._group[layout.teacher_path(dataset, teacher)]
+                mean, std = (group[name][:] for name in layout.calib_names(tok))
+            self._calib[key] = (torch.from_numpy(mean), torch.from_numpy(std))
         return self._calib[key]
 
     def stats(self, teacher: str, tok: str, datasets: Sequence[str] | None = None
@@ -283,6 +295,21 @@ class CacheReader:
         written): a missing shard object with a count > 0 was written and then lost."""
         return self.pair_meta(dataset, teacher).rows()[:, 1].astype(np.int64)
 
+    def lost_shard_files(self, dataset: str, teacher: str) -> list[int]:
+        """Token shards of a pair whose done mark and index say they hold ok samples but whose
+        file is gone (one existence check per such shard; for `info`, which reads no data)."""
+        lay, _ = self._records(dataset, teacher)
+        done = self.pair_done(dataset, teacher)
+        status = self.index(dataset).status
+        n, sps = self.num_samples(dataset), self.manifest.samples_per_shard
+        lost = []
+        for shard in np.flatnonzero(done).tolist():
+            start, stop = shards.shard_bounds(shard, n, sps)
+            if (status[start:stop] == STATUS_OK).any() and self._fast.files.tail(
+                    lay.shard_key(shard), 0) is None:
+                lost.append(shard)
+        return lost
+
     def nbytes(self, dataset: str | None = None, teacher: str | None = None) -> int:
         """Stored bytes of the cache, a dataset or a pair (local caches; 0 for URLs)."""
         prefix = ("" if dataset is None else layout.dataset_path(dataset) if teacher is None
@@ -296,7 +323,20 @@ class CacheReader:
             array = self._group[f"{layout.teacher_path(dataset, teacher)}/{name}"]
             label = f"dataset {dataset!r}, teacher {teacher!r}, array {name!r}"
             self._layouts[key] = ShardedLayout.from_array(array, label)  # type: ignore[arg-type]
+            if name == layout.TOKENS:
+                self._pair_of_path[self._layouts[key].path] = (dataset, teacher)
         return self._layouts[key]
+
+    def _expected_records(self, lay: ShardedLayout, shard: int) -> np.ndarray | None:
+        """The samples of a token shard that must have a stored record: those whose status is
+        ok (the writer stores exactly those). Asked once per shard index the fast reader
+        loads (fastread.ShardReader.expected)."""
+        pair = self._pair_of_path.get(lay.path)
+        if pair is None:
+            return None
+        start, stop = shards.shard_bounds(shard, self.num_samples(pair[0]),
+                                          self.manifest.samples_per_shard)
+        return self.index(pair[0]).status[start:stop] == STATUS_OK
 
     def _done_marks(self, dataset: str, teacher: str) -> bytearray:
         """The pair's done marks seen so far (1 = done; 0 = not seen done yet). A done mark is
@@ -435,6 +475,20 @@ class CacheReader:
                 tokens[tok] = EncodedTokens(torch.from_numpy(field_array(records, by_name[tok])),
                                             scale, self.encoding, *calib).decode()
             yield ShardBlock(shard, start, stop, tokens)
+
+    def completeness(self, datasets: Sequence[str] | None = None) -> Completeness:
+        """What is missing or inconsistent against what the manifest planned (metadata only;
+        see completeness.py)."""
+        from cache_format.completeness import completeness
+
+        return completeness(self, datasets)
+
+    def require_complete(self, datasets: Sequence[str] | None = None) -> None:
+        """Raise one error naming what is missing (CacheNotFoundError) or inconsistent
+        (CacheCorruptionError) in `datasets` (default: all): a trainer calls it before step 0."""
+        from cache_format.completeness import require_complete
+
+        require_complete(self, datasets)
 
     def verify(self) -> VerifyReport:
         """Read every chunk of every array (metadata included), check every checksum and that

@@ -106,12 +106,16 @@ class ShardBlock:
 class VerifyReport:
     """Result of `CacheReader.verify()`: damaged or inconsistent data (`problems`), token shards
     never written (`missing`), and what else a build still has to do (`incomplete`: index
-    shards never written, statistics never merged)."""
+    shards never written, statistics never merged), and which shards are damaged."""
 
     shards_checked: int
     problems: tuple[str, ...]
     missing: tuple[str, ...]
     incomplete: tuple[str, ...] = ()
+    #: The shards found damaged, to recompute: (dataset, teacher, shard), teacher "" for an
+    #: index shard. Damage outside shards (manifest, zarr.json, keys, calibration) is only in
+    #: `problems`.
+    damaged_shards: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -23,7 +23,12 @@ import numpy as np
 import zarr
 
 from cache_format import layout, shards
-from cache_format.errors import CacheCorruptionError, CacheVersionError, ConfigError
+from cache_format.errors import (
+    REPAIR_DAMAGED,
+    CacheCorruptionError,
+    CacheVersionError,
+    ConfigError,
+)
 from cache_format.files import Files, files_for
 from cache_format.locations import local_path
 from cache_format.manifest import STATUS_OK
@@ -184,8 +189,17 @@ class SampleIndex:
         return self._load(self._arrays[layout.INDEX_META])
 
     def _load_status(self) -> np.ndarray:
-        if self.summary() is not None:  # complete: the consolidated array, a few large chunks
-            return self._load(self._arrays[layout.STATUSES])
+        summary = self.summary()
+        if summary is not None:  # complete: the consolidated array, a few large chunks
+            status = self._load(self._arrays[layout.STATUSES])
+            counts = layout.index_meta_row(status, summary.size - 1)
+            if not np.array_equal(counts, summary):
+                raise CacheCorruptionError(
+                    f"dataset {self.dataset!r}, array {layout.STATUSES!r}: the statuses count "
+                    f"{counts[1:].tolist()} samples per status, the dataset's summary says "
+                    f"{summary[1:].tolist()}",
+                    hint=f"the cache is damaged: {REPAIR_DAMAGED}")
+            return status
         rows = self._arrays[layout.INDEX_ROWS]
         out = np.empty(self.num_samples, dtype=np.uint8)
         column = rows.shape[1] - 1
@@ -378,14 +392,34 @@ class SampleIndex:
         return files
 
     def _read_chunk(self, array: PlainArray, chunk: int) -> tuple[np.ndarray, int]:
-        """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached."""
-        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk))
+        """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached. A missing
+        chunk that the metadata says was written is damage (`_chunk_required`)."""
+        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk),
+                          lambda: self._chunk_required(array, chunk))
+
+    def _chunk_required(self, array: PlainArray, chunk: int) -> bool:
+        """Whether chunk `chunk` of `array` must exist (asked only when its file is missing).
+
+        Keys are written when the dataset is added; an index shard's rows before its metadata
+        row (its done mark); the consolidated statuses before the summary. None of them can
+        equal the fill value once written (a written status is never 0, "pending"), so a
+        missing one was lost, never skipped by zarr."""
+        name = array.path.rsplit("/", 1)[-1]
+        if name in (layout.KEY_UTF8, layout.KEY_OFFSETS):
+            return True
+        if name == layout.STATUSES:
+            return self.summary() is not None
+        if name == layout.INDEX_ROWS:
+            if self.summary() is not None:
+                return True
+            meta = self._read_chunk(self._arrays[layout.INDEX_META], chunk)[0]
+            return int(meta[0, 0]) == layout.MARK_DONE
+        return False
 
     def _fix_hint(self, array: PlainArray, chunk: int) -> str:
         """How to repair a damaged chunk of `array` (the end of the error's hint)."""
         if array.path.endswith(f"/{layout.INDEX_ROWS}"):
-            return (f"delete that index shard's metadata row ({layout.INDEX_META}/c/{chunk}/0) "
-                    "and resume the build, which rewrites it")
+            return REPAIR_DAMAGED
         return "rebuild the cache, or `dune-cache upgrade` again if it was upgraded"
 
 

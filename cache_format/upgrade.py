@@ -26,7 +26,13 @@ import zarr
 
 from cache_format import layout, v1
 from cache_format.errors import CacheNotFoundError
-from cache_format.manifest import FORMAT_VERSION, ROOT_ATTR, Manifest
+from cache_format.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_SHA_ATTR,
+    ROOT_ATTR,
+    Manifest,
+    manifest_attrs,
+)
 from cache_format.writer import CacheWriter
 
 #: Group attribute set once a group's version-2 arrays are complete (see the module docstring).
@@ -94,9 +100,10 @@ def upgrade_cache(path: str | os.PathLike[str],
         group = root[layout.dataset_path(dataset)]
         if _convert(group, _DATASET_V1, lambda g, d=dataset: _dataset(writer, g, d)):
             converted.append(dataset)
-    if upgraded != data:
-        root.attrs[ROOT_ATTR] = upgraded  # last: the cache is version 2 from here
-    return UpgradeReport(found, tuple(converted), upgraded != data)
+    rewrite = upgraded != data or MANIFEST_SHA_ATTR not in root.attrs  # checksum added too
+    if rewrite:
+        root.attrs.update(manifest_attrs(upgraded))  # last: the cache is version 2 from here
+    return UpgradeReport(found, tuple(converted), rewrite)
 
 
 def _convert(group: Any, old: tuple[str, ...], write_v2: Any) -> bool:

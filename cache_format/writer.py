@@ -35,7 +35,9 @@ from cache_format.manifest import (
     DatasetFingerprint,
     Manifest,
     TeacherFingerprint,
+    check_manifest_sha,
     keys_sha256,
+    manifest_attrs,
 )
 from cache_format.replay import ReplaySpec
 from cache_format.serde import json_problem, to_dict
@@ -90,13 +92,13 @@ class CacheWriter:
                     hint="use CacheWriter.open() to extend it, or pick another path",
                 ) from None
             writer = cls.open(location, storage_options=storage_options)
-            grown = ("teachers", "datasets", "assignment", "build_config", "replay")
+            grown = ("teachers", "datasets", "assignment", "build_config", "replay", "planned")
             settings = {k: v for k, v in to_dict(manifest).items() if k not in grown}
             settings["encoding"] = manifest.encoding
             writer.manifest.check_against(**settings)
             return writer
         group.require_group(layout.DATASETS)
-        group.attrs[ROOT_ATTR] = manifest.to_dict()
+        group.attrs.update(manifest_attrs(manifest.to_dict()))
         return cls(group, manifest, location)
 
     @classmethod
@@ -112,6 +114,7 @@ class CacheWriter:
                                      hint="create it with CacheWriter.create()") from None
         if ROOT_ATTR not in group.attrs:
             raise CacheNotFoundError(f"{location}: a zarr group without a {ROOT_ATTR!r} manifest")
+        check_manifest_sha(group.attrs, location)  # the build refuses an edited manifest
         manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location)
         if manifest.format_version != FORMAT_VERSION:
             raise CacheVersionError(
@@ -126,8 +129,20 @@ class CacheWriter:
         return self._manifest
 
     def _save_manifest(self, manifest: Manifest) -> None:
-        self._group.attrs[ROOT_ATTR] = manifest.to_dict()
+        # The manifest and its checksum in one update of the root metadata (manifest_attrs).
+        self._group.attrs.update(manifest_attrs(manifest.to_dict()))
         self._manifest = manifest
+
+    def set_planned(self, planned: Mapping[str, Sequence[str]]) -> None:
+        """Record every (teacher, dataset) pair the build asks for, before any is added, so
+        that readers judge completeness against it (a pair that was never added because its
+        `add_teacher` died is then missing, not absent by choice). Pairs already planned stay
+        planned. Only the root manifest attribute is rewritten."""
+        merged = {t: tuple(d) for t, d in self._manifest.planned.items()}
+        for teacher, datasets in planned.items():
+            merged[teacher] = tuple(dict.fromkeys([*merged.get(teacher, ()), *datasets]))
+        if merged != self._manifest.planned:
+            self._save_manifest(replace(self._manifest, planned=merged))
 
     def set_build_config(self, config: dict[str, Any]) -> None:
         """Replace the manifest's `build_config`, the record of how the cache was built.
@@ -340,6 +355,41 @@ class CacheWriter:
         self._delete_chunk(summary, (0,))
         for path in also:
             self._array(path)[:] = 0
+
+    # -- repair -----------------------------------------------------------------------------
+    def forget_summary(self, dataset: str, teacher: str = "") -> None:
+        """Delete a damaged summary (a pair's; with no teacher, the dataset's summary and
+        consolidated statuses) without reading it; the next build merges or consolidates again
+        from the shards' rows."""
+        if teacher:
+            self._teacher_fp(dataset, teacher)
+            base = layout.teacher_path(dataset, teacher)
+            self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+            return
+        base = layout.dataset_path(dataset)
+        self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+        statuses = self._array(f"{base}/{layout.STATUSES}")
+        for chunk in range(shards.num_shards(statuses.shape[0], statuses.chunks[0])):
+            self._delete_chunk(statuses, (chunk,))
+
+    def forget_shard(self, dataset: str, teacher: str, shard: int) -> None:
+        """Mark a damaged token shard as never written: delete its metadata row (its done mark)
+        and the pair's summary, without reading either (they may be what is damaged). The next
+        build recomputes exactly that shard and merges the statistics again."""
+        self._teacher_fp(dataset, teacher)
+        self.shard_bounds(dataset, shard)
+        base = layout.teacher_path(dataset, teacher)
+        self._delete_chunk(self._array(f"{base}/{layout.SUMMARY}"), (0,))
+        self._delete_chunk(self._array(f"{base}/{layout.SHARD_META}"), (shard, 0))
+
+    def forget_index_shard(self, dataset: str, shard: int) -> None:
+        """Mark a damaged index shard as never written: delete the dataset's summary and
+        consolidated statuses, then the shard's metadata row. The next build rewrites the same
+        rows (views are a pure function of the seed) and consolidates the statuses again."""
+        self.shard_bounds(dataset, shard)
+        self.forget_summary(dataset)
+        base = layout.dataset_path(dataset)
+        self._delete_chunk(self._array(f"{base}/{layout.INDEX_META}"), (shard, 0))
 
     # -- token shards ----------------------------------------------------------------------
     def shard_done(self, dataset: str, teacher: str, shard: int) -> bool:

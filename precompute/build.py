@@ -86,6 +86,8 @@ def _record_build_config(writer: CacheWriter, config: CacheBuildConfig) -> None:
     wanted = {**config.to_dict(), **{k: stored[k] for k in RUNTIME_FIELDS if k in stored}}
     if stored != wanted:
         writer.set_build_config(wanted)
+    # Every pair the config asks for, before any is added: completeness is judged against it.
+    writer.set_planned(config.assignment())
     replay = replay_spec_from_build_config(wanted)  # what training reads (cache_format/replay.py)
     if writer.manifest.replay != replay:
         writer.set_replay(replay)

@@ -6,6 +6,9 @@
   checksums and counts; see cache_format/verify.py) and, with `recompute`, re-runs
   each teacher on N random cached views and compares fresh and cached tokens per token (cosine),
   against the encoding's fidelity floor. Any problem makes the report fail.
+- `redo_damaged(path)`: what `dune-cache build --redo-damaged` does first: verify, then mark
+  every damaged shard as never written, so that the build recomputes exactly those.
+- `skipped_images(path)`: every image skipped by the build, with its reason (`ls --skipped`).
 - `find_caches(folder)`: every cache under a folder, one summary each.
 """
 
@@ -18,10 +21,12 @@ import numpy as np
 import torch
 
 from cache_format import locate, out_of_range
+from cache_format.errors import CacheCorruptionError
 from cache_format.files import tree_nbytes
-from cache_format.manifest import status_name
+from cache_format.manifest import STATUS_OK, status_name
 from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import to_dict
+from cache_format.writer import CacheWriter
 
 if TYPE_CHECKING:  # the builder's config is imported when --recompute runs
     from precompute.config import CacheBuildConfig
@@ -34,11 +39,12 @@ FIDELITY_FLOORS: dict[str, float] = {"int8": 0.9995, "fp16": 0.999, "bf16": 0.99
 
 def _pair_facts(reader: CacheReader, dataset: str, teacher: str) -> dict[str, Any]:
     done = reader.pair_done(dataset, teacher)
+    lost = reader.lost_shard_files(dataset, teacher) if reader.index_complete(dataset) else []
     return {
         "teacher": teacher, "dataset": dataset, "shards_done": int(done.sum()),
         "shards": int(done.size), "stats_final": reader.stats_final(dataset, teacher),
-        "bytes": reader.nbytes(dataset, teacher),
-        "complete": reader.pair_complete(dataset, teacher),
+        "bytes": reader.nbytes(dataset, teacher), "lost_shard_files": lost,
+        "complete": reader.pair_complete(dataset, teacher) and not lost,
         "out_of_range": out_of_range.fractions(reader, dataset, teacher),
     }
 
@@ -58,6 +64,7 @@ def cache_info(path: str) -> dict[str, Any]:
                 "index_complete": bool(index_done.all()),
             })
         pairs = [_pair_facts(reader, d, t) for t, names in m.assignment.items() for d in names]
+        found = reader.completeness()  # against what was planned, not what happens to be there
         return {
             "path": reader.location,
             "format_version": m.format_version,
@@ -73,7 +80,11 @@ def cache_info(path: str) -> dict[str, Any]:
             "pairs": pairs,
             "bytes": reader.nbytes(),
             "complete": all(p["complete"] for p in pairs)
-            and all(d["index_complete"] for d in datasets),
+            and all(d["index_complete"] for d in datasets) and found.complete,
+            "missing": list(found.incomplete) + [
+                f"{p['dataset']}/{p['teacher']}: shard file(s) lost: {p['lost_shard_files']}"
+                for p in pairs if p["lost_shard_files"]],
+            "damaged": list(found.damaged),
         }
 
 
@@ -83,6 +94,7 @@ class VerifyResult:
 
     shards_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    damaged_shards: list[tuple[str, str, int]] = field(default_factory=list)
     recompute: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -172,6 +184,7 @@ def verify_cache(path: str, recompute: int = 0, seed: int = 0, *, trust: bool = 
     with open_cache(path) as reader:
         report = reader.verify()
         result.shards_checked = report.shards_checked
+        result.damaged_shards = list(report.damaged_shards)
         result.problems.extend(report.problems)
         result.problems.extend(f"missing: {m}" for m in report.missing)
         result.problems.extend(report.incomplete)
@@ -197,3 +210,60 @@ def _summary_line(path: str, manifest: dict[str, Any]) -> dict[str, Any]:
 def find_caches(folder: str) -> list[dict[str, Any]]:
     """Every cache under `folder` (not looking inside caches), sorted by path."""
     return [_summary_line(path, manifest) for path, manifest in locate.find_caches(folder)]
+
+
+def redo_damaged(path: str) -> list[str]:
+    """Verify the cache, then mark every damaged shard (index or tokens) as never written, so
+    that the build that follows recomputes exactly those; returns what was marked. Damage that
+    no shard recompute repairs (the manifest, a zarr.json, keys, calibration) is refused in one
+    CacheCorruptionError naming it, before anything is changed."""
+    with open_cache(path) as reader:
+        report = reader.verify()
+    unexplained = [p for p in report.problems if any(w in p for w in _NOT_SHARDS) or not any(
+        _names_shard(p, d, t, s) for d, t, s in report.damaged_shards)]
+    if unexplained:
+        raise CacheCorruptionError(
+            f"{path}: damage that recomputing shards cannot repair: " + "; ".join(unexplained[:3])
+            + (f" (and {len(unexplained) - 3} more)" if len(unexplained) > 3 else ""),
+            hint="restore the cache from a copy, or rebuild it into a new --cache path")
+    writer = CacheWriter.open(path)
+    done = []
+    for dataset, teacher, shard in report.damaged_shards:
+        if shard < 0:  # verify.SUMMARY_ONLY
+            writer.forget_summary(dataset, teacher)
+            done.append(f"{dataset}/{teacher} summary" if teacher else f"{dataset} summary")
+        elif teacher:
+            writer.forget_shard(dataset, teacher, shard)
+            done.append(f"{dataset}/{teacher} token shard {shard}")
+        else:
+            writer.forget_index_shard(dataset, shard)
+            done.append(f"{dataset} index shard {shard}")
+    return done
+
+
+#: Words of verify problems about parts that no shard recompute rewrites.
+_NOT_SHARDS = ("key_utf8", "key_offsets", "keys_sha256", "_calib_", "zarr.json", "manifest")
+
+
+def _names_shard(problem: str, dataset: str, teacher: str, shard: int) -> bool:
+    """Whether a verify problem is about that shard (its pair or dataset is named in it)."""
+    names = (f"{dataset}/{teacher}", f"'{dataset}', teacher '{teacher}'") if teacher else (
+        f"dataset '{dataset}'", f"dataset {dataset} ")
+    return any(n in problem for n in names)
+
+
+def skipped_images(path: str) -> list[dict[str, Any]]:
+    """Every image with a view that the build skipped: dataset, image index, key, reason."""
+    out = []
+    with open_cache(path) as reader:
+        for dataset in reader.datasets:
+            index = reader.index(dataset)
+            status = index.status.reshape(-1, reader.manifest.views_per_image)
+            bad = np.flatnonzero((status != STATUS_OK).any(axis=1))
+            if not bad.size:
+                continue
+            for image, key in zip(bad.tolist(), index.keys_of(bad), strict=True):
+                codes = [c for c in status[image].tolist() if c != STATUS_OK]
+                out.append({"dataset": dataset, "image": image, "key": key,
+                            "reason": status_name(codes[0])})
+    return out

@@ -1,12 +1,12 @@
 """`dune-cache`: build a teacher-token cache, describe it, verify it, find caches.
 
     dune-cache build CONFIG.toml [--cache PATH] [--scheduler ADDR] [--workers N] [--strict]
-                                 [--dry-run]
+                                 [--dry-run] [--redo-damaged]
     dune-cache info PATH [--json]
     dune-cache verify PATH [--recompute N] [--config BUILD.toml] [--trust-cache-code]
     dune-cache transcode CACHE --encoding NAME --out NEW [--codec C] [--level L]
                                [--calibration-samples N]
-    dune-cache ls DIR
+    dune-cache ls DIR [--skipped]
 
 Commands parse their arguments and call one library function. `main()` turns the project's own
 errors into one line and a hint (DUNE_DEBUG=1 re-raises them with the traceback).
@@ -59,6 +59,10 @@ def build(
         "--strict", help="Stop at the first bad image instead of skipping it.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the plan (work, sizes, free space) and touch nothing.")] = False,
+    redo_damaged: Annotated[bool, typer.Option(
+        "--redo-damaged", help="First verify the cache (reads every byte) and mark the damaged "
+                               "shards as never written, so that this build recomputes exactly "
+                               "those.")] = False,
 ) -> None:
     """Run every teacher once over the data mix and write (or resume, or extend) the cache."""
     from precompute.build import build_cache
@@ -77,6 +81,14 @@ def build(
         return
     resume = shlex.join(["dune-cache", "build", str(config), "--cache", cfg.cache])
     with build_lock(cfg.cache):  # held from the plan to the end: one build at a time
+        if redo_damaged:
+            from cache_format.locate import probe_cache
+            from precompute.cache_tools import redo_damaged as forget_damaged
+
+            if probe_cache(cfg.cache) == "cache":
+                marked = forget_damaged(cfg.cache)
+                err.print(f"--redo-damaged: {len(marked)} damaged shard(s) to recompute"
+                          + (": " + ", ".join(marked) if marked else ""), soft_wrap=True)
         plan = make_plan(cfg)
         for line in plan_lines(plan):
             err.print(line, soft_wrap=True)
@@ -102,9 +114,12 @@ def _info_tables(info: dict) -> list[Table]:
                   f"{info['seed']}"),
         ("encoding", f"{enc['name']}, codec {enc['codec']}"),
         ("size", _size(info["bytes"])),
-        ("complete", "yes" if info["complete"] else "NO (resume the build)"),
+        ("complete", "yes" if info["complete"] else "NO (resume the build)" if not
+         info["damaged"] else "NO (damaged: run `dune-cache verify`)"),
     ):
         head.add_row(key, str(value))
+    for line in [*info["missing"], *info["damaged"]]:
+        head.add_row("", escape(line))
     teachers = Table(title="teachers")
     for column in ("name", "arch", "dim", "tokens", "input", "checkpoint"):
         teachers.add_column(column)
@@ -177,6 +192,9 @@ def verify(
         out.print(f"[red]problem:[/] {escape(problem)}", highlight=False, soft_wrap=True)
     if not result.ok:
         out.print(f"[red]{len(result.problems)} problem(s) found in {escape(path)}[/]")
+        if result.damaged_shards:
+            out.print(f"repair: dune-cache build CONFIG.toml --redo-damaged (recomputes the "
+                      f"{len(result.damaged_shards)} damaged shard(s))", soft_wrap=True)
         raise typer.Exit(1)
     out.print(f"[green]ok[/]: {escape(path)}")
 
@@ -223,9 +241,19 @@ def transcode(
 @app.command(name="ls")
 def list_caches(
     folder: Annotated[str, typer.Argument(metavar="DIR", help="A folder to search for caches.")],
+    skipped: Annotated[bool, typer.Option(
+        "--skipped", help="DIR is a cache: list the images the build skipped, with their "
+                          "reasons (dataset, image index, key, reason; tab-separated).")] = False,
 ) -> None:
-    """The caches under a folder, one line each."""
-    from precompute.cache_tools import find_caches
+    """The caches under a folder, one line each (with --skipped: a cache's skipped images)."""
+    from precompute.cache_tools import find_caches, skipped_images
+
+    if skipped:
+        rows = skipped_images(folder)
+        for row in rows:
+            print(f"{row['dataset']}\t{row['image']}\t{row['key']}\t{row['reason']}")
+        err.print(f"{len(rows)} skipped image(s) in {folder}")
+        return
 
     caches = find_caches(folder)
     for c in caches:

@@ -316,8 +316,14 @@ def _make_plan(config: CacheBuildConfig, reader: CacheReader | None) -> BuildPla
             if in_cache:
                 assert reader is not None
                 marks = reader.pair_done(name, teacher)
-                shards_todo = tuple(int(s) for s in np.nonzero(~marks)[0])
                 finalized = reader.pair_complete(name, teacher)
+                if local_path(location) is not None and d.index_final:
+                    # A done shard whose file is gone was lost: redone, never "nothing to do"
+                    # (one existence check per shard; object stores: `verify` finds them).
+                    lost = reader.lost_shard_files(name, teacher)
+                    marks[lost] = False
+                    finalized = finalized and not lost
+                shards_todo = tuple(int(s) for s in np.nonzero(~marks)[0])
             samples_todo = sum(
                 min(sps, d.num_samples - s * sps) for s in shards_todo
             )

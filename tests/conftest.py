@@ -15,3 +15,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 
 # The S3 server fixture (`s3_server`): one moto server per session, for tests/test_remote_*.py.
 pytest_plugins = ["tests.s3_server"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """`--fuzz-count N`: trials of the reliability suite's fuzz test (default: its small count,
+    or the DUNE_FUZZ_COUNT environment variable)."""
+    parser.addoption("--fuzz-count", type=int, default=None,
+                     help="trials of tests/reliability/test_fuzz.py (default 100)")

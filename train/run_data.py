@@ -72,6 +72,9 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
         student = build_student(cfg.student)
     checked = preflight(cfg, manifest, reader.location, student_patch=student.patch_size)
     teachers, datasets = list(checked.teachers), list(checked.datasets)
+    # Everything planned for these datasets is there (a teacher whose add_teacher died, a
+    # summary that disagrees): refused in one line, before anything reads tokens.
+    reader.require_complete(datasets)
     heads = {
         t: TeacherHead(dim=manifest.teachers[t].dim, has_cls=manifest.teachers[t].has_cls)
         for t in teachers
