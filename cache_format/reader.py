@@ -18,7 +18,6 @@ import torch
 import zarr
 
 from cache_format import layout, shards
-from cache_format.completeness import Completeness
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import (
     CacheCorruptionError,
@@ -475,20 +474,6 @@ class CacheReader:
                 tokens[tok] = EncodedTokens(torch.from_numpy(field_array(records, by_name[tok])),
                                             scale, self.encoding, *calib).decode()
             yield ShardBlock(shard, start, stop, tokens)
-
-    def completeness(self, datasets: Sequence[str] | None = None) -> Completeness:
-        """What is missing or inconsistent against what the manifest planned (metadata only;
-        see completeness.py)."""
-        from cache_format.completeness import completeness
-
-        return completeness(self, datasets)
-
-    def require_complete(self, datasets: Sequence[str] | None = None) -> None:
-        """Raise one error naming what is missing (CacheNotFoundError) or inconsistent
-        (CacheCorruptionError) in `datasets` (default: all): a trainer calls it before step 0."""
-        from cache_format.completeness import require_complete
-
-        require_complete(self, datasets)
 
     def verify(self) -> VerifyReport:
         """Read every chunk of every array (metadata included), check every checksum and that

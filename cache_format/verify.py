@@ -25,6 +25,7 @@ import zarr
 import zarr.storage
 
 from cache_format import layout, out_of_range, shards
+from cache_format.completeness import completeness
 from cache_format.errors import REPAIR_DAMAGED as REPAIR
 from cache_format.errors import CacheCorruptionError, CacheVersionError
 from cache_format.manifest import (
@@ -62,7 +63,7 @@ def verify_cache(reader: CacheReader) -> VerifyReport:
         for teacher in reader.teachers_for(dataset):
             checked += _verify_pair(reader, dataset, teacher, status, index_done, problems,
                                     missing, incomplete, damaged)
-    found = reader.completeness()
+    found = completeness(reader)
     problems.extend(p for p in found.damaged if p not in problems)
     reported = " ".join([*missing, *incomplete])
     incomplete.extend(p for p in found.incomplete if p.split(":")[0] not in reported)

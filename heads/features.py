@@ -26,20 +26,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache_format import (
+from cache_format.encodings import EncodingSpec, fit_calibration
+from cache_format.errors import BadImageError, ConfigError
+from cache_format.manifest import (
     STATUS_OK,
-    CacheWriter,
     DatasetFingerprint,
-    EncodingSpec,
     Manifest,
     TeacherFingerprint,
-    fit_calibration,
     keys_sha256,
-    open_cache,
     status_code,
 )
-from cache_format.errors import BadImageError, ConfigError
+from cache_format.reader import open_cache
 from cache_format.serde import to_dict
+from cache_format.writer import CacheWriter
 from heads.datasets import SPLITS, LabelledSource, OnBad, PairReport, Task, check_choice
 from heads.encoders import FrozenEncoder
 from heads.metrics import IGNORE

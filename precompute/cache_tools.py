@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from cache_format import locate, out_of_range
+from cache_format.completeness import completeness
 from cache_format.errors import CacheCorruptionError
 from cache_format.files import tree_nbytes
 from cache_format.manifest import STATUS_OK, status_name
@@ -64,7 +65,7 @@ def cache_info(path: str) -> dict[str, Any]:
                 "index_complete": bool(index_done.all()),
             })
         pairs = [_pair_facts(reader, d, t) for t, names in m.assignment.items() for d in names]
-        found = reader.completeness()  # against what was planned, not what happens to be there
+        found = completeness(reader)  # against what was planned, not what happens to be there
         return {
             "path": reader.location,
             "format_version": m.format_version,

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheCorruptionError, ConfigError
 from cache_format.manifest import DatasetFingerprint, keys_sha256, status_code
-from cache_format.reader import OpenSettings, open_cache
+from cache_format.reader import open_cache
+from cache_format.records import OpenSettings
 from cache_format.sample_index import SampleIndex
 from cache_format.testing import tiny_manifest
 from cache_format.writer import CacheWriter

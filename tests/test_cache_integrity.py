@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import zarr
 
-from cache_format import CacheWriter, EncodingSpec, fastread, open_cache
+from cache_format import fastread
+from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheCorruptionError
+from cache_format.reader import open_cache
 from cache_format.testing import build_tiny_cache, tiny_dataset, tiny_manifest, tiny_teacher
+from cache_format.writer import CacheWriter
 
 NUM_IMAGES = 32  # 64 samples = 16 shards of 4
 

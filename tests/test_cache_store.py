@@ -13,15 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zarr.codecs import Crc32cCodec
 
-from cache_format import (
-    CacheWriter,
-    ChannelStats,
-    EncodingSpec,
-    decode_tokens,
-    encode_tokens,
-    fit_calibration,
-    open_cache,
-)
+from cache_format.encodings import EncodingSpec, decode_tokens, encode_tokens, fit_calibration
 from cache_format.errors import (
     CacheMismatchError,
     CacheNotFoundError,
@@ -30,14 +22,16 @@ from cache_format.errors import (
     InvalidTokensError,
 )
 from cache_format.manifest import FORMAT_VERSION, ROOT_ATTR
+from cache_format.reader import open_cache
 from cache_format.shard_encode import shard_object
-from cache_format.stats import merge_all
+from cache_format.stats import ChannelStats, merge_all
 from cache_format.testing import (
     build_tiny_cache,
     tiny_dataset,
     tiny_manifest,
     tiny_teacher,
 )
+from cache_format.writer import CacheWriter
 
 ALL_SPECS = [EncodingSpec(name, codec, 3) for name in ("fp16", "bf16", "int8")
              for codec in ("none", "zstd", "blosc")]

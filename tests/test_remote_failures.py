@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
+from cache_format.encodings import EncodingSpec
 from cache_format.errors import RemoteReadError
 from cache_format.files import FsspecFiles, RetryPolicy
 from cache_format.reader import open_cache
-from cache_format.testing import EncodingSpec, build_tiny_cache
+from cache_format.testing import build_tiny_cache
 
 NO_WAIT = RetryPolicy(attempts=3, first_delay_s=0.0, max_delay_s=0.0)
 

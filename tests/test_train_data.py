@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, get_worker_info
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.manifest import STATUS_OK
-from cache_format.reader import OpenSettings, open_cache
+from cache_format.reader import open_cache
+from cache_format.records import OpenSettings
 from cache_format.writer import CacheWriter
 from precompute.build import build_cache
 from precompute.config import CacheBuildConfig, RuntimeConfig, SharingConfig

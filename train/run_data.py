@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from cache_format.completeness import require_complete
 from cache_format.manifest import Manifest
 from cache_format.reader import CacheReader, open_cache
 from cache_format.stats import ChannelStats
@@ -74,7 +75,7 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     teachers, datasets = list(checked.teachers), list(checked.datasets)
     # Everything planned for these datasets is there (a teacher whose add_teacher died, a
     # summary that disagrees): refused in one line, before anything reads tokens.
-    reader.require_complete(datasets)
+    require_complete(reader, datasets)
     heads = {
         t: TeacherHead(dim=manifest.teachers[t].dim, has_cls=manifest.teachers[t].has_cls)
         for t in teachers

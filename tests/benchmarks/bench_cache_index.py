@@ -27,8 +27,11 @@ import numpy as np
 import zarr
 from _report import machine_description, markdown_table
 
-from cache_format import CacheWriter, DatasetFingerprint, EncodingSpec, keys_sha256, open_cache
+from cache_format.encodings import EncodingSpec
+from cache_format.manifest import DatasetFingerprint, keys_sha256
+from cache_format.reader import open_cache
 from cache_format.testing import tiny_manifest
+from cache_format.writer import CacheWriter
 
 NUM_IMAGES, VIEWS, PER_SHARD, NUM_PARAMS = 100_000, 2, 64, 20
 BATCH, CALLS, ROUNDS = 256, 200, 3

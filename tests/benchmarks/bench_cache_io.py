@@ -27,17 +27,12 @@ import zarr
 from _report import machine_description, markdown_table, write_section
 from numcodecs import Blosc, Zstd
 
-from cache_format import (
-    CacheWriter,
-    EncodingSpec,
-    decode_tokens,
-    encode_tokens,
-    fit_calibration,
-    open_cache,
-)
 from cache_format.checksum import IMPLEMENTATION as CRC_IMPLEMENTATION
 from cache_format.checksum import crc32c_value  # the reader's own checksum function
+from cache_format.encodings import EncodingSpec, decode_tokens, encode_tokens, fit_calibration
+from cache_format.reader import open_cache
 from cache_format.testing import synthetic_activations, tiny_dataset, tiny_manifest, tiny_teacher
+from cache_format.writer import CacheWriter
 
 GRID, DIM = (32, 32), 1024
 NUM_SAMPLES = 192  # 3 shards of 64

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cache_format import layout
+from cache_format.completeness import require_complete
 from cache_format.errors import CacheCorruptionError, CacheNotFoundError
 from cache_format.reader import open_cache
 from cache_format.testing import tiny_teacher
@@ -155,7 +156,7 @@ def test_add_teacher_died_on_a_full_disk(cache: tuple[Path, dict],
     code, output = _verify_cli(path)
     assert code == 1 and "a/t3" in output
     with open_cache(path) as reader, pytest.raises(CacheNotFoundError, match="a/t3"):
-        reader.require_complete()
+        require_complete(reader)
     assert_rest_intact(path, before, set())
 
 
@@ -212,4 +213,4 @@ def test_summary_counts_disagree(cache: tuple[Path, dict]) -> None:
     fixed[1] -= 1
     group["datasets/a/teachers/t2/summary"][:] = fixed  # type: ignore[index]
     with open_cache(path) as reader, pytest.raises(CacheCorruptionError, match="a/t2"):
-        reader.require_complete()
+        require_complete(reader)
