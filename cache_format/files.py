@@ -229,6 +229,8 @@ class FsspecFiles:
         except FileNotFoundError:
             return None
         start = max(0, size - nbytes)
+        if start == size:  # nothing to read (an existence and size check): an empty range is
+            return b"", size  # refused by object stores (HTTP 416), so no request is made
         return self._call(key, lambda: self.fs.cat_file(path, start=start, end=size)), size
 
     def read(self, key: str, start: int, nbytes: int) -> bytes | None:

@@ -110,7 +110,9 @@ def test_image_folders_and_list_files_by_url_read_like_local_ones(
 def test_info_and_verify_run_on_the_bucket_and_find_a_damaged_object(
         s3_server: S3Server, s3_cache: tuple[str, Path]) -> None:
     url, _ = s3_cache
-    facts = json.loads(runner.invoke(app, ["info", url, "--json"]).output)
+    info = runner.invoke(app, ["info", url, "--json"])
+    assert info.exit_code == 0, (info.output, info.exception)
+    facts = json.loads(info.output)
     assert facts["complete"] and all(p["shards_done"] == p["shards"] for p in facts["pairs"])
     result = runner.invoke(app, ["verify", url])
     assert result.exit_code == 0, result.output
