@@ -65,14 +65,7 @@ def check_resume(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
             f"{run_dir}: has a checkpoint but no {CONFIG_FILE} / {TEACHERS_FILE}",
             hint="this folder was not written by dune-train fit; pick another --out",
         )
-    diffs = resume_differences(json.loads(config_file.read_text()), cfg.to_dict())
-    if diffs:
-        raise ConfigError(
-            f"{run_dir}: the run there used another config; differing fields: "
-            + "; ".join(diffs[:8]),
-            hint="rerun with the same config (only max_steps, intervals, paths may change), "
-            "or pass a new --out to start a new run",
-        )
+    check_same_config(run_dir, json.loads(config_file.read_text()), cfg, what="run")
     stored = json.loads(teachers_file.read_text()).get("cache_fingerprint")
     fields = (*_FINGERPRINT_FIELDS, "teachers", "datasets")
     if not isinstance(stored, dict) or set(stored) != set(fields):
@@ -87,4 +80,18 @@ def check_resume(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
             f"{run_dir}: the run there trained on a cache with other contents than "
             f"{cfg.data.cache}: " + "; ".join(str(d) for d in differ),
             hint="resume with the cache the run started with, or pass a new --out",
+        )
+
+
+def check_same_config(run_dir: Path, stored: dict[str, Any], cfg: TrainConfig, *,
+                      what: str) -> None:
+    """Refuse to continue a run folder whose recorded config differs from `cfg` in a field
+    that changes the trajectory (the one rule for runs and staged runs)."""
+    diffs = resume_differences(stored, cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"{run_dir}: the {what} there used another config; differing fields: "
+            + "; ".join(diffs[:8]),
+            hint="rerun with the same config (only max_steps, intervals, paths may change), "
+            "or pass a new --out to start a new run",
         )

@@ -26,11 +26,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cache_format.errors import ConfigError
 from train.checkpoint import LAST, STAGES_FILE, checkpoint_dir
-from train.config import TrainConfig, resume_differences
+from train.config import TrainConfig
 from train.curves import draw_loss_curves
 from train.metrics import METRICS_FILE, read_metrics
+from train.run_folder import check_same_config
 from train.trainer import Trainer
 
 #: The run's whole config and its stages' folders (the run folder of a staged run).
@@ -127,15 +127,8 @@ def _check_or_write_stages(run_dir: Path, cfg: TrainConfig, configs: list[TrainC
     """Refuse a rerun with another staged config; else record it (with each stage's folder)."""
     path = run_dir / STAGES_FILE
     if path.is_file():
-        stored = json.loads(path.read_text()).get("config", {})
-        diffs = resume_differences(stored, cfg.to_dict())
-        if diffs:
-            raise ConfigError(
-                f"{run_dir}: the staged run there used another config; differing fields: "
-                + "; ".join(diffs[:8]),
-                hint="rerun with the same config (only max_steps, intervals, paths may "
-                "change), or pass a new --out to start a new run",
-            )
+        check_same_config(run_dir, json.loads(path.read_text()).get("config", {}), cfg,
+                          what="staged run")
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"config": cfg.to_dict(),
               "stages": [{"name": s.name, "dir": c.out_dir}
