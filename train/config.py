@@ -7,7 +7,8 @@ command line overrides a few fields (`--cache`, `--out`, `--online`, `--max-step
 is type-checked from its annotation (`cache_format.serde.from_dict`), with the dotted field
 named. The run folder stores `to_dict()` of the resolved config (absolute paths), and
 a rerun of the same command compares its own resolved config with the stored one before it
-resumes: only fields that cannot change the trajectory (`RESUME_FREE_FIELDS`) may differ.
+resumes: only fields that cannot change the trajectory
+(`train.run_folder.RESUME_FREE_FIELDS`) may differ.
 
 Relative paths in the TOML file are taken from the file's folder (as in `dune-cache build`
 configs), so a config works from any directory; paths given on the command line are relative
@@ -31,21 +32,6 @@ from train.sinks import LoggingConfig
 from train.student import StudentConfig
 from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
-
-# Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
-# where things live (moved runs and caches still resume; the cache's fingerprint is checked).
-RESUME_FREE_FIELDS = (
-    "max_steps",
-    "log_every",
-    "checkpoint_every",
-    "eval_every",
-    "out_dir",
-    "data.cache",
-    "data.num_workers",
-    "data.roots",
-    "stages[].cache",
-    "logging",
-)
 
 #: Named epoch sizes: the reference calls 1,281,167 images (ImageNet-1k's train split) an epoch.
 EPOCH_SIZES: dict[str, int] = {"imagenet-1k": 1_281_167}
@@ -384,24 +370,3 @@ def resolve_paths(cfg: TrainConfig, config_path: str | Path | None = None) -> Tr
         stem = Path(config_path).stem if config_path else "run"
         data["out_dir"] = str(Path.cwd() / "runs" / stem)
     return from_dict(TrainConfig, data, base=base)
-
-
-def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields that differ between a stored and a current config dict,
-    leaving out `RESUME_FREE_FIELDS` (which a rerun may change)."""
-    diffs: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if re.sub(r"\[\d+\]", "[]", prefix) in RESUME_FREE_FIELDS:
-            return
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b, strict=True)):
-                walk(x, y, f"{prefix}[{i}]")
-        elif a != b:
-            diffs.append(f"{prefix} (stored {a!r}, now {b!r})")
-
-    walk(stored, current, "")
-    return diffs
