@@ -27,98 +27,22 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 from numcodecs import Blosc, Zstd
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from cache_format.checksum import crc32c_extend as _crc_extend
 from cache_format.checksum import crc32c_value as _crc_value
-from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError, CacheVersionError
+from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError
 from cache_format.files import Files, LocalFiles
+from cache_format.sharded_layout import ShardedLayout
 
 MISSING = np.uint64(2**64 - 1)
 _MISSING_INT = 2**64 - 1
 _EMPTY_ENTRY = struct.pack("<QQ", _MISSING_INT, _MISSING_INT)
 _unpack_entry = struct.Struct("<QQ").unpack_from
 _DECOMPRESSORS: dict[str, Any] = {"zstd": Zstd(), "blosc": Blosc()}
-@dataclass(frozen=True)
-class ShardedLayout:
-    """What the fast reader needs to know about one sharded array (axis 0 = samples)."""
-
-    label: str
-    path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    samples_per_shard: int
-    compressor: str
-    fill_value: Any
-    sample_nbytes: int = 0
-
-    def __post_init__(self) -> None:
-        # Precomputed: the hot read loop compares every chunk length against it.
-        nbytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        object.__setattr__(self, "sample_nbytes", nbytes)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample (one inner chunk)."""
-        return self.shape[1:]
-
-    @property
-    def index_nbytes(self) -> int:
-        """Bytes of a shard index: 16 per inner chunk plus its 4-byte crc32c."""
-        return 16 * self.samples_per_shard + 4
-
-    def shard_key(self, shard: int) -> str:
-        """Store key of shard file `shard` (default chunk key encoding, separator "/")."""
-        return f"{self.path}/c/{shard}" + "/0" * (len(self.shape) - 1)
-
-    @classmethod
-    def from_array(cls, array: zarr.Array, label: str) -> ShardedLayout:
-        """Read an array's metadata; refuse a codec pipeline this reader does not know."""
-        meta = array.metadata
-        codecs = list(meta.codecs)  # type: ignore[union-attr]
-        problem = ""
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            problem = "expected one sharding_indexed codec"
-        else:
-            shard = codecs[0]
-            inner = list(shard.codecs)
-            index = list(shard.index_codecs)
-            middle = inner[1:-1]
-            if shard.index_location.value != "end":
-                problem = "expected the shard index at the end"
-            elif tuple(shard.chunk_shape) != (1, *array.shape[1:]):
-                problem = f"expected one sample per inner chunk, found {shard.chunk_shape}"
-            elif not (isinstance(inner[0], BytesCodec) and isinstance(inner[-1], Crc32cCodec)
-                      and len(middle) <= 1
-                      and all(isinstance(c, ZstdCodec | BloscCodec) for c in middle)):
-                problem = f"expected inner codecs [bytes, zstd|blosc?, crc32c], found {inner}"
-            elif not (len(index) == 2 and isinstance(index[0], BytesCodec)
-                      and isinstance(index[1], Crc32cCodec)):
-                problem = f"expected index codecs [bytes, crc32c], found {index}"
-            elif (inner[0].endian is not None and inner[0].endian.value != "little") or (
-                    index[0].endian is not None and index[0].endian.value != "little"):
-                problem = "expected little-endian bytes codecs"
-        if problem:
-            raise CacheVersionError(f"{label} ({array.path}): unexpected zarr layout: {problem}",
-                                    hint="this cache was not written by this dune-distill")
-        compressor = "none"
-        if middle:
-            compressor = "zstd" if isinstance(middle[0], ZstdCodec) else "blosc"
-        dtype = np.dtype(array.dtype).newbyteorder("<")
-        layout = cls(label=label, path=array.path, shape=tuple(array.shape), dtype=dtype,
-                     samples_per_shard=int(array.shards[0]),  # type: ignore[index]
-                     compressor=compressor, fill_value=meta.fill_value)
-        expected_key = meta.encode_chunk_key((1,) + (0,) * (len(array.shape) - 1))
-        if layout.shard_key(1) != f"{array.path}/{expected_key}":
-            raise CacheVersionError(f"{label}: unexpected chunk key encoding {expected_key!r}")
-        return layout
-
 
 #: What `ShardReader.read` fills: (array, output arrays). Row r of every output array, in
 #: order, receives the bytes of the r-th sample (a record's fields land straight in their own

@@ -24,13 +24,14 @@ from cache_format.errors import (
     CacheVersionError,
     ConfigError,
 )
-from cache_format.fastread import ShardedLayout, ShardReader
+from cache_format.fastread import ShardReader
 from cache_format.files import BufferPool, files_for
 from cache_format.manifest import ROOT_ATTR, STATUS_OK, Manifest, check_manifest_sha
 from cache_format.metadata_reader import MetadataReader
 from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
 from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
 from cache_format.sample_index import DEFAULT_CACHE_BYTES
+from cache_format.sharded_layout import ShardedLayout
 
 __all__ = ["CacheReader", "open_cache"]
 
