@@ -1,9 +1,10 @@
 """MetadataReader: read-only access to everything in a cache except its tokens.
 
 The manifest's facts (datasets, teachers, samples, shards), each dataset's sample index
-(sample_index.py), each pair's calibration, statistics and done marks (pairmeta.py), and the
-stored size. Small reads, done once and kept; completeness.py, verify.py and `dune-cache info`
-judge a cache from them. `CacheReader` (reader.py) opens a cache and adds the token reads.
+(sample_index.py: keys, view parameters and statuses, read on demand without zarr-python), each
+pair's calibration, statistics and done marks (pairmeta.py), and the stored size. Small reads,
+done once and kept; completeness.py, verify.py and `dune-cache info` judge a cache from them.
+`CacheReader` (reader.py) opens a cache and adds the token reads.
 """
 
 from __future__ import annotations
