@@ -21,7 +21,7 @@ from train.sampling import ViewEpochSampler
 from train.shard_sampling import ShardWindowOrder
 
 VIEWS = 2
-PER_SHARD = 4  # images per shard: samples_per_shard = 8
+PER_SHARD = 4  # images per shard (samples_per_shard = 8)
 
 
 def table(sizes: tuple[int, ...] = (40, 12, 24), domains: tuple[int, ...] = (0, 1, 2),
@@ -40,7 +40,7 @@ def table(sizes: tuple[int, ...] = (40, 12, 24), domains: tuple[int, ...] = (0, 
 
 
 def sampler(t: ItemTable, window: int, **kwargs) -> ViewEpochSampler:
-    return ViewEpochSampler(t, order=ShardWindowOrder(t, PER_SHARD * VIEWS, window), **kwargs)
+    return ViewEpochSampler(t, order=ShardWindowOrder(t, PER_SHARD, window), **kwargs)
 
 
 def images_of(t: ItemTable, sequence) -> list[tuple[int, int]]:
@@ -167,16 +167,16 @@ def test_shard_window_is_validated_naming_the_field() -> None:
     assert DataConfig().shard_window == 0 and DataConfig(shard_window=8).shard_window == 8
     t = table()
     with pytest.raises(ConfigError, match="data.shard_window"):
-        ShardWindowOrder(t, PER_SHARD * VIEWS, 0)
-    with pytest.raises(ConfigError, match="samples_per_shard"):
-        ShardWindowOrder(t, 2 * PER_SHARD + 1, 1)
+        ShardWindowOrder(t, PER_SHARD, 0)
+    with pytest.raises(ConfigError, match="images_per_shard"):
+        ShardWindowOrder(t, 0, 1)
 
 
 def test_shards_without_a_training_image_are_skipped_and_memory_is_per_shard() -> None:
     usable = np.ones((40, VIEWS), dtype=bool)
     usable[8:16] = False  # shards 2 and 3 of the dataset: held out or failed
     t = ItemTable.build([usable], [0], VIEWS, 1)
-    order = ShardWindowOrder(t, PER_SHARD * VIEWS, 1)
+    order = ShardWindowOrder(t, PER_SHARD, 1)
     assert order.num_shards == 8 and order.shard_start.dtype == np.uint32
     assert order.shard_start.nbytes == 4 * (order.num_shards + 1)
     sequence = ViewEpochSampler(t, seed=0, mode="uniform", order=order).global_sequence(0)
@@ -196,7 +196,8 @@ def test_a_run_with_a_shard_window_samples_by_shards_of_its_cache(cache_base: Pa
                                       device=torch.device("cpu")))
     order = ctx.sampler.order
     assert isinstance(order, ShardWindowOrder) and order.window == 2
-    assert order.samples_per_shard == ctx.manifest.samples_per_shard
+    manifest = ctx.manifest
+    assert order.images_per_shard == manifest.samples_per_shard // manifest.views_per_image
     assert ctx.sampler.state_dict()["shard_window"] == 2
     plain = open_run_data(tiny_config(root, tmp_path / "plain"),
                           DistInfo(rank=0, world_size=1, local_rank=0,

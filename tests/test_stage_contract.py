@@ -251,7 +251,7 @@ def test_a_trainer_holds_at_most_6_bytes_per_sample() -> None:
                             views, 3)
     samples = sum(n * views for n in images.values())
     held = sum(s.nbytes for s in statuses.values()) + table.nbytes
-    orders = [None, ShardWindowOrder(table, samples_per_shard=64 * views, window=8)]
+    orders = [None, ShardWindowOrder(table, images_per_shard=64, window=8)]
     for mode, order in itertools.product(("uniform", "teacher_balanced"), orders):
         sampler = ViewEpochSampler(table, seed=0, mode=mode, batch_size=256,  # type: ignore[arg-type]
                                    order=order)

@@ -508,7 +508,7 @@ def test_shard_order_over_the_real_dataset_reads_its_training_images_by_shard(
     index is the cache's (sample // samples_per_shard)."""
     data = CacheTrainData(tiny.cache, split="train", heldout_images=1)
     heldout = CacheTrainData(tiny.cache, split="heldout", heldout_images=1)
-    order = ShardWindowOrder(data.items, tiny.samples_per_shard, window=1)
+    order = ShardWindowOrder(data.items, data.manifest.images_per_shard, window=1)
     sequence = ViewEpochSampler(data, seed=0, mode="uniform", order=order).global_sequence(0)
     located = [data.locate(int(i)) for i in sequence]
     images = [(d, s // VIEWS) for d, s in located]

@@ -105,7 +105,7 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
         heldout_data = CacheTrainData(reader, teachers, datasets, split="heldout", **data_args)
     order = None
     if cfg.data.shard_window:
-        order = ShardWindowOrder(train_data.items, manifest.samples_per_shard,
+        order = ShardWindowOrder(train_data.items, manifest.images_per_shard,
                                  cfg.data.shard_window)
     sampler = ViewEpochSampler(
         train_data, cfg.seed, cfg.data.sampling, cfg.epoch_samples(),

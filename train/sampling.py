@@ -35,7 +35,8 @@ own share, and no sample of the epoch is repeated or skipped. (Bit-exact losses 
 only at the same world size: per-rank RNG streams and reduction orders differ.)
 
 Memory: the sampler holds only this rank's order of the current epoch, as uint32 dataset indices
-(uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size. The
+(uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size (the
+shard order adds 4 bytes per shard). The
 global sequence, the permutations and each domain's image list exist only while an epoch's order
 is drawn, and iteration hands out indices in chunks, never as one Python list of the epoch.
 """

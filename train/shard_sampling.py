@@ -2,10 +2,11 @@
 
 A cache stores `samples_per_shard` consecutive samples of a dataset in one object, and
 `samples_per_shard` is a multiple of `views_per_image`, so a shard holds whole images: image i
-of a dataset lies in shard `i // images_per_shard`. Drawn in image order (`train.sampling`'s
-default), every sample of a batch comes from another shard: from an object store, one ranged
-request each. `ShardWindowOrder` orders each stream (the whole mix with `uniform`, one domain
-with `teacher_balanced`) so that consecutive samples come from few shards:
+of a dataset lies in shard `i // images_per_shard` (`Manifest.images_per_shard`). Drawn in image
+order (`train.sampling`'s default), every sample of a batch comes from another shard: from an
+object store, one ranged request each. `ShardWindowOrder` orders each stream (the whole mix
+with `uniform`, one domain with `teacher_balanced`) so that consecutive samples come from few
+shards:
 
 1. every pass of the stream draws a permutation of the stream's shards (those holding at least
    one training image: held-out and unusable images are not in the item table);
@@ -48,20 +49,8 @@ class ShardedGroups(ViewGroups, Protocol):
     each image's index in its dataset (ascending within a dataset) and where each dataset's
     images begin in the table."""
 
-    views_per_image: int
     image_index: np.ndarray  # unsigned [num_images], ascending within each dataset
     image_offsets: np.ndarray  # int64 [datasets + 1]
-
-
-def images_per_shard(samples_per_shard: int, views_per_image: int) -> int:
-    """Images in one shard: a shard holds whole images (the manifest checks the multiple)."""
-    if samples_per_shard < 1 or samples_per_shard % views_per_image:
-        raise ConfigError(
-            f"samples_per_shard: expected a positive multiple of views_per_image "
-            f"({views_per_image}), found {samples_per_shard}",
-            hint="the cache's manifest is damaged or not of this format version",
-        )
-    return samples_per_shard // views_per_image
 
 
 def shard_starts(groups: ShardedGroups, per_shard: int) -> np.ndarray:
@@ -95,16 +84,18 @@ class ShardWindowOrder:
     `window` consecutive shards (see the module docstring). An `EpochOrder` for
     `train.sampling.ViewEpochSampler`."""
 
-    def __init__(self, groups: ShardedGroups, samples_per_shard: int, window: int) -> None:
+    def __init__(self, groups: ShardedGroups, images_per_shard: int, window: int) -> None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(
                 f"data.shard_window: expected a whole number of shards >= 1 (0 turns shard-aware "
                 f"order off), found {window!r}"
             )
+        if images_per_shard < 1:
+            raise ConfigError(f"images_per_shard: expected >= 1, found {images_per_shard}",
+                              hint="pass the cache's Manifest.images_per_shard")
         self.groups = groups
         self.window = window
-        self.images_per_shard = images_per_shard(samples_per_shard, groups.views_per_image)
-        self.samples_per_shard = samples_per_shard
+        self.images_per_shard = int(images_per_shard)
         self.shard_start = shard_starts(groups, self.images_per_shard)
 
     @property
@@ -135,6 +126,8 @@ class ShardWindowOrder:
             shards = np.arange(len(starts))
         else:
             shards = np.flatnonzero(self.groups.image_domain[starts] == domain)
+        if not len(shards):
+            raise ConfigError(f"shard order: no shard holds an image of domain {domain}")
         out = np.empty(length, dtype=dtype)
         have = 0
         pass_index = 0

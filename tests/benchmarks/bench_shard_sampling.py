@@ -65,7 +65,7 @@ class Mix:
                  samples_per_shard: int, heldout: int, batch: int, epoch_size: int | None,
                  seed: int = 0) -> None:
         self.name, self.views, self.batch, self.epoch_size = name, views, batch, epoch_size
-        self.samples_per_shard = samples_per_shard
+        self.images_per_shard = samples_per_shard // views
         usable = []
         for d, n in enumerate(sizes):
             views_ok = np.ones((n, views), dtype=bool)
@@ -105,8 +105,8 @@ def _chi2(labels: np.ndarray, batch: int, classes: int) -> float:
 def measure(mix: Mix, mode: str, window: int, seed: int) -> dict[str, float]:
     """The metrics of 3 epochs of one sampler (window 0: image order)."""
     t = mix.table
-    locator = ShardWindowOrder(t, mix.samples_per_shard, max(window, 1))
-    order = ShardWindowOrder(t, mix.samples_per_shard, window) if window else None
+    locator = ShardWindowOrder(t, mix.images_per_shard, max(window, 1))
+    order = ShardWindowOrder(t, mix.images_per_shard, window) if window else None
     sampler = ViewEpochSampler(t, seed=seed, mode=mode, epoch_size=mix.epoch_size,  # type: ignore[arg-type]
                                batch_size=mix.batch, order=order)
     sequence = np.concatenate([sampler.global_sequence(e) for e in range(EPOCHS)])
@@ -203,8 +203,8 @@ def main() -> None:
               "repeat p1 (batches)", "indistinguishable"]
     facts = "; ".join(
         f"{m.name}: {m.table.num_images:,} training images, "
-        f"{ShardWindowOrder(m.table, m.samples_per_shard, 1).num_shards:,} shards of "
-        f"{m.samples_per_shard // m.views} images, batch {m.batch}" for m in mixes)
+        f"{ShardWindowOrder(m.table, m.images_per_shard, 1).num_shards:,} shards of "
+        f"{m.images_per_shard} images, batch {m.batch}" for m in mixes)
     verdict = "; ".join(f"{name} {mode}: W >= {w}" if w else f"{name} {mode}: none measured"
                         for (name, mode), w in smallest.items())
     body = "\n".join([
