@@ -153,8 +153,14 @@ class ShardWindowOrder:
             last = max(first + 1,
                        int(np.searchsorted(window_ends, done + PICK_CHUNK, side="right")))
             images = _ranges(starts[first * w : last * w], sizes[first * w : last * w])
-            window_of = np.repeat(np.arange(last - first), window_sizes[first:last])
-            images = images[np.lexsort((rng.random(len(images)), window_of))]
+            # Key = (window in the chunk, 40 random bits): a chunk has at most PICK_CHUNK
+            # windows (< 2**24). A stable sort keeps equal keys in place, so the order is the
+            # same on every machine whatever sort numpy dispatches to.
+            window_of = np.repeat(np.arange(last - first, dtype=np.uint64),
+                                  window_sizes[first:last])
+            keys = window_of << np.uint64(40) | rng.integers(0, 1 << 40, len(images),
+                                                             dtype=np.uint64)
+            images = images[np.argsort(keys, kind="stable")]
             take = min(len(images), len(out) - have)
             out[have : have + take] = pick_views(self.groups, images[:take], rng)
             have += take
