@@ -30,8 +30,8 @@ tests/benchmarks/bench_shard_sampling.py.
 
 Memory: one table position per non-empty shard (`shard_start`, uint32: 4 bytes per shard, a
 sixteenth of a byte per sample at 64 samples per shard). Drawing a pass holds the shard
-permutation and one chunk of windows' images (about `PICK_CHUNK`), never a table of all
-samples.
+permutation and one chunk of windows' images (about `PICK_CHUNK`, or one window when that is
+larger), never a table of all samples.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ class ShardWindowOrder:
         about PICK_CHUNK images at a time: one sort keyed by (window, random) shuffles every
         window of the chunk at once."""
         w = self.window
-        window_sizes = np.add.reduceat(sizes, np.arange(0, len(sizes), w)) if len(sizes) else sizes
+        window_sizes = np.add.reduceat(sizes, np.arange(0, len(sizes), w))
         window_ends = np.cumsum(window_sizes)
         first = 0
         while first < len(window_sizes) and have < len(out):
@@ -154,8 +154,8 @@ class ShardWindowOrder:
                        int(np.searchsorted(window_ends, done + PICK_CHUNK, side="right")))
             images = _ranges(starts[first * w : last * w], sizes[first * w : last * w])
             # Key = (window in the chunk, 40 random bits): a chunk has at most PICK_CHUNK
-            # windows (< 2**24). A stable sort keeps equal keys in place, so the order is the
-            # same on every machine whatever sort numpy dispatches to.
+            # windows (2**16), so the key fits 56 bits. A stable sort keeps equal keys in
+            # place, so the order is the same on every machine whatever sort numpy picks.
             window_of = np.repeat(np.arange(last - first, dtype=np.uint64),
                                   window_sizes[first:last])
             keys = window_of << np.uint64(40) | rng.integers(0, 1 << 40, len(images),
