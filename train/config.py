@@ -96,7 +96,10 @@ class DataConfig:
     its source images live in now, when they moved since the cache was built.
     `expect_checkpoint_sha256` maps a teacher to the checkpoint hash the run requires: a cache
     built from other weights is refused before step 0. `heldout_images` images per dataset are
-    kept out of training and used for the held-out loss and cosine.
+    kept out of training and used for the held-out loss and cosine. `shard_window` = W >= 1
+    orders each epoch by the cache's shards, images shuffled within windows of W shards
+    (`train.shard_sampling`: a loader reading a remote cache then fetches whole shards); 0
+    keeps the order of images.
     """
 
     cache: PathStr = ""
@@ -105,6 +108,7 @@ class DataConfig:
     roots: dict[str, PathStr] = field(default_factory=dict)
     sampling: str = "teacher_balanced"
     heldout_images: int = 8
+    shard_window: int = 0
     num_workers: int = 2
     expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
 
@@ -117,6 +121,11 @@ class DataConfig:
             )
         if self.heldout_images < 0:
             raise ConfigError(f"data.heldout_images: expected >= 0, found {self.heldout_images}")
+        if self.shard_window < 0:
+            raise ConfigError(
+                f"data.shard_window: expected 0 (order by images) or a number of shards >= 1, "
+                f"found {self.shard_window}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, found {self.num_workers}")
         for name in ("teachers", "datasets"):
