@@ -111,6 +111,12 @@ class DataConfig:
     `expect_checkpoint_sha256` maps a teacher to the checkpoint hash the run requires: a cache
     built from other weights is refused before step 0. `heldout_images` images per dataset are
     kept out of training and used for the held-out loss and cosine.
+
+    A remote cache (a URL) is read through a local shard cache when `shard_cache_dir` is set: a
+    folder on the node's disk holding at most `shard_cache_bytes` of whole token shard files
+    (least recently used evicted first), shared by the node's DataLoader workers.
+    `prefetch_shards` > 0 fetches that many upcoming shards of the epoch's order into it in the
+    background (docs/remote.md). All three are ignored for a local cache.
     """
 
     cache: PathStr = ""
@@ -121,6 +127,9 @@ class DataConfig:
     heldout_images: int = 8
     num_workers: int = 2
     expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+    shard_cache_dir: PathStr = ""
+    shard_cache_bytes: int = 0
+    prefetch_shards: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -133,6 +142,17 @@ class DataConfig:
             raise ConfigError(f"data.heldout_images: expected >= 0, found {self.heldout_images}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, found {self.num_workers}")
+        if self.shard_cache_bytes < 0 or (self.shard_cache_dir and self.shard_cache_bytes < 1):
+            raise ConfigError(
+                f"data.shard_cache_bytes: expected >= 1 with data.shard_cache_dir set "
+                f"({self.shard_cache_dir!r}), found {self.shard_cache_bytes}",
+                hint="the local shard cache's size in bytes, e.g. 200_000_000_000 for 200 GB")
+        if self.prefetch_shards < 0 or (self.prefetch_shards and not self.shard_cache_dir):
+            raise ConfigError(
+                f"data.prefetch_shards: expected 0, or >= 1 with data.shard_cache_dir set, "
+                f"found {self.prefetch_shards} (shard_cache_dir={self.shard_cache_dir!r})",
+                hint="prefetched shards are kept in the local shard cache: set "
+                     "data.shard_cache_dir and data.shard_cache_bytes too")
         for name in ("teachers", "datasets"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
