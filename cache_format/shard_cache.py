@@ -126,9 +126,13 @@ class DiskShardCache:
                 return False
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(self.root, f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, path)
+            except BaseException:  # a full disk, an interrupt: leave no temporary file
+                _unlink_quietly(tmp)
+                raise
             return True
 
         if not self._locked(key, fill_locked):
@@ -176,7 +180,9 @@ class DiskShardCache:
     def evict(self, keep: str = "") -> int:
         """Unlink the least recently used copies until the folder holds at most `max_bytes`
         (never `keep`); returns the bytes freed. A process that finds another evicting skips
-        (that one brings the folder under the bound)."""
+        (that one brings the folder under the bound; a copy renamed into place after its scan
+        is counted by the next fill's pass, so the bound may be passed by a few shards in
+        between)."""
         if not self._evicting.acquire(blocking=False):
             return 0
         fd = os.open(os.path.join(self.root, _LOCKS, "evict"),

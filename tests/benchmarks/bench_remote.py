@@ -10,7 +10,7 @@ per byte used" are what crossed the wire (headers included) during the measure.
 
 Measured, each as the training DataLoader (`Trainer.make_loader`: view replay from the local
 source images, token reads, collate; `--workers` worker processes), images/s over one pass of
-the mix after the first batch (worker start-up is not throughput):
+the mix from its start (worker start-up included: the prefetcher starts with the pass):
 - the cache on local disk;
 - from S3, uniform sampler, every sample a ranged GET (no shard cache);
 - from S3, uniform sampler, through the local shard cache with prefetch, cold then warm;
@@ -113,12 +113,14 @@ def token_bytes_per_sample(cache: Path) -> float:
 
 def measure(train_toml: Path, out: Path, proxy: DelayingProxy, batches: int,
             **overrides: Any) -> dict[str, float]:
-    """Loader images/s over `batches` batches after the first, and the proxy's counts."""
+    """Loader images/s over `batches` batches, and the proxy's counts, from the start of the
+    pass: worker start-up included, since the prefetcher starts with the pass too (timed from
+    the first batch on, a cold shard cache would be warm already)."""
     trainer = trainer_for(train_toml, out, **{"data.sampling": "uniform", **overrides})
-    iterator = iter(trainer.make_loader())
-    next(iterator)  # worker start-up and their reopening of the cache
+    loader = trainer.make_loader()
     proxy.reset()
     began = time.perf_counter()
+    iterator = iter(loader)
     for _ in range(batches):
         next(iterator)
     seconds = time.perf_counter() - began
@@ -182,6 +184,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--prefetch-shards", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every measure")
     parser.add_argument("--root", type=Path, default=None,
                         help="where the cache is built (default: a temp folder)")
     parser.add_argument("--no-write", action="store_true", help="print, leave the docs alone")
@@ -195,7 +198,7 @@ def main() -> None:
     build_cache(load_build_config(cache_toml), console=Console(stderr=True))
     cache = root / "cache"
     num_images = sum(sizes.images)
-    batches = num_images // sizes.batch_size - 1  # one pass of the mix after the first batch
+    batches = num_images // sizes.batch_size  # one pass of the mix
     used = token_bytes_per_sample(cache)
     common = {"data.num_workers": args.workers, "epoch_size": num_images, "epochs": 2}
     with running_s3_server() as server:
@@ -220,16 +223,28 @@ def main() -> None:
                       "data.shard_cache_dir": str(root / "sc-w")}
             plans += [(f"S3, shard-aware W={args.shard_window}, shard cache cold", window),
                       (f"S3, shard-aware W={args.shard_window}, shard cache warm", window)]
-        results = {}
-        for k, (label, overrides) in enumerate(plans):
-            results[label] = measure(train_toml, root / f"run{k}", proxy, batches,
-                                     **common, **overrides)
-            print(label, results[label], flush=True)
+        # Rounds of every measure in turn, so that other load slows them alike; each round
+        # starts its shard caches empty (a folder of its own), the warm row reuses the cold's.
+        rounds: dict[str, list[dict[str, float]]] = {label: [] for label, _ in plans}
+        for r in range(args.rounds):
+            for k, (label, overrides) in enumerate(plans):
+                if "data.shard_cache_dir" in overrides:
+                    overrides = {**overrides, "data.shard_cache_dir":
+                                 f"{overrides['data.shard_cache_dir']}-{r}"}
+                rounds[label].append(measure(train_toml, root / f"run{r}-{k}", proxy, batches,
+                                             **common, **overrides))
+                print(label, rounds[label][-1], flush=True)
+    # The median rate over rounds; the counts of the median round (they barely vary).
+    results = {label: sorted(runs, key=lambda m: m["rate"])[len(runs) // 2]
+               for label, runs in rounds.items()}
+    spread = {label: (min(m["rate"] for m in runs), max(m["rate"] for m in runs))
+              for label, runs in rounds.items()}
     local = results[plans[0][0]]["rate"]
     rows = []
     for label, r in results.items():
         remote = label.startswith("S3")
-        rows.append([label, f"{r['rate']:.0f}", f"{r['rate'] / local:.2f}x",
+        rows.append([label, f"{r['rate']:.0f}", "{:.0f} - {:.0f}".format(*spread[label]),
+                     f"{r['rate'] / local:.2f}x",
                      f"{r['requests'] / r['samples']:.3f}" if remote else "-",
                      f"{r['bytes'] / (r['samples'] * used):.2f}" if remote else "-"])
     body = "\n".join([
@@ -240,13 +255,16 @@ def main() -> None:
         f"views, {sizes.samples_per_shard} samples per shard, grid {sizes.grid}, 3 teachers, "
         f"{used / 1e3:.1f} KB of tokens per sample) in moto's S3 server on 127.0.0.1 behind a "
         f"proxy adding {args.latency_ms:.0f} ms per request; DataLoader with {args.workers} "
-        f"workers, batch {sizes.batch_size}, one pass of the mix ({batches} batches) after the "
-        f"first batch; shard cache prefetching {args.prefetch_shards} shards ahead. Machine: "
+        f"workers, batch {sizes.batch_size}, one pass of the mix ({batches} batches) timed from "
+        f"the start of the pass (worker start-up included); shard cache prefetching "
+        f"{args.prefetch_shards} shards ahead; {args.rounds} round(s) of every measure in turn. "
+        "Machine: "
         f"{machine_description()}; load average at the end {os.getloadavg()[0]:.1f}. The "
         "server, the proxy and the loader's main process share this machine's cores.",
         "",
-        markdown_table(["loader", "images/s", "vs local disk", "requests per sample",
-                        "bytes fetched per byte used"], rows),
+        markdown_table(["loader", "images/s (median)", "slowest - fastest round",
+                        "vs local disk", "requests per sample", "bytes fetched per byte used"],
+                       rows),
         "",
         ("The shard-aware rows are not measured in this run (`--shard-window 0`): "
          "`data.shard_window` comes with the shard-aware sampler." if not args.shard_window
