@@ -20,7 +20,9 @@ All state is on disk, nothing is held only in one process's memory:
   bytes in memory, so no count drifts between processes;
 - eviction unlinks a file that another process may be reading: on POSIX an open file survives
   its unlink (the reader keeps its fd and reads the old bytes; the space is freed when the last
-  fd closes), and a reader that finds the file gone fetches it again.
+  fd closes: each process keeps at most `MAX_OPEN_COPIES` copies open, so the disk may hold
+  that many evicted copies per process beyond the bound), and a reader that finds the file
+  gone fetches it again.
 
 A damaged local copy (a truncated or corrupted file: a crash before the data reached the disk,
 a bad disk) is found by the checksums the reader verifies anyway (the shard index's and every
@@ -48,6 +50,10 @@ _TOUCH_EVERY_S = 1.0
 #: Temporary files older than this (seconds) belong to a fill that died; eviction removes them.
 _STALE_TMP_S = 600.0
 _TMP_PREFIX = ".tmp-"
+#: Local copies a process keeps open for reuse. An evicted copy that is still open keeps its
+#: disk space until its fd closes, so this bounds what a process may hold beyond the cache's
+#: bound (a window of shards per teacher is what a worker reads at a time).
+MAX_OPEN_COPIES = 64
 _LOCKS = ".locks"
 
 
@@ -220,7 +226,8 @@ class CachedFiles:
     shard object is fetched whole (one request, retried like every remote read) and then read
     locally. `discard(key)` drops a damaged copy (the reader asks after a checksum mismatch)."""
 
-    def __init__(self, remote: FsspecFiles, cache: DiskShardCache, max_open: int = 256) -> None:
+    def __init__(self, remote: FsspecFiles, cache: DiskShardCache,
+                 max_open: int = MAX_OPEN_COPIES) -> None:
         self.remote = remote
         self.cache = cache
         self.local = LocalFiles(cache.root, max_open=max_open)

@@ -33,7 +33,8 @@ from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
 
 # Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
-# where things live (moved runs and caches still resume; the cache's fingerprint is checked).
+# where things live (moved runs and caches still resume; the cache's fingerprint is checked;
+# the local shard cache changes where bytes come from, never which).
 RESUME_FREE_FIELDS = (
     "max_steps",
     "log_every",
@@ -43,6 +44,9 @@ RESUME_FREE_FIELDS = (
     "data.cache",
     "data.num_workers",
     "data.roots",
+    "data.shard_cache_dir",
+    "data.shard_cache_bytes",
+    "data.prefetch_shards",
     "stages[].cache",
     "logging",
 )

@@ -10,7 +10,8 @@ per byte used" are what crossed the wire (headers included) during the measure.
 
 Measured, each as the training DataLoader (`Trainer.make_loader`: view replay from the local
 source images, token reads, collate; `--workers` worker processes), images/s over one pass of
-the mix from its start (worker start-up included: the prefetcher starts with the pass):
+the mix after its first batch (the start of the pass, worker start-up, is reported apart: the
+prefetcher starts with the pass, so a cold shard cache is partly filled by the first batch):
 - the cache on local disk;
 - from S3, uniform sampler, every sample a ranged GET (no shard cache);
 - from S3, uniform sampler, through the local shard cache with prefetch, cold then warm;
@@ -113,21 +114,26 @@ def token_bytes_per_sample(cache: Path) -> float:
 
 def measure(train_toml: Path, out: Path, proxy: DelayingProxy, batches: int,
             **overrides: Any) -> dict[str, float]:
-    """Loader images/s over `batches` batches, and the proxy's counts, from the start of the
-    pass: worker start-up included, since the prefetcher starts with the pass too (timed from
-    the first batch on, a cold shard cache would be warm already)."""
+    """The start of a pass (worker start-up, their reopening of the cache, the first batch:
+    seconds and requests), then the steady state: images/s over the next `batches` batches
+    and the proxy's counts for them."""
     trainer = trainer_for(train_toml, out, **{"data.sampling": "uniform", **overrides})
     loader = trainer.make_loader()
     proxy.reset()
     began = time.perf_counter()
     iterator = iter(loader)
+    next(iterator)
+    startup_s, startup_requests = time.perf_counter() - began, proxy.requests
+    proxy.reset()
+    began = time.perf_counter()
     for _ in range(batches):
         next(iterator)
     seconds = time.perf_counter() - began
     samples = batches * trainer.local_batch
     del iterator
     return {"rate": samples / seconds, "samples": samples, "requests": proxy.requests,
-            "bytes": proxy.bytes_down}
+            "bytes": proxy.bytes_down, "startup_s": startup_s,
+            "startup_requests": startup_requests}
 
 
 def projection() -> str:
@@ -198,7 +204,7 @@ def main() -> None:
     build_cache(load_build_config(cache_toml), console=Console(stderr=True))
     cache = root / "cache"
     num_images = sum(sizes.images)
-    batches = num_images // sizes.batch_size  # one pass of the mix
+    batches = num_images // sizes.batch_size - 1  # one pass of the mix after the first batch
     used = token_bytes_per_sample(cache)
     common = {"data.num_workers": args.workers, "epoch_size": num_images, "epochs": 2}
     with running_s3_server() as server:
@@ -246,7 +252,8 @@ def main() -> None:
         rows.append([label, f"{r['rate']:.0f}", "{:.0f} - {:.0f}".format(*spread[label]),
                      f"{r['rate'] / local:.2f}x",
                      f"{r['requests'] / r['samples']:.3f}" if remote else "-",
-                     f"{r['bytes'] / (r['samples'] * used):.2f}" if remote else "-"])
+                     f"{r['bytes'] / (r['samples'] * used):.2f}" if remote else "-",
+                     f"{r['startup_s']:.1f} s, {r['startup_requests']:.0f}"])
     body = "\n".join([
         "## bench_remote: training loader from S3 vs local disk",
         "",
@@ -255,15 +262,17 @@ def main() -> None:
         f"views, {sizes.samples_per_shard} samples per shard, grid {sizes.grid}, 3 teachers, "
         f"{used / 1e3:.1f} KB of tokens per sample) in moto's S3 server on 127.0.0.1 behind a "
         f"proxy adding {args.latency_ms:.0f} ms per request; DataLoader with {args.workers} "
-        f"workers, batch {sizes.batch_size}, one pass of the mix ({batches} batches) timed from "
-        f"the start of the pass (worker start-up included); shard cache prefetching "
+        f"workers, batch {sizes.batch_size}; the start of a pass (worker start-up, their "
+        "reopening of the cache, the first batch) is timed apart from the rest of the pass "
+        f"({batches} batches: images/s and the counts); shard cache prefetching "
         f"{args.prefetch_shards} shards ahead; {args.rounds} round(s) of every measure in turn. "
         "Machine: "
         f"{machine_description()}; load average at the end {os.getloadavg()[0]:.1f}. The "
         "server, the proxy and the loader's main process share this machine's cores.",
         "",
         markdown_table(["loader", "images/s (median)", "slowest - fastest round",
-                        "vs local disk", "requests per sample", "bytes fetched per byte used"],
+                        "vs local disk", "requests per sample", "bytes fetched per byte used",
+                        "start of the pass: time, requests"],
                        rows),
         "",
         ("The shard-aware rows are not measured in this run (`--shard-window 0`): "
