@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -240,8 +241,8 @@ def main() -> None:
                 rounds[label].append(measure(train_toml, root / f"run{r}-{k}", proxy, batches,
                                              **common, **overrides))
                 print(label, rounds[label][-1], flush=True)
-    # The median rate over rounds; the counts of the median round (they barely vary).
-    results = {label: sorted(runs, key=lambda m: m["rate"])[len(runs) // 2]
+    # The median rate over rounds (of two: their mean); the other figures of the last round.
+    results = {label: {**runs[-1], "rate": statistics.median(m["rate"] for m in runs)}
                for label, runs in rounds.items()}
     spread = {label: (min(m["rate"] for m in runs), max(m["rate"] for m in runs))
               for label, runs in rounds.items()}
