@@ -102,13 +102,31 @@ class ShardReader:
         if tail is None:  # zarr writes no file for a shard whose chunks all equal the fill
             index = _EMPTY_ENTRY * layout.samples_per_shard
         else:
-            index = self._parse_index(layout, shard, *tail)
+            try:
+                index = self._parse_index(layout, shard, *tail)
+            except CacheCorruptionError:
+                if not self._refetch(key):
+                    raise
+                tail = self.files.tail(key, layout.index_nbytes)
+                if tail is None:
+                    self._corrupt(layout, shard, None, "shard object vanished")
+                index = self._parse_index(layout, shard, *tail)  # type: ignore[misc]
         self._check_expected(layout, shard, index, tail is None)
         with self._lock:
             self._index_cache[cache_key] = (index, key)
             while len(self._index_cache) > self._index_capacity:  # oldest first
                 del self._index_cache[next(iter(self._index_cache))]
         return index, key
+
+    def _refetch(self, key: str) -> bool:
+        """Drop a damaged local copy of `key` so that the next read fetches it again (files
+        with a local shard cache, shard_cache.CachedFiles); False when there is no copy to drop
+        (the damage is the store's own)."""
+        discard = getattr(self.files, "discard", None)
+        if discard is None:
+            return False
+        discard(key)
+        return True
 
     def _parse_index(self, layout: ShardedLayout, shard: int, raw: bytes, size: int) -> bytes:
         if len(raw) != layout.index_nbytes:
@@ -234,12 +252,30 @@ class ShardReader:
 
     def _read_remote(self, items: list) -> None:
         for layout, sample, key, offset, nbytes, rows in items:
-            shard = sample // layout.samples_per_shard
-            raw = self.files.read(key, offset, nbytes)
-            if raw is None:
-                self._corrupt(layout, shard, sample, "shard object vanished")
-            self._decode_chunk(layout, shard, sample, raw, nbytes, rows,  # type: ignore[arg-type]
-                               self.verify_checksums)
+            try:
+                self._read_remote_chunk(layout, sample, key, offset, nbytes, rows)
+            except CacheCorruptionError:
+                if not self._refetch(key):
+                    raise
+                # A fresh copy; its index again (a repaired shard may be laid out otherwise).
+                shard, local = divmod(sample, layout.samples_per_shard)
+                with self._lock:
+                    self._index_cache.pop((layout.path, shard), None)
+                index, _ = self.shard_index(layout, shard)
+                offset, nbytes = _unpack_entry(index, 16 * local)
+                if offset == _MISSING_INT:
+                    _fill(rows, layout.fill_value)
+                else:
+                    self._read_remote_chunk(layout, sample, key, offset, nbytes, rows)
+
+    def _read_remote_chunk(self, layout: ShardedLayout, sample: int, key: str, offset: int,
+                           nbytes: int, rows: Sequence[np.ndarray]) -> None:
+        shard = sample // layout.samples_per_shard
+        raw = self.files.read(key, offset, nbytes)
+        if raw is None:
+            self._corrupt(layout, shard, sample, "shard object vanished")
+        self._decode_chunk(layout, shard, sample, raw, nbytes, rows,  # type: ignore[arg-type]
+                           self.verify_checksums)
 
     def _decode_chunk(self, layout: ShardedLayout, shard: int, sample: int, raw: bytes,
                       nbytes: int, rows: Sequence[np.ndarray], verify: bool = True) -> None:
@@ -270,6 +306,14 @@ class ShardReader:
 
     def read_shard(self, layout: ShardedLayout, shard: int, count: int) -> np.ndarray:
         """All `count` samples of one shard from one read of its file (sequential scans)."""
+        try:
+            return self._read_shard(layout, shard, count)
+        except CacheCorruptionError:
+            if not self._refetch(layout.shard_key(shard)):
+                raise
+            return self._read_shard(layout, shard, count)
+
+    def _read_shard(self, layout: ShardedLayout, shard: int, count: int) -> np.ndarray:
         out = np.empty((count, *layout.sample_shape), dtype=layout.dtype)
         key = layout.shard_key(shard)
         tail = self.files.tail(key, layout.index_nbytes)

@@ -25,12 +25,19 @@ from cache_format.errors import (
     ConfigError,
 )
 from cache_format.fastread import ShardReader
-from cache_format.files import BufferPool, files_for
-from cache_format.manifest import ROOT_ATTR, STATUS_OK, Manifest, check_manifest_sha
+from cache_format.files import BufferPool, FsspecFiles, files_for
+from cache_format.manifest import (
+    MANIFEST_SHA_ATTR,
+    ROOT_ATTR,
+    STATUS_OK,
+    Manifest,
+    check_manifest_sha,
+)
 from cache_format.metadata_reader import MetadataReader
 from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
 from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
 from cache_format.sample_index import DEFAULT_CACHE_BYTES
+from cache_format.shard_cache import CachedFiles, DiskShardCache, cache_namespace
 from cache_format.sharded_layout import ShardedLayout
 
 __all__ = ["CacheReader", "open_cache"]
@@ -39,7 +46,9 @@ __all__ = ["CacheReader", "open_cache"]
 def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
                storage_options: dict[str, Any] | None = None,
                index_cache_entries: int = 65536, verify_checksums: bool = True,
-               sample_index_cache_bytes: int = DEFAULT_CACHE_BYTES) -> CacheReader:
+               sample_index_cache_bytes: int = DEFAULT_CACHE_BYTES,
+               shard_cache_dir: str | os.PathLike[str] | None = None,
+               shard_cache_bytes: int = 0) -> CacheReader:
     """Open a cache read-only (local folder or fsspec URL).
 
     Raises CacheNotFoundError when nothing is there and CacheVersionError when the cache was
@@ -48,14 +57,20 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
     shard); `sample_index_cache_bytes`: decoded key / view-parameter chunks each `SampleIndex`
     keeps. `verify_checksums=False` skips the crc32c check of sample reads (shard indexes and
     the sample index are always checked): about 19 us per MB saved, corruption then goes
-    unnoticed, so keep the default unless `verify()` ran on this copy of the cache. The reader
+    unnoticed, so keep the default unless `verify()` ran on this copy of the cache.
+    `shard_cache_dir` / `shard_cache_bytes`: a local folder of at most that many bytes that keeps
+    whole token shard files of a remote cache (shard_cache.py; shared by the processes that
+    name the same folder; ignored for a local cache, which is read in place). The reader
     remembers these settings (`CacheReader.settings`) for processes that reopen the cache.
     """
     location = os.fspath(path)
     settings = OpenSettings(threads=threads, storage_options=storage_options,
                             index_cache_entries=index_cache_entries,
                             verify_checksums=verify_checksums,
-                            sample_index_cache_bytes=sample_index_cache_bytes)
+                            sample_index_cache_bytes=sample_index_cache_bytes,
+                            shard_cache_dir=None if shard_cache_dir is None
+                            else os.fspath(shard_cache_dir),
+                            shard_cache_bytes=shard_cache_bytes)
     try:
         group = zarr.open_group(location, mode="r", zarr_format=3,
                                 storage_options=settings.storage_options)
@@ -72,7 +87,12 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
                                  hint="this is not a dune-distill cache")
     check_manifest_sha(group.attrs, location)
     manifest = Manifest.from_dict(group.attrs[ROOT_ATTR], where=location)
-    fast = ShardReader(files_for(location, settings.storage_options), threads=threads,
+    files = files_for(location, settings.storage_options)
+    if settings.shard_cache_dir and isinstance(files, FsspecFiles):
+        cache = DiskShardCache(settings.shard_cache_dir, settings.shard_cache_bytes,
+                               cache_namespace(location, group.attrs.get(MANIFEST_SHA_ATTR)))
+        files = CachedFiles(files, cache)
+    fast = ShardReader(files, threads=threads,
                        index_cache_entries=index_cache_entries,
                        verify_checksums=verify_checksums)
     return CacheReader(group, manifest, location, fast, settings)
@@ -253,6 +273,20 @@ class CacheReader(MetadataReader):
                 tensor(outs[values]), None if scale is None else tensor(outs[scale]), spec,
                 mean, std) for tok, values, scale, mean, std in toks}
         return result
+
+    def fill_shard_cache(self, dataset: str, shard: int,
+                         teachers: Sequence[str] | None = None) -> bool:
+        """Fetch the token shard files of `shard` of `dataset` (for `teachers`, default all of
+        the dataset's) into the local shard cache, ahead of the reads that need them (a
+        prefetcher calls this). False, doing nothing, when the reader has no shard cache."""
+        fill = getattr(self._fast.files, "fill", None)
+        if fill is None:
+            return False
+        names = self.teachers_for(dataset) if teachers is None else tuple(teachers)
+        for teacher in names:
+            self._check_pair(dataset, teacher)
+            fill(self._layout(dataset, teacher, layout.TOKENS).shard_key(shard))
+        return True
 
     def read_sample(self, dataset: str, i: int, teachers: Sequence[str] | None = None
                     ) -> dict[str, dict[str, torch.Tensor]]:

@@ -100,6 +100,12 @@ class DataConfig:
     orders each epoch by the cache's shards, images shuffled within windows of W shards
     (`train.shard_sampling`: a loader reading a remote cache then fetches whole shards); 0
     keeps the order of images.
+
+    A remote cache (a URL) is read through a local shard cache when `shard_cache_dir` is set: a
+    folder on the node's disk holding at most `shard_cache_bytes` of whole token shard files
+    (least recently used evicted first), shared by the node's DataLoader workers.
+    `prefetch_shards` > 0 fetches that many upcoming shards of the epoch's order into it in the
+    background (docs/remote.md). All three are ignored for a local cache.
     """
 
     cache: PathStr = ""
@@ -111,6 +117,9 @@ class DataConfig:
     shard_window: int = 0
     num_workers: int = 2
     expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+    shard_cache_dir: PathStr = ""
+    shard_cache_bytes: int = 0
+    prefetch_shards: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -128,6 +137,17 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, found {self.num_workers}")
+        if self.shard_cache_bytes < 0 or (self.shard_cache_dir and self.shard_cache_bytes < 1):
+            raise ConfigError(
+                f"data.shard_cache_bytes: expected >= 1 with data.shard_cache_dir set "
+                f"({self.shard_cache_dir!r}), found {self.shard_cache_bytes}",
+                hint="the local shard cache's size in bytes, e.g. 200_000_000_000 for 200 GB")
+        if self.prefetch_shards < 0 or (self.prefetch_shards and not self.shard_cache_dir):
+            raise ConfigError(
+                f"data.prefetch_shards: expected 0, or >= 1 with data.shard_cache_dir set, "
+                f"found {self.prefetch_shards} (shard_cache_dir={self.shard_cache_dir!r})",
+                hint="prefetched shards are kept in the local shard cache: set "
+                     "data.shard_cache_dir and data.shard_cache_bytes too")
         for name in ("teachers", "datasets"):
             values = getattr(self, name)
             if len(set(values)) != len(values):

@@ -67,7 +67,8 @@ def _warn_heldout_capped(count: int, manifest: Manifest, datasets: Sequence[str]
 
 def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     """Open the cache, check it against the run, and build the data, sampler and targets."""
-    reader = open_cache(cfg.data.cache)
+    reader = open_cache(cfg.data.cache, shard_cache_dir=cfg.data.shard_cache_dir or None,
+                        shard_cache_bytes=cfg.data.shard_cache_bytes)
     manifest = reader.manifest
     # The student's patch: built on the meta device, so that checking costs no memory.
     with torch.device("meta"):

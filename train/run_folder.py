@@ -34,6 +34,9 @@ RESUME_FREE_FIELDS = (
     "data.cache",
     "data.num_workers",
     "data.roots",
+    "data.shard_cache_dir",
+    "data.shard_cache_bytes",
+    "data.prefetch_shards",
     "stages[].cache",
     "logging",
 )
