@@ -269,9 +269,10 @@ class CachedFiles:
         return self._local(key, lambda: self.local.read_all(key))  # type: ignore[return-value]
 
     def discard(self, key: str) -> None:
-        """Forget a damaged local copy: close its cached fd and unlink it."""
-        self.local.forget(key)
+        """Forget a damaged local copy: unlink it, then drop its cached fd. In this order: a
+        thread that opens the copy in between must not get the damaged file's fd cached."""
         self.cache.discard(key)
+        self.local.forget(key)
 
     def reinit_after_fork(self) -> None:
         """Fresh locks in a forked child (a DataLoader worker)."""
