@@ -32,10 +32,9 @@ from tests.build_fixtures import (
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, images: dict) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("reference")
-    build_quiet(write_config(root / "cache.toml", root / "cache", images))
-    return cache_digest(root / "cache")
+def reference(reference_build: Path) -> dict[str, str]:
+    """The digest of the reference build (one worker, threads, no loader processes)."""
+    return cache_digest(reference_build / "cache")
 
 
 def test_two_worker_processes_with_loader_processes_match_one_worker(
@@ -111,14 +110,16 @@ def test_build_through_an_external_scheduler_with_two_workers(
             [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(scheduler_file)],
             env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_for(scheduler_file.exists, "the scheduler file", procs)
-        address = json.loads(scheduler_file.read_text())["address"]
+        # The workers start with the scheduler, not after it: each reads the address from the
+        # scheduler file once it appears, so the three processes import at the same time.
         for name in ("w0", "w1"):
             procs.append(subprocess.Popen(
                 # --no-nanny as docs/building.md advises: the worker may fork loaders.
-                [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                 "--no-nanny", "--no-dashboard", "--name", name],
+                [dask, "worker", "--scheduler-file", str(scheduler_file), "--host",
+                 "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", name],
                 env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_for(scheduler_file.exists, "the scheduler file", procs)
+        address = json.loads(scheduler_file.read_text())["address"]
         cfg = write_config(tmp_path / "cache.toml", tmp_path / "cache", images,
                            runtime={"loader_workers": 1})
         result = CliRunner().invoke(
