@@ -48,11 +48,14 @@ def test_two_worker_processes_with_loader_processes_match_one_worker(
 
 def _any_done_mark(cache: Path, teacher: str) -> bool:
     """Whether some token shard of `teacher` has its done mark (a chunk file of the
-    `shard_meta` array exists: it is written last, and only for a finished shard)."""
+    `shard_meta` array exists: it is written last, and only for a finished shard). The chunk
+    is `c/<shard>/0`: zarr makes the folder first and writes the chunk to a `*.partial` file
+    that it renames, so neither counts yet (a kill at that moment left no done shard, and the
+    test failed as "not mid-way")."""
     return any(
-        (cache / "datasets" / d / "teachers" / teacher / "shard_meta" / "c").is_dir()
-        and any((cache / "datasets" / d / "teachers" / teacher / "shard_meta" / "c").iterdir())
+        p.is_file() and not p.name.endswith(".partial")
         for d in ("rooms", "web")
+        for p in (cache / "datasets" / d / "teachers" / teacher / "shard_meta" / "c").rglob("*")
     )
 
 
