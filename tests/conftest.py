@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from tests.build_fixtures import make_images
+from tests.build_fixtures import build_quiet, make_images, write_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """The tiny two-dataset mix of tests/build_fixtures.py, written once per test module."""
+    """The tiny two-dataset mix of tests/build_fixtures.py, written once per session (tests
+    only read it)."""
     return make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def reference_build(tmp_path_factory: pytest.TempPathFactory, images: dict) -> Path:
+    """A folder with cache.toml and cache/: the default tiny build of `images` (int8, both
+    teachers, both datasets; one worker, threads, no loader processes), built once per session
+    for the builds that are compared with it (test_build.py, test_build_dask.py). Tests only
+    read it; one that moves or rebuilds it puts back every byte."""
+    root = tmp_path_factory.mktemp("reference-build")
+    build_quiet(write_config(root / "cache.toml", root / "cache", images))
+    return root
 
 
 # The S3 server fixture (`s3_server`): one moto server per session, for tests/test_remote_*.py.

@@ -57,11 +57,10 @@ from tests.build_fixtures import (
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory, images: dict) -> Path:
-    """The reference int8 build (one worker, threads, no loader processes)."""
-    root = tmp_path_factory.mktemp("baseline")
-    build_quiet(write_config(root / "cache.toml", root / "cache", images))
-    return root
+def baseline(reference_build: Path) -> Path:
+    """The reference int8 build (one worker, threads, no loader processes), shared with
+    test_build_dask.py through tests/conftest.py."""
+    return reference_build
 
 
 def test_building_twice_gives_identical_bytes(baseline: Path, tmp_path: Path) -> None:

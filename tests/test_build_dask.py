@@ -33,10 +33,9 @@ from tests.processes import sigkill_when
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, images: dict) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("reference")
-    build_quiet(write_config(root / "cache.toml", root / "cache", images))
-    return cache_digest(root / "cache")
+def reference(reference_build: Path) -> dict[str, str]:
+    """The digest of the reference build (one worker, threads, no loader processes)."""
+    return cache_digest(reference_build / "cache")
 
 
 def test_two_worker_processes_with_loader_processes_match_one_worker(
@@ -50,11 +49,14 @@ def test_two_worker_processes_with_loader_processes_match_one_worker(
 
 def _any_done_mark(cache: Path, teacher: str) -> bool:
     """Whether some token shard of `teacher` has its done mark (a chunk file of the
-    `shard_meta` array exists: it is written last, and only for a finished shard)."""
+    `shard_meta` array exists: it is written last, and only for a finished shard). The chunk
+    is `c/<shard>/0`: zarr makes the folder first and writes the chunk to a `*.partial` file
+    that it renames, so neither counts yet (a kill at that moment left no done shard, and the
+    test failed as "not mid-way")."""
     return any(
-        (cache / "datasets" / d / "teachers" / teacher / "shard_meta" / "c").is_dir()
-        and any((cache / "datasets" / d / "teachers" / teacher / "shard_meta" / "c").iterdir())
+        p.is_file() and not p.name.endswith(".partial")
         for d in ("rooms", "web")
+        for p in (cache / "datasets" / d / "teachers" / teacher / "shard_meta" / "c").rglob("*")
     )
 
 
@@ -106,14 +108,16 @@ def test_build_through_an_external_scheduler_with_two_workers(
             [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(scheduler_file)],
             env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_for(scheduler_file.exists, "the scheduler file", procs)
-        address = json.loads(scheduler_file.read_text())["address"]
+        # The workers start with the scheduler, not after it: each reads the address from the
+        # scheduler file once it appears, so the three processes import at the same time.
         for name in ("w0", "w1"):
             procs.append(subprocess.Popen(
                 # --no-nanny as docs/building.md advises: the worker may fork loaders.
-                [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                 "--no-nanny", "--no-dashboard", "--name", name],
+                [dask, "worker", "--scheduler-file", str(scheduler_file), "--host",
+                 "127.0.0.1", "--nthreads", "1", "--no-nanny", "--no-dashboard", "--name", name],
                 env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_for(scheduler_file.exists, "the scheduler file", procs)
+        address = json.loads(scheduler_file.read_text())["address"]
         cfg = write_config(tmp_path / "cache.toml", tmp_path / "cache", images,
                            runtime={"loader_workers": 1})
         result = CliRunner().invoke(

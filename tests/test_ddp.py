@@ -33,17 +33,23 @@ def test_two_processes_match_one_with_the_same_global_batch(
         .replace('cache = "cache"', f'cache = "{root / "cache"}"')
         .replace('mode = "exact"', f'mode = "{norm}"')
     )
-    single = tiny_config(root, tmp_path / "one", max_steps=STEPS, **{"norm.mode": norm})
-    reference = Trainer(single, progress="off").fit()["rows"]
-
     out = tmp_path / "two"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "train.cli", "fit", str(config), "--out", str(out), "--max-steps", str(STEPS),
     ]
-    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # The two processes start first: the single-process reference runs while they import torch.
+    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        single = tiny_config(root, tmp_path / "one", max_steps=STEPS, **{"norm.mode": norm})
+        reference = Trainer(single, progress="off").fit()["rows"]
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
     rows = read_metrics(out)
     for key in ("loss", "loss/dinov2", "loss/mast3r", "loss/multihmr"):
         one, two = train_losses(reference, key), train_losses(rows, key)

@@ -36,6 +36,24 @@ def test_errors_are_also_their_builtin(error: DuneError, builtin: type) -> None:
     assert "'" not in str(error)  # KeyError subclasses print the message, not its repr
 
 
+def _run_together(runs: list[tuple[list[str], dict[str, str]]]
+                  ) -> list[subprocess.CompletedProcess[str]]:
+    """Run each (command, environment) in REPO concurrently; their results, in order."""
+    procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for command, env in runs]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=120)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 @pytest.mark.parametrize(
     "argv",
     [["precompute.cli", "build"], ["train.cli", "fit"]],
@@ -48,15 +66,13 @@ def test_both_clis_print_one_line_or_with_dune_debug_the_traceback(
     command = [sys.executable, "-m", *argv, str(tmp_path / "missing.toml")]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("DUNE_DEBUG", None)
-    plain = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=120, check=False)
+    # Both runs at once: each spends seconds importing torch, and the machine has a core free.
+    plain, debug = _run_together([(command, env), (command, {**env, "DUNE_DEBUG": "1"})])
     lines = plain.stderr.strip().splitlines()
     assert plain.returncode == 1, plain.stderr
     assert len(lines) == 2 and "Traceback" not in plain.stderr
     assert lines[0].startswith("error: ") and "missing.toml: no such config file" in lines[0]
     assert lines[1].startswith("hint: ")
-    debug = subprocess.run(command, cwd=REPO, env={**env, "DUNE_DEBUG": "1"},
-                           capture_output=True, text=True, timeout=120, check=False)
     assert debug.returncode == 1  # an uncaught exception
     assert debug.stderr.startswith("Traceback (most recent call last):")
     assert "ConfigError: " in debug.stderr and "missing.toml: no such config file" in debug.stderr

@@ -224,16 +224,18 @@ def test_random_init_is_identical_in_another_process() -> None:
         "digests = {k: state_digest(load_teacher(tiny(k, init_seed=5)).module) for k in kinds}\n"
         "print(json.dumps(digests))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(kinds)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    there = json.loads(done.stdout.strip().splitlines()[-1])
-    here = {k: state_digest(load_teacher(tiny(k, init_seed=5)).module) for k in kinds}
+    # The other process starts first and computes while this one does (a core is free).
+    proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(kinds)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        here = {k: state_digest(load_teacher(tiny(k, init_seed=5)).module) for k in kinds}
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    there = json.loads(out.strip().splitlines()[-1])
     assert there == here
 
 
