@@ -57,6 +57,10 @@ def test_eval_against_its_own_cache_is_what_the_fit_logged(
     assert set(result["metrics"]) == set(logged)
     for key, value in logged.items():
         assert result["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    # The best checkpoint is the step-10 one here (the only evaluation after step 0).
+    best = eval_run(run, which="best")
+    assert Path(best.path).name.startswith("best-") and best.checkpoint.endswith("best.pt")
+    assert best.metrics == pytest.approx(result["metrics"], rel=1e-6)
 
 
 def test_other_encodings_and_online_score_the_same_student_on_one_ruler(

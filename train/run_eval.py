@@ -35,7 +35,7 @@ from typing import Any
 
 from cache_format.configfile import with_overrides
 from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError, DuneError
-from cache_format.locations import absolute_path, is_url
+from cache_format.locations import absolute_path
 from cache_format.manifest import FieldDifference, Manifest
 from cache_format.reader import open_cache
 from cache_format.serde import to_dict
@@ -187,7 +187,7 @@ def eval_run(run_dir: str | Path, *, cache: str | None = None, online: bool = Fa
     teachers = list(model.teachers)
     stored = _run_record(stage, cfg.data.cache, teachers)
     datasets = list(stored["cache_fingerprint"]["datasets"])
-    target = cache if cache and is_url(cache) else absolute_path(cache or cfg.data.cache)
+    target = absolute_path(cache) if cache else cfg.data.cache  # the config's is absolute
     with open_cache(target) as reader:
         check_heldout(stored, reader.manifest, reader.location, run, cfg.data.cache)
         encoding = reader.manifest.encoding

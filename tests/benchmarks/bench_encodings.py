@@ -268,6 +268,8 @@ def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.nd
                 "seed noise."))
     sizes = preset.sizes
     return "\n".join([
+        "## bench_encodings: encodings judged by the student they train",
+        "",
         f"`bench_encodings.py{' --quick' if args.quick else ''}` (encodings: "
         f"{', '.join(names)}; {elapsed / 60:.0f} min). Machine: {machine_description()}; "
         f"load average {os.getloadavg()[0]:.1f} at the end (shared: the decode speeds move "
