@@ -27,98 +27,22 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 from numcodecs import Blosc, Zstd
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
 from cache_format.checksum import crc32c_extend as _crc_extend
 from cache_format.checksum import crc32c_value as _crc_value
-from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError, CacheVersionError
+from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError
 from cache_format.files import Files, LocalFiles
+from cache_format.sharded_layout import ShardedLayout
 
 MISSING = np.uint64(2**64 - 1)
 _MISSING_INT = 2**64 - 1
 _EMPTY_ENTRY = struct.pack("<QQ", _MISSING_INT, _MISSING_INT)
 _unpack_entry = struct.Struct("<QQ").unpack_from
 _DECOMPRESSORS: dict[str, Any] = {"zstd": Zstd(), "blosc": Blosc()}
-@dataclass(frozen=True)
-class ShardedLayout:
-    """What the fast reader needs to know about one sharded array (axis 0 = samples)."""
-
-    label: str
-    path: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    samples_per_shard: int
-    compressor: str
-    fill_value: Any
-    sample_nbytes: int = 0
-
-    def __post_init__(self) -> None:
-        # Precomputed: the hot read loop compares every chunk length against it.
-        nbytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        object.__setattr__(self, "sample_nbytes", nbytes)
-
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample (one inner chunk)."""
-        return self.shape[1:]
-
-    @property
-    def index_nbytes(self) -> int:
-        """Bytes of a shard index: 16 per inner chunk plus its 4-byte crc32c."""
-        return 16 * self.samples_per_shard + 4
-
-    def shard_key(self, shard: int) -> str:
-        """Store key of shard file `shard` (default chunk key encoding, separator "/")."""
-        return f"{self.path}/c/{shard}" + "/0" * (len(self.shape) - 1)
-
-    @classmethod
-    def from_array(cls, array: zarr.Array, label: str) -> ShardedLayout:
-        """Read an array's metadata; refuse a codec pipeline this reader does not know."""
-        meta = array.metadata
-        codecs = list(meta.codecs)  # type: ignore[union-attr]
-        problem = ""
-        if len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-            problem = "expected one sharding_indexed codec"
-        else:
-            shard = codecs[0]
-            inner = list(shard.codecs)
-            index = list(shard.index_codecs)
-            middle = inner[1:-1]
-            if shard.index_location.value != "end":
-                problem = "expected the shard index at the end"
-            elif tuple(shard.chunk_shape) != (1, *array.shape[1:]):
-                problem = f"expected one sample per inner chunk, found {shard.chunk_shape}"
-            elif not (isinstance(inner[0], BytesCodec) and isinstance(inner[-1], Crc32cCodec)
-                      and len(middle) <= 1
-                      and all(isinstance(c, ZstdCodec | BloscCodec) for c in middle)):
-                problem = f"expected inner codecs [bytes, zstd|blosc?, crc32c], found {inner}"
-            elif not (len(index) == 2 and isinstance(index[0], BytesCodec)
-                      and isinstance(index[1], Crc32cCodec)):
-                problem = f"expected index codecs [bytes, crc32c], found {index}"
-            elif (inner[0].endian is not None and inner[0].endian.value != "little") or (
-                    index[0].endian is not None and index[0].endian.value != "little"):
-                problem = "expected little-endian bytes codecs"
-        if problem:
-            raise CacheVersionError(f"{label} ({array.path}): unexpected zarr layout: {problem}",
-                                    hint="this cache was not written by this dune-distill")
-        compressor = "none"
-        if middle:
-            compressor = "zstd" if isinstance(middle[0], ZstdCodec) else "blosc"
-        dtype = np.dtype(array.dtype).newbyteorder("<")
-        layout = cls(label=label, path=array.path, shape=tuple(array.shape), dtype=dtype,
-                     samples_per_shard=int(array.shards[0]),  # type: ignore[index]
-                     compressor=compressor, fill_value=meta.fill_value)
-        expected_key = meta.encode_chunk_key((1,) + (0,) * (len(array.shape) - 1))
-        if layout.shard_key(1) != f"{array.path}/{expected_key}":
-            raise CacheVersionError(f"{label}: unexpected chunk key encoding {expected_key!r}")
-        return layout
-
 
 #: What `ShardReader.read` fills: (array, output arrays). Row r of every output array, in
 #: order, receives the bytes of the r-th sample (a record's fields land straight in their own
@@ -178,13 +102,31 @@ class ShardReader:
         if tail is None:  # zarr writes no file for a shard whose chunks all equal the fill
             index = _EMPTY_ENTRY * layout.samples_per_shard
         else:
-            index = self._parse_index(layout, shard, *tail)
+            try:
+                index = self._parse_index(layout, shard, *tail)
+            except CacheCorruptionError:
+                if not self._refetch(key):
+                    raise
+                tail = self.files.tail(key, layout.index_nbytes)
+                if tail is None:
+                    self._corrupt(layout, shard, None, "shard object vanished")
+                index = self._parse_index(layout, shard, *tail)  # type: ignore[misc]
         self._check_expected(layout, shard, index, tail is None)
         with self._lock:
             self._index_cache[cache_key] = (index, key)
             while len(self._index_cache) > self._index_capacity:  # oldest first
                 del self._index_cache[next(iter(self._index_cache))]
         return index, key
+
+    def _refetch(self, key: str) -> bool:
+        """Drop a damaged local copy of `key` so that the next read fetches it again (files
+        with a local shard cache, shard_cache.CachedFiles); False when there is no copy to drop
+        (the damage is the store's own)."""
+        discard = getattr(self.files, "discard", None)
+        if discard is None:
+            return False
+        discard(key)
+        return True
 
     def _parse_index(self, layout: ShardedLayout, shard: int, raw: bytes, size: int) -> bytes:
         if len(raw) != layout.index_nbytes:
@@ -310,12 +252,30 @@ class ShardReader:
 
     def _read_remote(self, items: list) -> None:
         for layout, sample, key, offset, nbytes, rows in items:
-            shard = sample // layout.samples_per_shard
-            raw = self.files.read(key, offset, nbytes)
-            if raw is None:
-                self._corrupt(layout, shard, sample, "shard object vanished")
-            self._decode_chunk(layout, shard, sample, raw, nbytes, rows,  # type: ignore[arg-type]
-                               self.verify_checksums)
+            try:
+                self._read_remote_chunk(layout, sample, key, offset, nbytes, rows)
+            except CacheCorruptionError:
+                if not self._refetch(key):
+                    raise
+                # A fresh copy; its index again (a repaired shard may be laid out otherwise).
+                shard, local = divmod(sample, layout.samples_per_shard)
+                with self._lock:
+                    self._index_cache.pop((layout.path, shard), None)
+                index, _ = self.shard_index(layout, shard)
+                offset, nbytes = _unpack_entry(index, 16 * local)
+                if offset == _MISSING_INT:
+                    _fill(rows, layout.fill_value)
+                else:
+                    self._read_remote_chunk(layout, sample, key, offset, nbytes, rows)
+
+    def _read_remote_chunk(self, layout: ShardedLayout, sample: int, key: str, offset: int,
+                           nbytes: int, rows: Sequence[np.ndarray]) -> None:
+        shard = sample // layout.samples_per_shard
+        raw = self.files.read(key, offset, nbytes)
+        if raw is None:
+            self._corrupt(layout, shard, sample, "shard object vanished")
+        self._decode_chunk(layout, shard, sample, raw, nbytes, rows,  # type: ignore[arg-type]
+                           self.verify_checksums)
 
     def _decode_chunk(self, layout: ShardedLayout, shard: int, sample: int, raw: bytes,
                       nbytes: int, rows: Sequence[np.ndarray], verify: bool = True) -> None:
@@ -346,6 +306,14 @@ class ShardReader:
 
     def read_shard(self, layout: ShardedLayout, shard: int, count: int) -> np.ndarray:
         """All `count` samples of one shard from one read of its file (sequential scans)."""
+        try:
+            return self._read_shard(layout, shard, count)
+        except CacheCorruptionError:
+            if not self._refetch(layout.shard_key(shard)):
+                raise
+            return self._read_shard(layout, shard, count)
+
+    def _read_shard(self, layout: ShardedLayout, shard: int, count: int) -> np.ndarray:
         out = np.empty((count, *layout.sample_shape), dtype=layout.dtype)
         key = layout.shard_key(shard)
         tail = self.files.tail(key, layout.index_nbytes)

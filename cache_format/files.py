@@ -90,6 +90,15 @@ class LocalFiles:
                 self._close_retired()
             return fd
 
+    def forget(self, key: str) -> None:
+        """Stop using the cached fd of `key` (its file was replaced): the next read opens the
+        file again; the old fd is closed once no batch in flight can hold it."""
+        with self._lock:
+            fd = self._fds.pop(key, None)
+            if fd is not None:
+                self._retired.append((fd, next(self._tokens)))
+                self._close_retired()
+
     def _close_retired(self) -> None:
         """Close retired fds that no batch in flight can hold (call with the lock held)."""
         active = list(self._active)  # one C call: a consistent snapshot under the GIL

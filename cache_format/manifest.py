@@ -261,6 +261,12 @@ class Manifest:
             )
 
     @property
+    def images_per_shard(self) -> int:
+        """Whole images in one shard (samples_per_shard is a multiple of views_per_image): image
+        i of a dataset lies in shard i // images_per_shard."""
+        return self.samples_per_shard // self.views_per_image
+
+    @property
     def num_tokens(self) -> int:
         """Patch tokens per sample (gh * gw)."""
         return self.grid[0] * self.grid[1]

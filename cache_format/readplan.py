@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from cache_format.encodings import EncodingSpec
-from cache_format.fastread import ShardedLayout
 from cache_format.layout import RecordField
+from cache_format.sharded_layout import ShardedLayout
 
 
 class TokenSlot(NamedTuple):

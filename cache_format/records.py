@@ -70,7 +70,8 @@ class OpenSettings:
 
     A reader remembers them (`CacheReader.settings`) so that a process that reopens the cache,
     a DataLoader worker for one, opens it exactly as the parent did: same fsspec
-    `storage_options` (credentials, endpoints), threads and checksum policy.
+    `storage_options` (credentials, endpoints), threads, checksum policy and local shard cache
+    (`shard_cache_dir`, `shard_cache_bytes`: every worker of a node shares the folder).
     """
 
     threads: int = 4
@@ -78,12 +79,19 @@ class OpenSettings:
     index_cache_entries: int = 65536
     verify_checksums: bool = True
     sample_index_cache_bytes: int = 8 << 20
+    shard_cache_dir: str | None = None
+    shard_cache_bytes: int = 0
 
     def __post_init__(self) -> None:
         for name in ("threads", "index_cache_entries", "sample_index_cache_bytes"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"open_cache {name}: expected >= 1, found "
                                   f"{getattr(self, name)}")
+        if self.shard_cache_dir and self.shard_cache_bytes < 1:
+            raise ConfigError(f"open_cache shard_cache_bytes: expected >= 1 with "
+                              f"shard_cache_dir={self.shard_cache_dir!r}, found "
+                              f"{self.shard_cache_bytes}",
+                              hint="give the local shard cache a size in bytes")
         if self.storage_options is not None:  # a private copy: the caller's dict may change
             object.__setattr__(self, "storage_options", dict(self.storage_options))
 

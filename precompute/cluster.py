@@ -23,7 +23,7 @@ import torch
 
 from cache_format.errors import ClusterError, ConfigError
 from precompute.config import CacheBuildConfig
-from precompute.units import release_teachers
+from precompute.worker_state import release_teachers
 
 
 class _UnitErrorsOnce(logging.Filter):

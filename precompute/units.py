@@ -24,18 +24,17 @@ Determinism: a unit's output depends only on its arguments and the cache's index
 consecutive ok samples of the shard in sample order, `batch_size` at a time, whatever the loader
 timing; torch's thread count is fixed by the driver; views are replayed from the stored rows.
 
-Worker state: each dask worker keeps the teacher it last used (one teacher on the device at a
-time; loading another releases it). Decoding happens in DataLoader processes forked from the
-worker (dask's own worker processes are spawned, so the fork start method is named explicitly; a
-daemonic worker cannot fork, and then images are decoded in the unit's thread).
+Worker state (precompute/worker_state.py): each dask worker keeps the teacher it last used (one
+teacher on the device at a time; loading another releases it). Decoding happens in DataLoader
+processes forked from the worker (dask's own worker processes are spawned, so the fork start
+method is named explicitly; a daemonic worker cannot fork, and then images are decoded in the
+unit's thread).
 """
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -52,10 +51,10 @@ from cache_format.writer import CacheWriter
 from precompute.config import CacheBuildConfig
 from precompute.render import normalize, render_view, resize_for_teacher
 from precompute.sources import ImageSource
-from precompute.teachers.config import TeacherConfig
-from precompute.teachers.loaded import LoadedTeacher, load_teacher
+from precompute.teachers.loaded import LoadedTeacher
 from precompute.view_params import NUM_VIEW_PARAMS, ViewParams
 from precompute.views import sample_view
+from precompute.worker_state import acquire_teacher, setup_torch, worker_device
 
 
 @dataclass(frozen=True)
@@ -100,64 +99,8 @@ class PrepareResult:
     calibration: dict[str, tuple[np.ndarray, np.ndarray]] | None
 
 
-# -- worker state ----------------------------------------------------------------------------
-_LOCK = threading.Lock()
-_TEACHERS: dict[str, tuple[TeacherConfig, str, LoadedTeacher]] = {}
+#: Whether the daemonic-worker warning of `_loader` was given in this process.
 _warned_daemon = False
-
-
-def _worker_id() -> tuple[str, int]:
-    """(name, ordinal) of the dask worker running this code; ("local", 0) outside dask."""
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-    except (ImportError, ValueError):
-        return "local", 0
-    return str(name), name if isinstance(name, int) else 0
-
-
-def _device(kind: str) -> torch.device:
-    """This worker's device: its ordinal picks a GPU on a multi-GPU machine."""
-    if kind != "cuda":
-        return torch.device("cpu")
-    return torch.device("cuda", _worker_id()[1] % torch.cuda.device_count())
-
-
-def _setup_torch(threads: int, device: torch.device) -> None:
-    """Fixed intra-op threads and deterministic kernels, so results do not depend on workers."""
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def acquire_teacher(cfg: TeacherConfig, device: torch.device) -> LoadedTeacher:
-    """The worker's loaded teacher for `cfg`, loading it (and releasing the previous one)."""
-    wid = _worker_id()[0]
-    with _LOCK:
-        entry = _TEACHERS.get(wid)
-        if entry is not None and entry[0] == cfg and entry[1] == str(device):
-            return entry[2]
-        if entry is not None:
-            del _TEACHERS[wid]
-            del entry
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        teacher = load_teacher(cfg, device)
-        _TEACHERS[wid] = (cfg, str(device), teacher)
-        return teacher
-
-
-def release_teachers() -> None:
-    """Drop every teacher this process holds (run on workers at the end of a build)."""
-    with _LOCK:
-        _TEACHERS.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _loader(items: Dataset, workers: int) -> Iterator[object]:
@@ -327,7 +270,7 @@ def run_index_unit(settings: UnitSettings, images: ImageSource, shard: int) -> U
     shard. A bad image is recorded with its reason; under `strict` it raises BadImageError."""
     began = time.perf_counter()
     cfg, dataset = settings.config, images.cfg.name
-    _setup_torch(settings.torch_threads, torch.device("cpu"))
+    setup_torch(settings.torch_threads, torch.device("cpu"))
     images.check_root()
     writer = CacheWriter.open(cfg.cache)
     start, stop = writer.shard_bounds(dataset, shard)
@@ -359,8 +302,8 @@ def run_prepare_unit(settings: UnitSettings, teacher: str, dataset: str,
                      calibration: CalibrationViews | None) -> PrepareResult:
     """Load the teacher; return its fingerprint and (int8) its calibration on `calibration`."""
     cfg = settings.config
-    device = _device(settings.device)
-    _setup_torch(settings.torch_threads, device)
+    device = worker_device(settings.device)
+    setup_torch(settings.torch_threads, device)
     model = acquire_teacher(cfg.teacher(teacher), device)
     fingerprint = TeacherFingerprint(
         name=teacher, arch=model.arch, checkpoint_sha256=model.checkpoint_sha256,
@@ -384,8 +327,8 @@ def run_teacher_unit(settings: UnitSettings, teacher: str, images: ImageSource,
     and write its token shard."""
     began = time.perf_counter()
     cfg, dataset = settings.config, images.cfg.name
-    device = _device(settings.device)
-    _setup_torch(settings.torch_threads, device)
+    device = worker_device(settings.device)
+    setup_torch(settings.torch_threads, device)
     model = acquire_teacher(cfg.teacher(teacher), device)
     images.check_root()
     writer = CacheWriter.open(cfg.cache)

@@ -20,6 +20,7 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +76,11 @@ def client_options(endpoint: str) -> dict[str, object]:
             "client_kwargs": {"region_name": _REGION}}
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """Start moto's S3 server on 127.0.0.1 (free port), configure fsspec for it, stop it after
-    the session and restore the configuration."""
-    pytest.importorskip("moto.server", reason="pip install -e '.[dev]' (moto[server])")
-    pytest.importorskip("s3fs")
+@contextmanager
+def running_s3_server() -> Iterator[S3Server]:
+    """Start moto's S3 server on 127.0.0.1 (free port) with the test bucket, configure fsspec
+    (and the environment of child processes) for it; stop it and restore the configuration on
+    exit. Shared by the `s3_server` fixture and tests/benchmarks/bench_remote.py."""
     import boto3
     import fsspec.config
     from moto.server import ThreadedMotoServer
@@ -114,3 +114,12 @@ def s3_server() -> Iterator[S3Server]:
             else:
                 os.environ[name] = value
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """The S3 server for the whole test session (`running_s3_server`)."""
+    pytest.importorskip("moto.server", reason="pip install -e '.[dev]' (moto[server])")
+    pytest.importorskip("s3fs")
+    with running_s3_server() as server:
+        yield server

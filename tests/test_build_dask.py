@@ -29,6 +29,7 @@ from tests.build_fixtures import (
     subprocess_env,
     write_config,
 )
+from tests.processes import sigkill_when
 
 
 @pytest.fixture(scope="module")
@@ -67,19 +68,13 @@ def test_sigkill_mid_build_then_rerun_gives_the_same_cache(
     proc = subprocess.Popen(cli_command("build", str(cfg)), env=subprocess_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
         # Kill as soon as the second teacher has written its first shard: mid-way.
-        while not _any_done_mark(cache, "mast3r"):
-            assert proc.poll() is None, (tmp_path / "build.log").read_text()
-            assert time.monotonic() < deadline, "the build never reached the second teacher"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        reached = sigkill_when(proc, lambda: _any_done_mark(cache, "mast3r"), timeout=120,
+                               session=True, poll_s=0.01)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
         log.close()
+    assert reached, (f"the build never reached the second teacher (exit code "
+                     f"{proc.returncode}): {(tmp_path / 'build.log').read_text()}")
     with open_cache(cache) as reader:
         marks = [reader.pair_done(d, "mast3r") for d in ("rooms", "web")]
     assert 0 < sum(int(m.sum()) for m in marks) < sum(m.size for m in marks), "not mid-way"

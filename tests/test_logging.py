@@ -13,10 +13,11 @@ from PIL import Image
 from cache_format.errors import ConfigError
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config
 from train import sinks as sinks_module
-from train.config import TrainConfig, resume_differences
+from train.config import TrainConfig
 from train.curves import draw_loss_curves, loss_figure, stage_starts
 from train.metrics import MetricsLog, read_metrics
 from train.progress import LiveProgress
+from train.run_folder import resume_differences
 from train.sinks import LoggingConfig, TensorBoardSink, WandbConfig, open_sinks
 from train.trainer import Trainer
 

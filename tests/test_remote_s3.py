@@ -133,17 +133,24 @@ def test_info_and_verify_run_on_the_bucket_and_find_a_damaged_object(
     assert "dataset 'rooms', teacher 'dino'" in result.output
 
 
+@pytest.mark.parametrize("shard_cache", [False, True], ids=["direct", "shard-cache"])
 def test_training_reads_the_cache_from_the_bucket(
-        s3_cache: tuple[str, Path], tmp_path: Path) -> None:
+        s3_cache: tuple[str, Path], tmp_path: Path, shard_cache: bool) -> None:
+    """Directly, and through the local shard cache with prefetch (the DataLoader worker reopens
+    the bucket with the same shard cache folder)."""
     url, _ = s3_cache
     sizes = DemoSizes(grid=2, views_per_image=2, student_dim=32, student_depth=1,
                       student_heads=2, batch_size=4, steps_per_epoch=3, epochs=1,
                       heldout_images=2, num_workers=1, log_every=1, eval_every=3,
                       checkpoint_every=3)
     data = train_config(sizes)
+    shards = tmp_path / "shards"
     cfg = with_overrides(TrainConfig.from_dict(data),
                          {"out_dir": str(tmp_path / "run"), "data.cache": url,
-                          "data.sampling": "uniform"})
+                          "data.sampling": "uniform",
+                          **({"data.shard_cache_dir": str(shards),
+                              "data.shard_cache_bytes": 1 << 30,
+                              "data.prefetch_shards": 2} if shard_cache else {})})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -153,3 +160,6 @@ def test_training_reads_the_cache_from_the_bucket(
     losses = [r["loss"] for r in summary["rows"] if r["kind"] == "train"]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    if shard_cache:  # both token shards of rooms/dino were read through the local cache
+        copies = [p for p in shards.rglob("*") if p.is_file() and "/tokens/c/" in p.as_posix()]
+        assert len(copies) == 2

@@ -8,6 +8,7 @@ DINOv2 / MASt3R / Multi-HMR, datasets web2d (2d), scenes3d (3d), humans (human))
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ from train.data import CacheTrainData
 from train.item_table import ItemTable
 from train.preflight import preflight
 from train.sampling import ViewEpochSampler
+from train.shard_sampling import ShardWindowOrder
 from train.trainer import Trainer
 
 
@@ -239,7 +241,8 @@ def _arrays_nbytes(obj: Any, skip: tuple[Any, ...], seen: set[int] | None = None
 def test_a_trainer_holds_at_most_6_bytes_per_sample() -> None:
     """DUNE's shape: 6 views per image, three domains of unequal size, 1% unusable samples.
     Counted: the statuses the reader keeps (1 byte per sample), the item table, and the
-    sampler's state after drawing an epoch (one process: the largest share)."""
+    sampler's state after drawing an epoch (one process: the largest share), in image order
+    and in shard order."""
     rng = np.random.default_rng(0)
     views = 6
     images = {"web": 120_000, "rooms": 50_000, "people": 30_000}
@@ -248,8 +251,10 @@ def test_a_trainer_holds_at_most_6_bytes_per_sample() -> None:
                             views, 3)
     samples = sum(n * views for n in images.values())
     held = sum(s.nbytes for s in statuses.values()) + table.nbytes
-    for mode in ("uniform", "teacher_balanced"):
-        sampler = ViewEpochSampler(table, seed=0, mode=mode, batch_size=256)  # type: ignore[arg-type]
+    orders = [None, ShardWindowOrder(table, images_per_shard=64, window=8)]
+    for mode, order in itertools.product(("uniform", "teacher_balanced"), orders):
+        sampler = ViewEpochSampler(table, seed=0, mode=mode, batch_size=256,  # type: ignore[arg-type]
+                                   order=order)
         sequence = sampler.rank_sequence(0)
         assert sequence.dtype == np.uint32 and len(sequence) == sampler.padded_size
         state = _arrays_nbytes(sampler, skip=(table,))

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from cache_format.errors import ConfigError
+from tests.processes import sigkill_fit_after_step
 from tests.test_train_cli import REPO, cli_env
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, train_losses
 from train.checkpoint import latest_stage_dir, load_checkpoint
@@ -125,21 +124,8 @@ def test_a_kill_in_the_second_stage_resumes_bit_exactly(cache_base: Path, tmp_pa
     config = two_stage_toml(cache_base, tmp_path / "killed.toml")
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "train.cli", "fit", str(config), "--out", str(out)]
-    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
     second = out / "stages" / "01-g3"
-    killed_at = 0
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        logged = [r["step"] for r in read_metrics(second) if r.get("kind") == "train"] \
-            if (second / "metrics.jsonl").is_file() else []
-        if logged and logged[-1] >= 5:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = logged[-1]
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed_at, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+    killed_at = sigkill_fit_after_step(command, second, 5, cwd=REPO, env=cli_env(), timeout=240)
     assert not (second / "stage_done.json").exists()
     assert load_checkpoint(second / "checkpoints" / "last.pt")["step"] <= killed_at
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 
+from tests.processes import sigkill_fit_after_step
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, train_losses
 from train.checkpoint import load_checkpoint
 from train.cli import main
@@ -132,19 +131,7 @@ def test_a_killed_run_resumes_with_the_same_command_and_matches(
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "train.cli", "fit", str(config), "--out", str(out),
                "--max-steps", str(steps)]
-    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    killed_at = 0
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        logged = [r["step"] for r in read_metrics(out) if r.get("kind") == "train"]
-        if logged and logged[-1] >= 12:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = logged[-1]
-            break
-        time.sleep(0.02)
-    proc.wait()
-    assert killed_at, f"the run ended before it could be killed: {proc.stderr.read().decode()}"
+    killed_at = sigkill_fit_after_step(command, out, 12, cwd=REPO, env=cli_env(), timeout=120)
     checkpoint_step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
     assert checkpoint_step % 5 == 0 and checkpoint_step <= killed_at
 

@@ -37,6 +37,7 @@ from precompute.view_params import VIEW_PARAM_NAMES, ViewParams
 from train.batch import Batch, collate_cached
 from train.data import CacheTrainData, heldout_image_indices
 from train.sampling import ViewEpochSampler
+from train.shard_sampling import ShardWindowOrder
 
 VIEWS = 2
 GOOD = {"web": 6, "rooms": 5}  # generated images per dataset; "web" also holds the bad files
@@ -498,6 +499,28 @@ def test_sampler_over_the_real_dataset_draws_one_view_per_image(tiny: CacheBuild
             assert len(sequence) == 2 * max(per_domain.values())
             assert domains[0::2] == [domains[0]] * len(domains[0::2])
             assert set(domains[:2]) == {"2d", "3d"}
+
+
+def test_shard_order_over_the_real_dataset_reads_its_training_images_by_shard(
+    tiny: CacheBuildConfig,
+) -> None:
+    """Held-out images stay out, every training image is read once, and the shard of each
+    index is the cache's (sample // samples_per_shard)."""
+    data = CacheTrainData(tiny.cache, split="train", heldout_images=1)
+    heldout = CacheTrainData(tiny.cache, split="heldout", heldout_images=1)
+    order = ShardWindowOrder(data.items, data.manifest.images_per_shard, window=1)
+    sequence = ViewEpochSampler(data, seed=0, mode="uniform", order=order).global_sequence(0)
+    located = [data.locate(int(i)) for i in sequence]
+    images = [(d, s // VIEWS) for d, s in located]
+    assert sorted(images) == sorted(set(images)) and len(images) == data.num_images
+    held = {(d, s // VIEWS) for d, s in map(heldout.locate, range(len(heldout)))}
+    assert held and not held & set(images)
+    datasets, shards = order.locate_shards(sequence)
+    expected = [(d, s // tiny.samples_per_shard) for d, s in located]
+    assert list(zip(datasets.tolist(), shards.tolist(), strict=True)) == expected
+    # Window 1: the positions of one shard are consecutive.
+    runs = [key for k, key in enumerate(expected) if k == 0 or key != expected[k - 1]]
+    assert len(runs) == len(set(runs)) == order.num_shards
 
 
 @pytest.mark.parametrize("mode", ["uniform", "teacher_balanced"])

@@ -25,18 +25,14 @@ from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError
 from precompute.build import build_cache
 from precompute.config import load_build_config
 from train.checkpoint import load_checkpoint, save_atomic
-from train.config import (
-    TrainConfig,
-    load_train_config,
-    resolve_paths,
-    resume_differences,
-)
+from train.config import TrainConfig, load_train_config, resolve_paths
 from train.curves import draw_loss_curves
 from train.demo import DemoSizes, write_demo_configs
 from train.export import export_run, load_full_model
 from train.init_from import init_model_from
 from train.metrics import MetricsLog, read_metrics
 from train.model import DistillModel, TeacherHead
+from train.run_folder import resume_differences
 from train.student import interpolate_pos_embed
 from train.trainer import Trainer, lr_at
 

@@ -7,7 +7,8 @@ command line overrides a few fields (`--cache`, `--out`, `--online`, `--max-step
 is type-checked from its annotation (`cache_format.serde.from_dict`), with the dotted field
 named. The run folder stores `to_dict()` of the resolved config (absolute paths), and
 a rerun of the same command compares its own resolved config with the stored one before it
-resumes: only fields that cannot change the trajectory (`RESUME_FREE_FIELDS`) may differ.
+resumes: only fields that cannot change the trajectory
+(`train.run_folder.RESUME_FREE_FIELDS`) may differ.
 
 Relative paths in the TOML file are taken from the file's folder (as in `dune-cache build`
 configs), so a config works from any directory; paths given on the command line are relative
@@ -31,21 +32,6 @@ from train.sinks import LoggingConfig
 from train.student import StudentConfig
 from train.teacher_dropping import check_dropping
 from train.teacher_norm import NORM_MODES
-
-# Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
-# where things live (moved runs and caches still resume; the cache's fingerprint is checked).
-RESUME_FREE_FIELDS = (
-    "max_steps",
-    "log_every",
-    "checkpoint_every",
-    "eval_every",
-    "out_dir",
-    "data.cache",
-    "data.num_workers",
-    "data.roots",
-    "stages[].cache",
-    "logging",
-)
 
 #: Named epoch sizes: the reference calls 1,281,167 images (ImageNet-1k's train split) an epoch.
 EPOCH_SIZES: dict[str, int] = {"imagenet-1k": 1_281_167}
@@ -110,7 +96,16 @@ class DataConfig:
     its source images live in now, when they moved since the cache was built.
     `expect_checkpoint_sha256` maps a teacher to the checkpoint hash the run requires: a cache
     built from other weights is refused before step 0. `heldout_images` images per dataset are
-    kept out of training and used for the held-out loss and cosine.
+    kept out of training and used for the held-out loss and cosine. `shard_window` = W >= 1
+    orders each epoch by the cache's shards, images shuffled within windows of W shards
+    (`train.shard_sampling`: a loader reading a remote cache then fetches whole shards); 0
+    keeps the order of images.
+
+    A remote cache (a URL) is read through a local shard cache when `shard_cache_dir` is set: a
+    folder on the node's disk holding at most `shard_cache_bytes` of whole token shard files
+    (least recently used evicted first), shared by the node's DataLoader workers.
+    `prefetch_shards` > 0 fetches that many upcoming shards of the epoch's order into it in the
+    background (docs/remote.md). All three are ignored for a local cache.
     """
 
     cache: PathStr = ""
@@ -119,8 +114,12 @@ class DataConfig:
     roots: dict[str, PathStr] = field(default_factory=dict)
     sampling: str = "teacher_balanced"
     heldout_images: int = 8
+    shard_window: int = 0
     num_workers: int = 2
     expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+    shard_cache_dir: PathStr = ""
+    shard_cache_bytes: int = 0
+    prefetch_shards: int = 0
 
     def __post_init__(self) -> None:
         check_types(self, "data")
@@ -131,8 +130,24 @@ class DataConfig:
             )
         if self.heldout_images < 0:
             raise ConfigError(f"data.heldout_images: expected >= 0, found {self.heldout_images}")
+        if self.shard_window < 0:
+            raise ConfigError(
+                f"data.shard_window: expected 0 (order by images) or a number of shards >= 1, "
+                f"found {self.shard_window}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: expected >= 0, found {self.num_workers}")
+        if self.shard_cache_bytes < 0 or (self.shard_cache_dir and self.shard_cache_bytes < 1):
+            raise ConfigError(
+                f"data.shard_cache_bytes: expected >= 1 with data.shard_cache_dir set "
+                f"({self.shard_cache_dir!r}), found {self.shard_cache_bytes}",
+                hint="the local shard cache's size in bytes, e.g. 200_000_000_000 for 200 GB")
+        if self.prefetch_shards < 0 or (self.prefetch_shards and not self.shard_cache_dir):
+            raise ConfigError(
+                f"data.prefetch_shards: expected 0, or >= 1 with data.shard_cache_dir set, "
+                f"found {self.prefetch_shards} (shard_cache_dir={self.shard_cache_dir!r})",
+                hint="prefetched shards are kept in the local shard cache: set "
+                     "data.shard_cache_dir and data.shard_cache_bytes too")
         for name in ("teachers", "datasets"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
@@ -384,24 +399,3 @@ def resolve_paths(cfg: TrainConfig, config_path: str | Path | None = None) -> Tr
         stem = Path(config_path).stem if config_path else "run"
         data["out_dir"] = str(Path.cwd() / "runs" / stem)
     return from_dict(TrainConfig, data, base=base)
-
-
-def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields that differ between a stored and a current config dict,
-    leaving out `RESUME_FREE_FIELDS` (which a rerun may change)."""
-    diffs: list[str] = []
-
-    def walk(a: Any, b: Any, prefix: str) -> None:
-        if re.sub(r"\[\d+\]", "[]", prefix) in RESUME_FREE_FIELDS:
-            return
-        if isinstance(a, dict) and isinstance(b, dict):
-            for key in sorted(set(a) | set(b)):
-                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
-        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            for i, (x, y) in enumerate(zip(a, b, strict=True)):
-                walk(x, y, f"{prefix}[{i}]")
-        elif a != b:
-            diffs.append(f"{prefix} (stored {a!r}, now {b!r})")
-
-    walk(stored, current, "")
-    return diffs

@@ -215,6 +215,18 @@ class CacheTrainData(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def shard_of(self, item: int) -> tuple[int, int]:
+        """(dataset id, token shard) that item `item` is read from."""
+        d, sample = self.locate(int(item))
+        return d, sample // self.manifest.samples_per_shard
+
+    def fill_shard_cache(self, dataset: int, shard: int) -> None:
+        """Fetch a token shard of dataset id `dataset` into the reader's local shard cache
+        (`train.shard_prefetch`), for this run's teachers of that dataset."""
+        part = self._parts[dataset]
+        if self.read_tokens and part.teachers:
+            self._reader().fill_shard_cache(part.name, shard, part.teachers)
+
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:
         # File handles and thread pools do not survive a fork: each worker opens its own, the

@@ -28,6 +28,7 @@ from train.distributed import DistInfo
 from train.model import DistillModel, TeacherHead
 from train.preflight import preflight
 from train.sampling import ViewEpochSampler
+from train.shard_sampling import ShardWindowOrder
 from train.step import DistillStep
 from train.student import build_student
 from train.targets import CachedTargets, OnlineTargets, Targets
@@ -78,7 +79,8 @@ def _warn_heldout_capped(count: int, manifest: Manifest, datasets: Sequence[str]
 
 def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     """Open the cache, check it against the run, and build the data, sampler and targets."""
-    reader = open_cache(cfg.data.cache)
+    reader = open_cache(cfg.data.cache, shard_cache_dir=cfg.data.shard_cache_dir or None,
+                        shard_cache_bytes=cfg.data.shard_cache_bytes)
     manifest = reader.manifest
     # The student's patch: built on the meta device, so that checking costs no memory.
     with torch.device("meta"):
@@ -114,10 +116,15 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     heldout_data = None
     if cfg.data.heldout_images > 0:
         heldout_data = CacheTrainData(reader, teachers, datasets, split="heldout", **data_args)
+    order = None
+    if cfg.data.shard_window:
+        order = ShardWindowOrder(train_data.items, manifest.images_per_shard,
+                                 cfg.data.shard_window)
     sampler = ViewEpochSampler(
         train_data, cfg.seed, cfg.data.sampling, cfg.epoch_samples(),
         rank=dist_info.rank, world_size=dist_info.world_size,
         batch_size=cfg.global_batch(dist_info.world_size) // dist_info.world_size,
+        order=order,
     )
 
     def make_targets(device: torch.device) -> Callable[[Batch], Targets]:

@@ -4,22 +4,43 @@
 cache's fingerprint and what fixes the held-out views (`teachers.json`; `dune-train eval` checks
 another cache against it, `heldout_record`). `check_resume` compares a rerun with both before
 it resumes from `checkpoints/last.pt`: a different run never silently continues another one's
-checkpoint. The cache side of that comparison is the manifest's own (`Manifest.differences`), so
-the error names every field in which the cache differs from the one the run started on.
+checkpoint; `resume_differences` names the config fields that differ, leaving out the ones a
+rerun may change (`RESUME_FREE_FIELDS`). The cache side of that comparison is the manifest's
+own (`Manifest.differences`), so the error names every field in which the cache differs from
+the one the run started on.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError
 from cache_format.manifest import Manifest
 from cache_format.serde import to_dict
-from train.config import TrainConfig, resume_differences
+from train.config import TrainConfig
 from train.export import CONFIG_FILE, TEACHERS_FILE
 from train.run_data import RunContext
+
+# Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
+# where things live (moved runs and caches still resume; the cache's fingerprint is checked).
+RESUME_FREE_FIELDS = (
+    "max_steps",
+    "log_every",
+    "checkpoint_every",
+    "eval_every",
+    "out_dir",
+    "data.cache",
+    "data.num_workers",
+    "data.roots",
+    "data.shard_cache_dir",
+    "data.shard_cache_bytes",
+    "data.prefetch_shards",
+    "stages[].cache",
+    "logging",
+)
 
 #: The manifest fields a run depends on beside its teachers' and datasets' fingerprints.
 _FINGERPRINT_FIELDS = ("grid", "student_patch", "views_per_image", "encoding")
@@ -115,3 +136,24 @@ def check_same_config(run_dir: Path, stored: dict[str, Any], cfg: TrainConfig, *
             hint="rerun with the same config (only max_steps, intervals, paths may change), "
             "or pass a new --out to start a new run",
         )
+
+
+def resume_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields that differ between a stored and a current config dict,
+    leaving out `RESUME_FREE_FIELDS` (which a rerun may change)."""
+    diffs: list[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if re.sub(r"\[\d+\]", "[]", prefix) in RESUME_FREE_FIELDS:
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{prefix}[{i}]")
+        elif a != b:
+            diffs.append(f"{prefix} (stored {a!r}, now {b!r})")
+
+    walk(stored, current, "")
+    return diffs

@@ -10,6 +10,13 @@ its usable views (deterministic from the seed and the epoch), then orders the im
   fresh permutation when it runs out ("cycled"), so the default epoch is
   `n_domains x largest domain` samples and every image of the largest domain is seen once.
 
+How a stream (the whole mix's, or one domain's) orders its images is the sampler's `order`:
+`ImageOrder` (the default) draws a permutation of the images for every pass;
+`train.shard_sampling.ShardWindowOrder` draws a permutation of the cache's shards and shuffles
+the images within windows of W consecutive shards, so that the loader reads each shard in a few
+large requests (`data.shard_window`). Everything below (domains, blocks, padding, resume) is the
+same for both.
+
 The global sequence of an epoch is cut into blocks of `batch_size` consecutive positions and
 the blocks are dealt to the ranks in turn, so that at every step the ranks' batches, put side by
 side in rank order, are exactly the batch one process would draw with `batch_size x world_size`
@@ -28,7 +35,8 @@ own share, and no sample of the epoch is repeated or skipped. (Bit-exact losses 
 only at the same world size: per-rank RNG streams and reduction orders differ.)
 
 Memory: the sampler holds only this rank's order of the current epoch, as uint32 dataset indices
-(uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size. The
+(uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size (the
+shard order adds 4 bytes per shard). The
 global sequence, the permutations and each domain's image list exist only while an epoch's order
 is drawn, and iteration hands out indices in chunks, never as one Python list of the epoch.
 """
@@ -48,7 +56,7 @@ SAMPLING_MODES: tuple[str, ...] = ("uniform", "teacher_balanced")
 #: Indices handed to the DataLoader per Python list (bounds what iteration holds as objects).
 _YIELD_CHUNK = 4096
 #: Images whose views are drawn at once while an epoch's order is made.
-_PICK_CHUNK = 1 << 16
+PICK_CHUNK = 1 << 16
 
 
 def index_dtype(count: int) -> np.dtype:
@@ -68,7 +76,7 @@ class ViewGroups(Protocol):
     image_domain: np.ndarray  # unsigned or int64 [num_images], in [0, num_domains)
 
 
-def _pick_views(groups: ViewGroups, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def pick_views(groups: ViewGroups, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Dataset indices of one view chosen uniformly among the usable views of each image."""
     counts = groups.image_count[images].astype(np.int64)
     offsets = np.floor(rng.random(len(images)) * counts).astype(np.int64)
@@ -88,13 +96,48 @@ def _stream(
     while have < length:
         rng = np.random.default_rng([seed, epoch, pass_index, tag])
         order = rng.permutation(len(images))
-        for start in range(0, min(len(order), length - have), _PICK_CHUNK):
-            picked = _pick_views(groups, images[order[start : start + _PICK_CHUNK]], rng)
+        for start in range(0, min(len(order), length - have), PICK_CHUNK):
+            picked = pick_views(groups, images[order[start : start + PICK_CHUNK]], rng)
             take = min(len(picked), length - have)
             out[have : have + take] = picked[:take]
             have += take
         pass_index += 1
     return out
+
+
+class EpochOrder(Protocol):
+    """How a stream of an epoch orders its images: the part of the sequence a sampler mode
+    leaves open. `stream` returns `length` dataset indices of `dtype` for the images of
+    `domain` (None: of the whole mix), passes after passes, deterministic from `seed`, `epoch`
+    and `tag` (the stream's slot). `fingerprint` is what else fixes the order (saved with the
+    sampler's state and compared on resume)."""
+
+    def stream(self, domain: int | None, length: int, seed: int, epoch: int, tag: int,
+               dtype: np.dtype) -> np.ndarray: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+class ImageOrder:
+    """Every pass of a stream is a fresh permutation of its images (the default order)."""
+
+    def __init__(self, groups: ViewGroups) -> None:
+        self.groups = groups
+
+    def stream(self, domain: int | None, length: int, seed: int, epoch: int, tag: int,
+               dtype: np.dtype) -> np.ndarray:
+        """See `EpochOrder.stream`."""
+        num_images = len(self.groups.image_first)
+        image_dtype = index_dtype(num_images)
+        if domain is None:
+            images = np.arange(num_images, dtype=image_dtype)
+        else:
+            images = np.flatnonzero(self.groups.image_domain == domain).astype(image_dtype)
+        return _stream(self.groups, images, length, seed, epoch, tag, dtype)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """No shard window (states saved before the field existed read as the same)."""
+        return {"shard_window": 0}
 
 
 class ViewEpochSampler(Sampler[int]):
@@ -104,6 +147,7 @@ class ViewEpochSampler(Sampler[int]):
     every image once; `teacher_balanced`: number of domains x largest domain).
     `len(sampler)` is the number of indices the next iteration yields (less than a full
     epoch right after resuming mid-epoch); `samples_per_rank` is a full epoch's share.
+    `order` orders each stream's images (default `ImageOrder`: a permutation per pass).
     """
 
     def __init__(
@@ -115,6 +159,7 @@ class ViewEpochSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         batch_size: int | None = None,
+        order: EpochOrder | None = None,
     ) -> None:
         if mode not in SAMPLING_MODES:
             raise ConfigError(f"sampling mode: expected one of {SAMPLING_MODES}, found {mode!r}")
@@ -130,6 +175,7 @@ class ViewEpochSampler(Sampler[int]):
         if seed < 0:
             raise ConfigError(f"seed: expected a non-negative integer, found {seed}")
         self.groups = data
+        self.order: EpochOrder = ImageOrder(data) if order is None else order
         self.seed = int(seed)
         self.mode: SamplingMode = mode
         self.rank = rank
@@ -165,18 +211,14 @@ class ViewEpochSampler(Sampler[int]):
     def global_sequence(self, epoch: int) -> np.ndarray:
         """All ranks' dataset indices of `epoch`, in the order one process would read them."""
         length = self.padded_size
-        num_images = len(self.groups.image_first)
-        image_dtype = index_dtype(num_images)
         if self.mode == "uniform":
-            every = np.arange(num_images, dtype=image_dtype)
-            return _stream(self.groups, every, length, self.seed, epoch, 0, self._dtype)
+            return self.order.stream(None, length, self.seed, epoch, 0, self._dtype)
         n_domains = len(self._domains)
         per_domain = -(-length // n_domains)
         sequence = np.empty((per_domain, n_domains), dtype=self._dtype)
         for slot, domain in enumerate(self._domains):
-            images = np.flatnonzero(self.groups.image_domain == domain).astype(image_dtype)
-            sequence[:, slot] = _stream(self.groups, images, per_domain, self.seed, epoch,
-                                        1 + slot, self._dtype)
+            sequence[:, slot] = self.order.stream(int(domain), per_domain, self.seed, epoch,
+                                                  1 + slot, self._dtype)
         # Round-robin: position k reads domain k % n_domains, element k // n_domains of it.
         return sequence.reshape(-1)[:length]
 
@@ -224,6 +266,7 @@ class ViewEpochSampler(Sampler[int]):
             "epoch_size": self.epoch_size,
             "global_block": self.block * self.world_size,
             "num_images": int(len(self.groups.image_first)),
+            **self.order.fingerprint(),
         }
 
     def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
@@ -255,14 +298,17 @@ class ViewEpochSampler(Sampler[int]):
         """Restore a position saved by `state_dict`, on any world size with the same global
         batch; the sampler's other settings must be the same."""
         expected = self._fingerprint()
+        # States saved before shard windows existed were drawn in image order (window 0).
+        state = {"shard_window": 0, **state}
         for field, value in expected.items():
             if state.get(field) != value:
                 what = " (the global batch: block x world_size)" if field == "global_block" else ""
                 raise ConfigError(
                     f"sampler state.{field}{what}: the saved run used {state.get(field)!r}, "
                     f"this run has {value!r}",
-                    hint="resume with the same data, seed, sampling mode, epoch size and global "
-                    "batch (set batch_size_global when the number of processes changes)",
+                    hint="resume with the same data, seed, sampling mode, shard window, epoch size "
+                    "and global batch (set batch_size_global when the number of processes "
+                    "changes)",
                 )
         same_ranks = state.get("world_size") == self.world_size
         if same_ranks and state.get("rank") in (None, self.rank):

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from cache_format.errors import ConfigError
+from cache_format.locations import is_url
 from train.checkpoint import (
     BEST,
     LAST,
@@ -44,6 +45,7 @@ from train.model import DistillModel
 from train.progress import LiveProgress
 from train.run_data import RunContext, open_run_data
 from train.run_folder import check_resume, write_run_files
+from train.shard_prefetch import ShardPrefetchSampler
 from train.sinks import open_sinks
 from train.step import check_finite
 from train.teacher_dropping import TeacherDropping
@@ -301,10 +303,16 @@ class Trainer:
     def make_loader(self) -> DataLoader:
         """The training DataLoader: this rank's share of each epoch, batches of local_batch."""
         workers = self.cfg.data.num_workers
+        sampler: Sampler[int] = self.ctx.sampler
+        if self.cfg.data.prefetch_shards and is_url(self.ctx.reader.location):
+            # The epoch's next shards, fetched into the local shard cache in the background
+            # (the sampler's own state is what checkpoints keep).
+            sampler = ShardPrefetchSampler(sampler, self.ctx.train_data,
+                                           self.cfg.data.prefetch_shards)
         return DataLoader(
             self.ctx.train_data,
             batch_size=self.local_batch,
-            sampler=self.ctx.sampler,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=self.ctx.collate,
             pin_memory=self.device.type == "cuda",

@@ -43,7 +43,7 @@ from _report import machine_description, markdown_table, write_section  # noqa: 
 
 from cache_format.reader import open_cache  # noqa: E402
 from cache_format.writer import CacheWriter  # noqa: E402
-from precompute import units  # noqa: E402
+from precompute import units, worker_state  # noqa: E402
 from precompute.build import build_cache  # noqa: E402
 from precompute.config import CacheBuildConfig, load_build_config  # noqa: E402
 from precompute.sources import open_source  # noqa: E402
@@ -144,7 +144,8 @@ def unit_breakdown(cfg: CacheBuildConfig, threads: int, device: str) -> dict[str
         timers["write"] += time.perf_counter() - began
 
     settings = units.UnitSettings(cfg, device, threads)
-    units.acquire_teacher(cfg.teacher("dino"), torch.device(device))  # loaded outside the timing
+    # Loaded outside the timing.
+    worker_state.acquire_teacher(cfg.teacher("dino"), torch.device(device))
     units.forward, units.teacher_inputs = timed_forward, timed_inputs  # type: ignore[assignment]
     CacheWriter.write_shard = timed_write  # type: ignore[method-assign]
     try:
@@ -159,7 +160,7 @@ def unit_breakdown(cfg: CacheBuildConfig, threads: int, device: str) -> dict[str
             timers["samples"] += result.samples
     finally:
         units.forward, units.teacher_inputs, CacheWriter.write_shard = forward, inputs, write
-        units.release_teachers()
+        worker_state.release_teachers()
     return timers
 
 

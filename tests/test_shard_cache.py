@@ -1,0 +1,196 @@
+"""The local shard cache of remote caches (cache_format/shard_cache.py) and its prefetcher
+(train/shard_prefetch.py): same bytes as direct reads, one fetch per shard across readers and
+processes, bounded by LRU eviction, a damaged copy fetched again, settings carried to workers.
+
+The remote store is an in-memory fsspec filesystem that counts the requests for token shard
+objects (the S3 server is not needed to test the cache's logic)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from cache_format.encodings import EncodingSpec
+from cache_format.errors import CacheCorruptionError, ConfigError
+from cache_format.reader import open_cache
+from cache_format.records import OpenSettings
+from cache_format.shard_cache import DiskShardCache
+from cache_format.testing import build_tiny_cache
+from train.config import DataConfig
+from train.shard_prefetch import ShardPrefetchSampler
+
+TOKENS = "/tokens/c/"
+SAMPLES = 10 * 2  # tiny_manifest: 2 views per image, 4 samples per shard -> 5 shards
+
+
+class CountingFileSystem(MemoryFileSystem):
+    """A memory filesystem counting the reads of token shard objects."""
+
+    protocol = "dunetestcount"
+    token_reads = 0
+
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None,
+                 **kwargs: object) -> bytes:
+        if TOKENS in path:
+            type(self).token_reads += 1
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def remote() -> str:
+    import fsspec
+
+    fsspec.register_implementation(CountingFileSystem.protocol, CountingFileSystem, clobber=True)
+    url = f"{CountingFileSystem.protocol}://shard-cache-test"
+    build_tiny_cache(url, EncodingSpec("int8"), datasets=(("ds", 10),), invalid=())
+    return url
+
+
+def _tokens(reader: object, samples: list[int]) -> np.ndarray:
+    return reader.read_encoded("ds", samples)["t1"]["patch"].values.numpy().copy()  # type: ignore[attr-defined]
+
+
+def _copies(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and TOKENS.strip("/") in
+                  p.as_posix())
+
+
+def test_reads_through_the_cache_equal_direct_reads_and_fetch_each_shard_once(
+        remote: str, tmp_path: Path) -> None:
+    samples = list(range(SAMPLES))[::-1]
+    with open_cache(remote) as direct:
+        want = _tokens(direct, samples)
+    CountingFileSystem.token_reads = 0
+    with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached:
+        np.testing.assert_array_equal(_tokens(cached, samples), want)
+        np.testing.assert_array_equal(_tokens(cached, samples[:7]), want[:7])
+        # A worker reopens the cache with the same settings, hence the same folder.
+        worker = pickle.loads(pickle.dumps(cached))
+    assert CountingFileSystem.token_reads == 5  # one whole-object request per shard
+    assert len(_copies(tmp_path)) == 5
+    with worker:
+        assert worker.settings.shard_cache_dir == str(tmp_path)
+        np.testing.assert_array_equal(_tokens(worker, samples), want)
+    assert CountingFileSystem.token_reads == 5  # all local now
+
+
+def test_a_damaged_local_copy_is_fetched_again(remote: str, tmp_path: Path) -> None:
+    with open_cache(remote) as direct:
+        want = _tokens(direct, list(range(SAMPLES)))
+    with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached:
+        _tokens(cached, list(range(SAMPLES)))
+    first, second = _copies(tmp_path)[:2]
+    data = bytearray(first.read_bytes())
+    data[20] ^= 0xFF  # a chunk's payload: its crc32c no longer matches
+    first.write_bytes(bytes(data))
+    second.write_bytes(second.read_bytes()[:-10])  # truncated: the index checksum fails
+    CountingFileSystem.token_reads = 0
+    with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached:
+        np.testing.assert_array_equal(_tokens(cached, list(range(SAMPLES))), want)
+    assert CountingFileSystem.token_reads == 2
+    namespace = next(tmp_path.iterdir())
+    for copy in (first, second):  # the copies were replaced by fresh ones
+        key = f"{remote}/{copy.relative_to(namespace).as_posix()}"
+        assert copy.read_bytes() == bytes(CountingFileSystem.store[key].getbuffer())
+
+
+def test_damage_the_fresh_copy_still_has_is_reported(tmp_path: Path) -> None:
+    import fsspec
+
+    fsspec.register_implementation(CountingFileSystem.protocol, CountingFileSystem, clobber=True)
+    url = f"{CountingFileSystem.protocol}://shard-cache-damaged"
+    build_tiny_cache(url, EncodingSpec("int8"), datasets=(("ds", 10),), invalid=())
+    key = f"{url}/datasets/ds/teachers/t1/tokens/c/0/0"
+    data = bytearray(CountingFileSystem.store[key].getbuffer())
+    data[20] ^= 0xFF
+    CountingFileSystem().pipe_file(key, bytes(data))
+    with open_cache(url, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached, \
+            pytest.raises(CacheCorruptionError, match="sample 0: chunk checksum mismatch in "
+                          "shard file .*shard-cache-damaged/datasets/ds/teachers/t1/tokens/c/0"):
+        _tokens(cached, list(range(SAMPLES)))
+
+
+def test_the_cache_stays_under_its_bound_evicting_the_least_recently_used(
+        tmp_path: Path) -> None:
+    cache = DiskShardCache(str(tmp_path), max_bytes=250, namespace="ns")
+    for key in ("a/c/0", "b/c/0"):
+        assert cache.fill(key, lambda: b"x" * 100)
+    os.utime(cache.path("b/c/0"), (time.time() - 100, time.time() - 100))  # b: long unused
+    reader = os.open(cache.path("b/c/0"), os.O_RDONLY)  # another process reads b
+    try:
+        assert cache.fill("c/c/0", lambda: b"y" * 100)
+        assert not os.path.exists(cache.path("b/c/0"))
+        assert os.path.exists(cache.path("a/c/0")) and cache.usage() == 200
+        assert os.pread(reader, 100, 0) == b"x" * 100  # an open file survives its unlink
+    finally:
+        os.close(reader)
+    assert not cache.fill("missing/c/0", lambda: None)
+
+
+def _fill_slowly(directory: str, log: str) -> None:
+    def fetch() -> bytes:
+        with open(log, "a") as out:
+            out.write("fetch\n")
+        time.sleep(0.2)
+        return b"z" * 1000
+
+    DiskShardCache(directory, 1 << 20, "ns").fill("d/tokens/c/3/0/0", fetch)
+
+
+def test_concurrent_fills_from_processes_fetch_once(tmp_path: Path) -> None:
+    log = tmp_path / "fetches.log"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_fill_slowly, args=(str(tmp_path / "c"), str(log)))
+             for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=30)
+        assert proc.exitcode == 0
+    assert log.read_text() == "fetch\n"
+    cache = DiskShardCache(str(tmp_path / "c"), 1 << 20, "ns")
+    assert Path(cache.path("d/tokens/c/3/0/0")).read_bytes() == b"z" * 1000
+    assert cache.usage() == 1000  # no temporary file left behind
+
+
+def test_prefetch_fills_the_shards_ahead_of_the_reads(remote: str, tmp_path: Path) -> None:
+    class Items:
+        def __init__(self) -> None:
+            self.reader = open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30)
+
+        def shard_of(self, item: int) -> tuple[int, int]:
+            return 0, item // 4
+
+        def fill_shard_cache(self, dataset: int, shard: int) -> None:
+            self.reader.fill_shard_cache("ds", shard, ["t1"])
+
+    items = Items()
+    order = [17, 16, 3, 2, 1, 9, 8, 12]  # shards 4, 0, 2, 3
+    sampler = ShardPrefetchSampler(order, items, shards_ahead=2)  # type: ignore[arg-type]
+    assert list(sampler) == order
+    sampler.close()
+    assert sampler.fetched == 4 and len(_copies(tmp_path)) == 4
+    CountingFileSystem.token_reads = 0
+    with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as worker:
+        _tokens(worker, order)
+    assert CountingFileSystem.token_reads == 0
+    items.reader.close()
+
+
+def test_settings_are_refused_with_the_field_named() -> None:
+    with pytest.raises(ConfigError, match="shard_cache_bytes: expected >= 1"):
+        OpenSettings(shard_cache_dir="/tmp/x", shard_cache_bytes=0)
+    with pytest.raises(ConfigError, match="data.shard_cache_bytes: expected >= 1"):
+        DataConfig(shard_cache_dir="/tmp/x")
+    with pytest.raises(ConfigError, match="data.prefetch_shards: expected 0, or >= 1 with "
+                       "data.shard_cache_dir"):
+        DataConfig(prefetch_shards=4)
+    assert DataConfig(shard_cache_dir="/tmp/x", shard_cache_bytes=10,
+                      prefetch_shards=4).prefetch_shards == 4
