@@ -1,6 +1,7 @@
-"""`dune-train`: train a student from a cache (`fit`), export it (`export`).
+"""`dune-train`: train a student from a cache (`fit`), score it (`eval`), export it (`export`).
 
     dune-train fit CONFIG.toml [--cache PATH] [--out DIR] [--online] [--max-steps N]
+    dune-train eval RUN_DIR [--cache CACHE | --online] [--which last|best]
     dune-train export RUN_DIR OUT [--which best|last] [--format timm|dune] [--rename OURS=REF]
     dune-train preset NAME FOLDER [--overwrite]
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +25,9 @@ from cache_format.errors import ConfigError, run_cli
 from cache_format.locations import absolute_path
 from train.config import load_train_config, resolve_paths
 from train.metrics import first_last
+
+if TYPE_CHECKING:  # the eval machinery is imported by the command, so that --help stays fast
+    from train.run_eval import EvalResult
 
 app = typer.Typer(
     add_completion=False,
@@ -41,7 +45,7 @@ class ExportFormat(enum.StrEnum):
 
 
 class Which(enum.StrEnum):
-    """Which checkpoint of a run to export."""
+    """Which checkpoint of a run to export or score."""
 
     best = "best"
     last = "last"
@@ -123,6 +127,47 @@ def export(
         "load the student with: timm.create_model(cfg['architecture'], "
         "checkpoint_path='student.safetensors', **cfg['model_args']) where cfg = student.json"
     )
+
+
+@app.command("eval")
+def eval_command(
+    run_dir: Annotated[Path, typer.Argument(help="A `fit` run folder.")],
+    cache: Annotated[
+        str | None,
+        typer.Option("--cache", help="Score against this cache's targets (it must hold the "
+                     "run's held-out views and teachers, in any encoding)."),
+    ] = None,
+    online: Annotated[
+        bool, typer.Option("--online", help="Score against the run's teachers run online.")
+    ] = False,
+    which: Annotated[Which, typer.Option(help="Checkpoint to score.")] = Which.last,
+) -> None:
+    """Score a run's student on its held-out views against a cache's targets or the teachers
+    run online (default: the run's own cache); writes RUN/eval/<name>.json."""
+    from train.run_eval import eval_run
+
+    result = eval_run(run_dir, cache=cache, online=online, which=which.value)
+    print_eval(result, Console())
+
+
+def print_eval(result: EvalResult, console: Console) -> None:
+    """The held-out loss and cosine per teacher of a `train.run_eval.EvalResult`."""
+    metrics = result.metrics
+    target = ("teachers online (views from " + result.cache + ")" if result.source == "online"
+              else f"{result.cache} ({result.encoding['name']})")
+    table = Table(title=f"dune-train eval: step {result.step} ({result.which}) vs {target}")
+    for column in ("teacher", "held-out loss", "held-out cosine"):
+        table.add_column(column)
+    for teacher in result.teachers:
+        if f"heldout/loss/{teacher}" in metrics:
+            table.add_row(teacher, f"{metrics[f'heldout/loss/{teacher}']:.5f}",
+                          f"{metrics[f'heldout/cos/{teacher}']:.5f}")
+    table.add_row("mean", f"{metrics['heldout/loss']:.5f}", "")
+    console.print(table)
+    console.print(f"held-out samples  {int(metrics['heldout/samples'])} "
+                  f"({result.heldout_images} images per dataset)")
+    console.print(f"checkpoint        {result.checkpoint}")
+    console.print(f"written           {result.path}")
 
 
 def parse_renames(pairs: list[str] | None) -> dict[str, str]:

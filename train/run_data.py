@@ -25,10 +25,11 @@ from train.batch import Batch, collate_cached
 from train.config import TrainConfig
 from train.data import CacheTrainData
 from train.distributed import DistInfo
-from train.model import TeacherHead
+from train.model import DistillModel, TeacherHead
 from train.preflight import preflight
 from train.sampling import ViewEpochSampler
 from train.shard_sampling import ShardWindowOrder
+from train.step import DistillStep
 from train.student import build_student
 from train.targets import CachedTargets, OnlineTargets, Targets
 
@@ -51,6 +52,17 @@ class RunContext:
     make_targets: Callable[[torch.device], Callable[[Batch], Targets]]
     student_mean: tuple[float, float, float]
     student_std: tuple[float, float, float]
+
+    def distill_step(self, model: DistillModel, device: torch.device, *, amp: bool
+                     ) -> DistillStep:
+        """The run's one `DistillStep` over this data (training and `dune-train eval` alike):
+        its targets on `device`, the teachers in batch order, the student's pixel
+        normalization, bf16 autocast on CUDA when `amp`."""
+        return DistillStep(
+            model, self.make_targets(device), list(self.heads), self.student_mean,
+            self.student_std, device,
+            autocast_dtype=torch.bfloat16 if device.type == "cuda" and amp else None,
+        )
 
 
 def _warn_heldout_capped(count: int, manifest: Manifest, datasets: Sequence[str]) -> None:

@@ -1,8 +1,9 @@
 """The run folder's own files, and the check that a rerun continues the same run.
 
-`write_run_files` records the resolved config (`config.json`) and the heads, domains and the
-cache's fingerprint (`teachers.json`). `check_resume` compares a rerun with both before it
-resumes from `checkpoints/last.pt`: a different run never silently continues another one's
+`write_run_files` records the resolved config (`config.json`) and the heads, domains, the
+cache's fingerprint and what fixes the held-out views (`teachers.json`; `dune-train eval` checks
+another cache against it, `heldout_record`). `check_resume` compares a rerun with both before
+it resumes from `checkpoints/last.pt`: a different run never silently continues another one's
 checkpoint; `resume_differences` names the config fields that differ, leaving out the ones a
 rerun may change (`RESUME_FREE_FIELDS`). The cache side of that comparison is the manifest's
 own (`Manifest.differences`), so the error names every field in which the cache differs from
@@ -57,6 +58,8 @@ def cache_fingerprint(manifest: Manifest, teachers: list[str], datasets: list[st
 
 #: The batch and epoch sizes the run resolved at start (world size, both batches, images).
 SIZES_FILE = "sizes.json"
+#: teachers.json's key for `heldout_record`.
+HELDOUT_VIEWS = "heldout_views"
 
 
 def write_run_files(
@@ -74,8 +77,25 @@ def write_run_files(
         "cache": cfg.data.cache,
         "cache_fingerprint": cache_fingerprint(ctx.manifest, list(ctx.heads),
                                                list(ctx.datasets)),
+        HELDOUT_VIEWS: heldout_record(ctx.manifest, list(ctx.heads), list(ctx.datasets)),
     }
     (run_dir / TEACHERS_FILE).write_text(json.dumps(teachers, indent=2) + "\n")
+
+
+def heldout_record(manifest: Manifest, teachers: list[str], datasets: list[str]
+                   ) -> dict[str, Any]:
+    """What fixes a run's held-out views beside `cache_fingerprint`: the split and view seed,
+    the view settings and which selected datasets each teacher has features for. With the
+    fingerprint's grid, views per image and dataset keys, equal records mean the same held-out
+    images, the same views of them and the same teacher rows (`train.run_eval`)."""
+    views = manifest.replay.views if manifest.replay is not None else None
+    return {
+        "seed": manifest.seed,
+        "view_mode": manifest.view_mode,
+        "views": to_dict(views) if views is not None else None,
+        "assignment": {t: sorted(set(manifest.assignment.get(t, ())) & set(datasets))
+                       for t in teachers},
+    }
 
 
 def check_resume(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:

@@ -47,7 +47,7 @@ from train.run_data import RunContext, open_run_data
 from train.run_folder import check_resume, write_run_files
 from train.shard_prefetch import ShardPrefetchSampler
 from train.sinks import open_sinks
-from train.step import DistillStep, check_finite
+from train.step import check_finite
 from train.teacher_dropping import TeacherDropping
 
 
@@ -132,15 +132,7 @@ class Trainer:
             )
         self.forward = torch.compile(forward) if cfg.compile else forward
         # -- a batch's losses (shared with evaluation) and teacher dropping -----------------------
-        self.batch_losses = DistillStep(
-            self.model,
-            self.ctx.make_targets(self.device),
-            self.teachers,
-            self.ctx.student_mean,
-            self.ctx.student_std,
-            self.device,
-            autocast_dtype=torch.bfloat16 if self.device.type == "cuda" and cfg.amp else None,
-        )
+        self.batch_losses = self.ctx.distill_step(self.model, self.device, amp=cfg.amp)
         # Draws for the *global* batch on every rank (each rank keeps its slice), so the drops
         # do not depend on the number of processes.
         self.dropping = TeacherDropping(
