@@ -39,6 +39,7 @@ from cache_format.errors import ConfigError
 from cache_format.locations import is_url
 from cache_format.manifest import check_node_name, keys_sha256
 from cache_format.serde import PathStr, check_types
+from cache_format.source_fingerprint import fingerprint
 from precompute import url_files
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES, bad_image, decode_image
 
@@ -168,12 +169,18 @@ class ImageSource:
 
     def load(self, i: int) -> torch.Tensor:
         """Image i as uint8 RGB [3, H, W]; a bad image raises BadImageError with its reason."""
-        return decode_image(
-            self.read_bytes(i),
-            self.location(i),
-            max_pixels=self.max_pixels,
-            unusual_modes=self.unusual_modes,
-        )
+        return self._decode(i, self.read_bytes(i))
+
+    def load_fingerprinted(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i as `load` gives it, and the content fingerprint of the file's bytes it was
+        decoded from (cache_format/source_fingerprint.py): one read of the file, a checksum
+        pass over bytes already in memory."""
+        data = self.read_bytes(i)
+        return self._decode(i, data), fingerprint(data)
+
+    def _decode(self, i: int, data: bytes) -> torch.Tensor:
+        return decode_image(data, self.location(i), max_pixels=self.max_pixels,
+                            unusual_modes=self.unusual_modes)
 
     def describe(self) -> dict[str, object]:
         """The dataset fingerprint (the fields of the manifest's DatasetFingerprint)."""

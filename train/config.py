@@ -111,6 +111,9 @@ class DataConfig:
     `expect_checkpoint_sha256` maps a teacher to the checkpoint hash the run requires: a cache
     built from other weights is refused before step 0. `heldout_images` images per dataset are
     kept out of training and used for the held-out loss and cosine.
+    `check_source_fingerprints`: each source image read to replay a view is checksummed and
+    refused when its content is not the one the cache was built from (the cache's index records
+    a fingerprint per image); false trains on whatever the files hold now.
     """
 
     cache: PathStr = ""
@@ -121,6 +124,7 @@ class DataConfig:
     heldout_images: int = 8
     num_workers: int = 2
     expect_checkpoint_sha256: dict[str, str] = field(default_factory=dict)
+    check_source_fingerprints: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "data")
