@@ -20,11 +20,11 @@ from cache_format.writer import CacheWriter
 from precompute import plan
 from precompute.config import load_build_config
 from precompute.sources import open_source
-from tests.build_fixtures import build_quiet, cache_digest
+from tests.build_fixtures import build_quiet, cache_digest, write_config
 from tests.test_trainer import tiny_cache
 from train.data import CacheTrainData
+from train.run_data import say_unchecked
 from train.view_replay import fingerprint_algorithm
-
 
 #: One dataset (with bad files) and one teacher: the cheapest real build.
 SMALL = {"teachers": ("dino",), "dataset_names": ("web",)}
@@ -105,10 +105,10 @@ def test_a_same_size_replacement_is_refused_naming_image_dataset_cache_and_fix(
 
 
 def test_a_cache_built_without_fingerprints_trains_unchecked(
-        tmp_path: Path, images: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, images: dict, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """What the builder wrote before fingerprints existed: rows of 4P + 1 bytes, no algorithm.
     It verifies, resumes without fingerprints and trains; its images are not checked."""
-    from tests.build_fixtures import write_config
 
     config = write_config(tmp_path / "cache.toml", tmp_path / "cache", images, **SMALL)
     monkeypatch.setattr(plan, "FINGERPRINT_ALGORITHM", "")
@@ -132,11 +132,16 @@ def test_a_cache_built_without_fingerprints_trains_unchecked(
     data = CacheTrainData(tmp_path / "cache", roots={"web": str(web)}, heldout_images=0)
     assert data.fingerprint_datasets == ()
     assert len(data.__getitems__(list(range(len(data))))) == len(data)
+    capsys.readouterr()
+    say_unchecked(True, str(tmp_path / "cache"), ["web"], data.fingerprint_datasets)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("info: ") and "web" in line and "no source fingerprints" in line
+    say_unchecked(True, str(tmp_path / "cache"), ["web"], ["web"])  # all checked: quiet
+    assert capsys.readouterr().out == ""
 
 
 def test_the_fingerprints_are_the_same_after_a_resumed_build(
         tmp_path: Path, images: dict) -> None:
-    from tests.build_fixtures import write_config
 
     config = write_config(tmp_path / "cache.toml", tmp_path / "cache", images, **SMALL)
     build_quiet(config)
@@ -159,7 +164,6 @@ def test_the_fingerprints_are_the_same_after_a_resumed_build(
 def test_an_image_replaced_before_a_teacher_is_added_stops_the_build(
         tmp_path: Path, images: dict) -> None:
     """Adding a teacher later reads the images again: other content is refused, naming it."""
-    from tests.build_fixtures import write_config
 
     build_quiet(write_config(tmp_path / "cache.toml", tmp_path / "cache", images, **SMALL))
     web = Path(images["web"]["root"])

@@ -64,15 +64,15 @@ def _warn_heldout_capped(count: int, manifest: Manifest, datasets: Sequence[str]
                 count, name, images, images // 2, images // 2)
 
 
-def _say_unchecked(cfg: TrainConfig, location: str, datasets: Sequence[str],
-                   checked: Sequence[str]) -> None:
+def say_unchecked(check: bool, location: str, datasets: Sequence[str],
+                  checked: Sequence[str]) -> None:
     """One info line when some source images are not checked against the cache's content
     fingerprints: the check is off, or the cache recorded none for those datasets (built before
     fingerprints, or upgraded from version 1). Never an error: such caches train as before."""
     unchecked = [d for d in datasets if d not in checked]
     if not unchecked:
         return
-    if not cfg.data.check_source_fingerprints:
+    if not check:
         why = "data.check_source_fingerprints = false"
     else:
         why = ("the cache records no source fingerprints for them (built before fingerprints, "
@@ -118,7 +118,8 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
         _warn_heldout_capped(cfg.data.heldout_images, manifest, datasets)
     train_data = CacheTrainData(reader, teachers, datasets, split="train", **data_args)
     if dist_info.rank == 0:
-        _say_unchecked(cfg, reader.location, datasets, train_data.fingerprint_datasets)
+        say_unchecked(cfg.data.check_source_fingerprints, reader.location, datasets,
+                      train_data.fingerprint_datasets)
     heldout_data = None
     if cfg.data.heldout_images > 0:
         heldout_data = CacheTrainData(reader, teachers, datasets, split="heldout", **data_args)
