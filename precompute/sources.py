@@ -16,6 +16,9 @@ Three kinds, all behind one `ImageSource` interface:
   keys are the zero-padded row numbers. Rows keep the file's order. The file is opened lazily in
   each process (and again after a fork), so the source pickles to DataLoader and dask workers.
 
+`load_fingerprinted(i)` also returns the content fingerprint of the bytes it decoded
+(cache_format/source_fingerprint.py), which the builder records and stage two checks.
+
 `max_images` keeps the first images in that order. `describe()` gives the dataset fingerprint;
 its `keys_sha256` is the SHA-256 of the keys in order, each encoded as UTF-8 and followed by one
 NUL byte.

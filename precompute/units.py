@@ -2,13 +2,16 @@
 
 Three kinds of unit, each a plain function of picklable arguments returning a small result:
 - `run_index_unit(settings, images, shard)`: decode every image of the shard, record its status
-  (ok or the skip reason), draw each view's parameters, write the index shard.
+  (ok or the skip reason) and its content fingerprint (the checksum of the bytes decoded,
+  cache_format/source_fingerprint.py), draw each view's parameters, write the index shard.
 - `run_prepare_unit(settings, teacher, dataset, calibration)`: load the teacher, return its
   fingerprint and, for int8, the calibration (per-channel mean/std of its tokens on the views of
   `calibration_views`: the dataset's first K ok samples), which the driver records before any
   shard of the pair is written.
-- `run_teacher_unit(settings, teacher, images, shard)`: read the shard's view parameters and
-  statuses back from the cache, replay every ok view, run the teacher, write the token shard.
+- `run_teacher_unit(settings, teacher, images, shard)`: read the shard's view parameters,
+  statuses and fingerprints back from the cache, replay every ok view (refusing an image whose
+  content changed since the index was written: a teacher added later reads the images again),
+  run the teacher, write the token shard.
 
 What a unit ships is proportional to the unit, not to the dataset: `images` is the source slice
 of the shard's images (`ImageSource.slice`: their keys only, a few dozen, not the dataset's

@@ -43,6 +43,9 @@ RESUME_FREE_FIELDS = (
     "data.cache",
     "data.num_workers",
     "data.roots",
+    # A check, not a setting of the run: turning it off is the documented way on after a
+    # refusal, and run folders from before the field have no value for it.
+    "data.check_source_fingerprints",
     "stages[].cache",
     "logging",
 )
