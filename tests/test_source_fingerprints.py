@@ -3,6 +3,7 @@ source image in its dataset's index rows; stage two checks it when it reads the 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from cache_format import layout
 from cache_format.errors import CacheMismatchError, CacheVersionError, ConfigError
-from cache_format.manifest import DatasetFingerprint
+from cache_format.manifest import ROOT_ATTR, DatasetFingerprint, manifest_attrs
 from cache_format.reader import open_cache
 from cache_format.source_fingerprint import ALGORITHM, _crc64_xz_slow, fingerprint
 from cache_format.testing import build_tiny_cache
@@ -198,3 +199,23 @@ def test_an_algorithm_this_code_does_not_know_is_refused_not_taken_for_changed_i
     assert fingerprint_algorithm(DatasetFingerprint(
         name="ds", source_kind="folder", root="/d", num_images=1, keys_sha256="0" * 64),
         "/cache") == ""
+
+
+def test_verify_checks_the_fingerprint_column_against_the_manifest(
+        cache_base: Path, tmp_path: Path) -> None:
+    """A manifest that no longer says the rows hold fingerprints (its checksum made to match):
+    verify names the index_rows metadata, and the index refuses rows of the wrong width."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache(cache_base) / "cache", cache)
+    meta = json.loads((cache / "zarr.json").read_text())
+    stored = meta["attributes"][ROOT_ATTR]
+    stored["datasets"]["web2d"]["source_fingerprint"] = ""
+    meta["attributes"].update(manifest_attrs(stored))
+    (cache / "zarr.json").write_text(json.dumps(meta))
+    with open_cache(cache) as reader:
+        report = reader.verify()
+        assert not report.ok
+        assert any("datasets/web2d/index_rows/zarr.json" in p for p in report.problems)
+        with pytest.raises(CacheVersionError, match="no source fingerprint"):
+            reader.index("web2d")
+        reader.index("scenes3d").view_rows_of([0])  # the other datasets read as before
