@@ -158,8 +158,12 @@ def _random_access(path: Path, rng: np.random.Generator) -> dict[str, float]:
     pool = ThreadPoolExecutor(4)
     try:
         by_sample = dict(zip(samples.tolist(), _raw_ranges(checked, samples), strict=True))
+        # Every shard index loaded once, as in training: one sample per shard. (Reading all
+        # CHUNK * REPS samples in one call, as this line once did, makes a 5 GB batch that each
+        # reader's BufferPool then keeps: three readers ran the machine out of memory.)
+        first_of_shard = sorted({s // SHARD * SHARD for s in samples.tolist()})
         for reader in (checked, unchecked, threaded):
-            reader.read_encoded("ds", samples)  # every shard index loaded once, as in training
+            reader.read_encoded("ds", first_of_shard)
         sample_bytes = max(sum(n for _, _, n in r) for r in by_sample.values())
         batch_buffer = np.empty((BATCH, sample_bytes), np.uint8)
         record = np.empty(sample_bytes, np.uint8)  # one reused buffer, as our reader has
