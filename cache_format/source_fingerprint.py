@@ -8,9 +8,9 @@ parameters, so nothing else would notice that the cached tokens describe another
 The purpose is to catch files replaced or edited by accident, not by an adversary, so a CRC is
 enough and speed decides: CRC-64/XZ (the ECMA-182 polynomial, reflected; check value
 0x995DC9BBDF1939FA for b"123456789") from `fastcrc`, already a dependency for the crc32c of
-checksum.py, runs at about 4.5 GB/s on one loaded core here, against 0.27 GB/s for
-hashlib.blake2b(digest_size=8) and 0.7 GB/s for sha256 (docs/benchmarks.md, "Source
-fingerprints"): about 1% of decoding a JPEG, where blake2b would cost 15-20%.
+checksum.py, runs at several GB/s on one core here: at most 0.1% of decoding the image, where
+hashlib.blake2b(digest_size=8) costs up to 8.6% and sha256 up to 2.7% (docs/benchmarks.md,
+`bench_source_fingerprints`).
 
 The manifest names the algorithm per dataset (`DatasetFingerprint.source_fingerprint`), so a
 later change of algorithm is detected rather than read as changed images; "" means the dataset
