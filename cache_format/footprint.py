@@ -65,11 +65,12 @@ def pair_footprint(spec: EncodingSpec, token_types: Sequence[str], num_tokens: i
 
 
 def index_footprint(keys: Sequence[str], views_per_image: int, samples_per_shard: int,
-                    num_view_params: int) -> Footprint:
+                    num_view_params: int, fingerprinted: bool = True) -> Footprint:
     """A dataset's index: per shard its rows (full chunks, even the last shard's) and metadata
-    row; once its keys (bytes and offsets), consolidated statuses and summary."""
+    row; once its keys (bytes and offsets), consolidated statuses and summary. The builder's
+    rows hold source fingerprints (`fingerprinted`)."""
     codes = len(STATUS_CODES)
-    rows = _chunk(samples_per_shard * layout.index_row_nbytes(num_view_params))
+    rows = _chunk(samples_per_shard * layout.index_row_nbytes(num_view_params, fingerprinted))
     key_bytes = sum(len(k.encode("utf-8")) for k in keys)
     samples = len(keys) * views_per_image
     fixed = (_chunked(key_bytes, min(layout.KEY_BYTES_CHUNK, max(1, key_bytes)))

@@ -4,8 +4,10 @@
     datasets/<dataset>/                 one group per dataset
         key_utf8     u8  [B]                    every key's UTF-8 bytes, back to back
         key_offsets  u64 [num_images + 1]       key i = key_utf8[key_offsets[i]:key_offsets[i+1]]
-        index_rows   u8  [N, 4P + 1]            per sample: view params f32 [P], then status u8;
-                                                one chunk (= store object) per shard
+        index_rows   u8  [N, 4P (+ 8) + 1]      per sample: view params f32 [P], its image's
+                                                content fingerprint u64 (datasets whose manifest
+                                                entry names a source_fingerprint algorithm),
+                                                then status u8; one chunk (= object) per shard
         index_meta   i64 [num_shards, 1 + C]    per index shard: [1 = written, samples per status
                                                 code]; one row per object, written last (done mark)
         statuses     u8  [N]                    consolidated statuses (chunks of STATUS_CHUNK),
@@ -173,22 +175,6 @@ def _plain(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
            chunks: tuple[int, ...]) -> zarr.Array:
     """An unsharded array with crc32c on each chunk and fill value 0."""
     return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
-                              compressors=[Crc32cCodec()], fill_value=0)
-
-
-def _sharded(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
-             samples_per_shard: int, compressors: list[Any]) -> zarr.Array:
-    """Shard = `samples_per_shard` samples along axis 0, inner chunk = one sample."""
-    return group.create_array(
-        name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]),
-        shards=(samples_per_shard, *shape[1:]), compressors=compressors, fill_value=0,
-    )
-
-
-def _plain(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
-           chunks: tuple[int, ...]) -> zarr.Array:
-    """An unsharded array with crc32c on each chunk and fill value 0."""
-    return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
                               compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
 
 
@@ -202,18 +188,35 @@ def _sharded(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
 
 
 # -- the sample index ---------------------------------------------------------------------------
-def index_row_nbytes(num_view_params: int) -> int:
-    """Bytes of one `index_rows` row: the view parameters as float32, then the status byte."""
-    return 4 * num_view_params + 1
+#: Bytes of a source image's content fingerprint in an index row (source_fingerprint.py).
+FINGERPRINT_NBYTES = 8
 
 
-def pack_index_rows(view_params: np.ndarray, status: np.ndarray) -> np.ndarray:
-    """`index_rows` rows of float32 [n, P] view parameters and uint8 [n] statuses."""
+def index_row_nbytes(num_view_params: int, fingerprinted: bool = False) -> int:
+    """Bytes of one `index_rows` row: the view parameters as float32, the image's fingerprint
+    (uint64, when the dataset records them), then the status byte (always last)."""
+    return 4 * num_view_params + (FINGERPRINT_NBYTES if fingerprinted else 0) + 1
+
+
+def pack_index_rows(view_params: np.ndarray, status: np.ndarray,
+                    fingerprints: np.ndarray | None = None) -> np.ndarray:
+    """`index_rows` rows of float32 [n, P] view parameters, uint8 [n] statuses and, for a
+    dataset that records them, uint64 [n] fingerprints (each sample's image's)."""
     n, p = view_params.shape
-    rows = np.empty((n, index_row_nbytes(p)), dtype=np.uint8)
+    rows = np.empty((n, index_row_nbytes(p, fingerprints is not None)), dtype=np.uint8)
     rows[:, : 4 * p] = np.ascontiguousarray(view_params, dtype="<f4").view(np.uint8).reshape(n, -1)
-    rows[:, 4 * p] = status
+    if fingerprints is not None:
+        packed = np.ascontiguousarray(fingerprints, dtype="<u8").view(np.uint8).reshape(n, -1)
+        rows[:, 4 * p : 4 * p + FINGERPRINT_NBYTES] = packed
+    rows[:, -1] = status
     return rows
+
+
+def unpack_fingerprints(rows: np.ndarray, num_view_params: int) -> np.ndarray:
+    """The uint64 [n] source fingerprints held by `index_rows` rows of a fingerprinted dataset."""
+    at = 4 * num_view_params
+    raw = np.ascontiguousarray(rows[:, at : at + FINGERPRINT_NBYTES])
+    return raw.view("<u8").reshape(rows.shape[0]).astype(np.uint64)
 
 
 def unpack_view_params(rows: np.ndarray, num_view_params: int) -> np.ndarray:
@@ -230,12 +233,13 @@ def index_meta_row(status: np.ndarray, num_codes: int) -> np.ndarray:
 
 def create_index_arrays(group: zarr.Group, keys_nbytes: int, num_images: int,
                         views_per_image: int, samples_per_shard: int, num_view_params: int,
-                        num_codes: int) -> None:
-    """Create a dataset group's key, index-row, metadata, status and summary arrays."""
+                        num_codes: int, fingerprinted: bool = False) -> None:
+    """Create a dataset group's key, index-row, metadata, status and summary arrays
+    (`fingerprinted`: the rows hold each image's source fingerprint)."""
     n = num_images * views_per_image
     _plain(group, KEY_UTF8, (keys_nbytes,), "uint8", (max(1, min(KEY_BYTES_CHUNK, keys_nbytes)),))
     _plain(group, KEY_OFFSETS, (num_images + 1,), "uint64", (min(KEY_CHUNK, num_images + 1),))
-    width = index_row_nbytes(num_view_params)
+    width = index_row_nbytes(num_view_params, fingerprinted)
     _plain(group, INDEX_ROWS, (n, width), "uint8", (samples_per_shard, width))
     _plain(group, INDEX_META, (num_shards(n, samples_per_shard), 1 + num_codes), "int64",
            (1, 1 + num_codes))

@@ -178,7 +178,11 @@ class TeacherFingerprint:
 
 @dataclass(frozen=True)
 class DatasetFingerprint:
-    """What identifies a dataset's ordered image list (`keys_sha256` from `keys_sha256()`)."""
+    """What identifies a dataset's ordered image list (`keys_sha256` from `keys_sha256()`).
+
+    `source_fingerprint` names the algorithm of the per-image content fingerprints stored in the
+    dataset's index rows (cache_format/source_fingerprint.py); "" when it has none (built before
+    them, upgraded from version 1, or written by a tool that never replays its images)."""
 
     name: str
     source_kind: str
@@ -186,6 +190,7 @@ class DatasetFingerprint:
     num_images: int
     keys_sha256: str
     domain: str = ""
+    source_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         check_node_name(self.name, "dataset name", stored=True)
@@ -197,6 +202,11 @@ class DatasetFingerprint:
                 f"dataset {self.name}: keys_sha256 must be 64 lowercase hex digits "
                 f"(cache_format.manifest.keys_sha256(keys)), found {self.keys_sha256!r}"
             )
+        if self.source_fingerprint and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,31}",
+                                                        self.source_fingerprint):
+            raise ConfigError(
+                f"dataset {self.name}: source_fingerprint must be an algorithm name such as "
+                f"'crc64-xz' (or '' for none), found {self.source_fingerprint!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

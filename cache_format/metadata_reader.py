@@ -121,7 +121,8 @@ class MetadataReader:
                 view_param_names=self.manifest.view_param_names, location=self.source,
                 storage_options=self.settings.storage_options,
                 cache_bytes=self.settings.sample_index_cache_bytes,
-                threads=self.settings.threads, num_samples=self.num_samples(dataset))
+                threads=self.settings.threads, num_samples=self.num_samples(dataset),
+                source_fingerprint=self.manifest.datasets[dataset].source_fingerprint)
             self._indexes[dataset] = index
         return index
 

@@ -60,10 +60,13 @@ class SampleIndex:
     def __init__(self, dataset: str, arrays: Mapping[str, PlainArray], *, views_per_image: int,
                  view_param_names: Sequence[str], location: str,
                  storage_options: Mapping[str, Any] | None = None,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int = 4) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int = 4,
+                 source_fingerprint: str = "") -> None:
         self.dataset = dataset
         self.views_per_image = int(views_per_image)
         self.view_param_names = tuple(view_param_names)
+        #: The algorithm of the source fingerprints in the rows ("" = the rows hold none).
+        self.source_fingerprint = source_fingerprint
         # Absolute, so that a copy unpickled in another working directory finds the files.
         location = local_path(location) or location
         self.location = location
@@ -113,21 +116,27 @@ class SampleIndex:
                 or status.dtype != np.uint8):
             problem = (f"dtypes key_offsets {offsets.dtype}, key_utf8 {text.dtype}, index_rows "
                        f"{rows.dtype}, status {status.dtype}; expected uint64, then uint8")
-        elif rows.shape != (n, layout.index_row_nbytes(p)) or len(status.shape) != 1:
+        elif rows.shape != (n, self._row_nbytes) or len(status.shape) != 1:
+            what = (f" and a {self.source_fingerprint} source fingerprint"
+                    if self.source_fingerprint else " and no source fingerprint")
             problem = (f"index_rows {rows.shape} and status {status.shape}, expected "
-                       f"({n}, {layout.index_row_nbytes(p)}) for {p} view parameters")
+                       f"({n}, {self._row_nbytes}) for {p} view parameters{what}")
         elif offsets.shape != (n // v + 1,) or n % v:
             problem = f"{offsets.shape[0]} key offsets for {n} samples at {v} views per image"
         if problem:
             raise CacheVersionError(f"dataset {self.dataset!r}: index arrays disagree: {problem}",
                                     hint="this cache was not written by this dune-distill")
 
+    @property
+    def _row_nbytes(self) -> int:
+        return layout.index_row_nbytes(len(self.view_param_names), bool(self.source_fingerprint))
+
     # -- pickling and fork -------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         # Open files, locks and the chunk cache do not travel; statuses are read again on use.
         return {name: self.__dict__[name] for name in (
             "dataset", "views_per_image", "view_param_names", "location", "storage_options",
-            "cache_bytes", "threads", "_arrays")}
+            "cache_bytes", "threads", "_arrays", "source_fingerprint")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -251,6 +260,26 @@ class SampleIndex:
         for block, where, local in self._by_chunk(self._arrays[layout.INDEX_ROWS], rows):
             out[where] = layout.unpack_view_params(block[local], p)
         return out
+
+    def source_fingerprints_of(self, samples: Sequence[int] | np.ndarray) -> np.ndarray | None:
+        """Source fingerprints of `samples`' images, uint64 [n] (None when the dataset records
+        none), one read per chunk."""
+        return self.view_rows_of(samples)[1]
+
+    def view_rows_of(self, samples: Sequence[int] | np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(view parameters float32 [n, P], source fingerprints uint64 [n] or None when the
+        dataset records none) of `samples`: both from the same rows, one read per chunk."""
+        rows = self._rows(samples, self.num_samples, "sample")
+        p = len(self.view_param_names)
+        params = np.empty((rows.size, p), dtype=np.float32)
+        prints = np.empty(rows.size, dtype=np.uint64) if self.source_fingerprint else None
+        for block, where, local in self._by_chunk(self._arrays[layout.INDEX_ROWS], rows):
+            picked = block[local]
+            params[where] = layout.unpack_view_params(picked, p)
+            if prints is not None:
+                prints[where] = layout.unpack_fingerprints(picked, p)
+        return params, prints
 
     @property
     def keys(self) -> np.ndarray:

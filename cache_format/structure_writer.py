@@ -224,7 +224,8 @@ class StructureWriter:
         np.cumsum([len(k) for k in encoded], out=offsets[1:])
         layout.create_index_arrays(group, int(offsets[-1]), fingerprint.num_images,
                                    m.views_per_image, m.samples_per_shard,
-                                   len(m.view_param_names), len(m.status_codes))
+                                   len(m.view_param_names), len(m.status_codes),
+                                   fingerprinted=bool(fingerprint.source_fingerprint))
         text = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         group[layout.KEY_UTF8][:] = text
         group[layout.KEY_OFFSETS][:] = offsets

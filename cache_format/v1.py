@@ -98,6 +98,10 @@ class V1SampleIndex(SampleIndex):
             out[where] = block[local]
         return out
 
+    def view_rows_of(self, samples: Sequence[int] | np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.view_params_of(samples), None  # version 1 stored no source fingerprints
+
     @property
     def keys(self) -> np.ndarray:
         return self._load(self._arrays[KEY]).astype(STRINGS)

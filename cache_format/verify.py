@@ -87,7 +87,8 @@ def _reference_metadata(reader: CacheReader) -> dict[str, dict]:
         group = root.require_group(layout.dataset_path(dataset))
         layout.create_index_arrays(group, nbytes, fp.num_images, m.views_per_image,
                                    m.samples_per_shard, len(m.view_param_names),
-                                   len(m.status_codes))
+                                   len(m.status_codes),
+                                   fingerprinted=bool(fp.source_fingerprint))
     for teacher, datasets in m.assignment.items():
         fp = m.teachers[teacher]
         for dataset in datasets:

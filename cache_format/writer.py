@@ -33,8 +33,10 @@ class CacheWriter(StructureWriter):
 
     # -- index shards ----------------------------------------------------------------------
     def write_index_shard(self, dataset: str, shard: int, view_params: np.ndarray,
-                          status: np.ndarray) -> None:
-        """Write one shard of the sample index: view parameters [n, P] and status codes [n]."""
+                          status: np.ndarray, fingerprints: np.ndarray | None = None) -> None:
+        """Write one shard of the sample index: view parameters [n, P], status codes [n] and,
+        for a dataset whose fingerprint names a `source_fingerprint` algorithm (required
+        there, refused elsewhere), each sample's image's content fingerprint uint64 [n]."""
         start, stop = self.shard_bounds(dataset, shard)
         n, p = stop - start, len(self._manifest.view_param_names)
         view_params = np.asarray(view_params, dtype=np.float32)
@@ -43,6 +45,20 @@ class CacheWriter(StructureWriter):
             raise ConfigError(
                 f"dataset {dataset} index shard {shard}: expected view_params ({n}, {p}) and "
                 f"status ({n},), found {view_params.shape} and {status.shape}")
+        algorithm = self._dataset_fp(dataset).source_fingerprint
+        if bool(algorithm) != (fingerprints is not None):
+            raise ConfigError(
+                f"dataset {dataset} index shard {shard}: the dataset records source "
+                f"fingerprints ({algorithm!r}), none given" if algorithm else
+                f"dataset {dataset} index shard {shard}: fingerprints given, but the dataset "
+                "records none (its manifest entry names no source_fingerprint algorithm)",
+                hint="pass fingerprints exactly when the dataset's fingerprint names an algorithm")
+        if fingerprints is not None:
+            fingerprints = np.asarray(fingerprints)
+            if fingerprints.shape != (n,) or fingerprints.dtype != np.uint64:
+                raise ConfigError(
+                    f"dataset {dataset} index shard {shard}: expected fingerprints uint64 "
+                    f"({n},), found {fingerprints.dtype} {fingerprints.shape}")
         unknown = sorted({int(c) for c in np.unique(status)} - {int(c) for c in STATUS_CODES})
         if unknown:
             raise ConfigError(f"dataset {dataset} index shard {shard}: unknown status codes "
@@ -52,7 +68,7 @@ class CacheWriter(StructureWriter):
         self._delete_chunk(meta, (shard, 0))
         self._clear_summary(base, (f"{base}/{layout.STATUSES}",))
         self._array(f"{base}/{layout.INDEX_ROWS}")[start:stop] = layout.pack_index_rows(
-            view_params, status.astype(np.uint8))
+            view_params, status.astype(np.uint8), fingerprints)
         meta[shard] = layout.index_meta_row(status, len(self._manifest.status_codes))
 
     def index_shard_done(self, dataset: str, shard: int) -> bool:
@@ -63,10 +79,19 @@ class CacheWriter(StructureWriter):
 
     def index_rows(self, dataset: str, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(view parameters float32 [n, P], statuses uint8 [n]) of an index shard, as stored."""
+        params, status, _ = self.index_rows_fingerprinted(dataset, shard)
+        return params, status
+
+    def index_rows_fingerprinted(self, dataset: str, shard: int
+                                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(view parameters, statuses, source fingerprints uint64 [n] or None when the dataset
+        records none) of an index shard, as stored."""
         start, stop = self.shard_bounds(dataset, shard)
         rows = self._array(f"{layout.dataset_path(dataset)}/{layout.INDEX_ROWS}")[start:stop]
-        return (layout.unpack_view_params(rows, len(self._manifest.view_param_names)),
-                np.array(rows[:, -1]))
+        p = len(self._manifest.view_param_names)
+        prints = (layout.unpack_fingerprints(rows, p)
+                  if self._dataset_fp(dataset).source_fingerprint else None)
+        return layout.unpack_view_params(rows, p), np.array(rows[:, -1]), prints
 
     def finalize_index(self, dataset: str) -> dict[int, int]:
         """Consolidate a complete index: write its statuses in large chunks (`status`), then its

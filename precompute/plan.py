@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ from cache_format.manifest import FORMAT_VERSION, DatasetFingerprint, Manifest
 from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import to_dict
 from cache_format.shards import num_shards
+from cache_format.source_fingerprint import ALGORITHM as FINGERPRINT_ALGORITHM
 from precompute.config import RUNTIME_FIELDS, CacheBuildConfig
 from precompute.sources import ImageSource, open_source
 from precompute.teachers.specs import get_teacher_spec
@@ -128,7 +129,7 @@ def pair_size(config: CacheBuildConfig, teacher: str) -> Footprint:
 def index_size(config: CacheBuildConfig, keys: list[str]) -> Footprint:
     """What a dataset's index stores."""
     return index_footprint(keys, config.views_per_image, config.samples_per_shard,
-                           NUM_VIEW_PARAMS)
+                           NUM_VIEW_PARAMS, fingerprinted=True)
 
 
 def free_space(path: str) -> int | None:
@@ -288,13 +289,17 @@ def _make_plan(config: CacheBuildConfig, reader: CacheReader | None) -> BuildPla
     total = todo = 0
     for cfg in config.datasets:
         source = open_source(cfg, config.build.max_pixels, config.build.unusual_modes)
-        fp = DatasetFingerprint(**source.describe())  # type: ignore[arg-type]
+        # New datasets record each image's content fingerprint; one already in the cache keeps
+        # what it records (a dataset indexed before fingerprints existed resumes without them).
+        fp = DatasetFingerprint(**source.describe(),  # type: ignore[arg-type]
+                                source_fingerprint=FINGERPRINT_ALGORITHM)
         n = fp.num_images * config.views_per_image
         shards = num_shards(n, sps)
         in_cache = manifest is not None and cfg.name in manifest.datasets
         if in_cache:
             assert manifest is not None and reader is not None
             _check_dataset_fingerprint(location, manifest, fp)
+            fp = replace(fp, source_fingerprint=manifest.datasets[cfg.name].source_fingerprint)
             marks = reader.index_done(cfg.name)
             index_todo = tuple(int(s) for s in np.nonzero(~marks)[0])
             index_final = reader.index_complete(cfg.name)

@@ -16,6 +16,9 @@ Three kinds, all behind one `ImageSource` interface:
   keys are the zero-padded row numbers. Rows keep the file's order. The file is opened lazily in
   each process (and again after a fork), so the source pickles to DataLoader and dask workers.
 
+`load_fingerprinted(i)` also returns the content fingerprint of the bytes it decoded
+(cache_format/source_fingerprint.py), which the builder records and stage two checks.
+
 `max_images` keeps the first images in that order. `describe()` gives the dataset fingerprint;
 its `keys_sha256` is the SHA-256 of the keys in order, each encoded as UTF-8 and followed by one
 NUL byte.
@@ -39,6 +42,7 @@ from cache_format.errors import ConfigError
 from cache_format.locations import is_url
 from cache_format.manifest import check_node_name, keys_sha256
 from cache_format.serde import PathStr, check_types
+from cache_format.source_fingerprint import fingerprint
 from precompute import url_files
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES, bad_image, decode_image
 
@@ -168,12 +172,18 @@ class ImageSource:
 
     def load(self, i: int) -> torch.Tensor:
         """Image i as uint8 RGB [3, H, W]; a bad image raises BadImageError with its reason."""
-        return decode_image(
-            self.read_bytes(i),
-            self.location(i),
-            max_pixels=self.max_pixels,
-            unusual_modes=self.unusual_modes,
-        )
+        return self._decode(i, self.read_bytes(i))
+
+    def load_fingerprinted(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i as `load` gives it, and the content fingerprint of the file's bytes it was
+        decoded from (cache_format/source_fingerprint.py): one read of the file, a checksum
+        pass over bytes already in memory."""
+        data = self.read_bytes(i)
+        return self._decode(i, data), fingerprint(data)
+
+    def _decode(self, i: int, data: bytes) -> torch.Tensor:
+        return decode_image(data, self.location(i), max_pixels=self.max_pixels,
+                            unusual_modes=self.unusual_modes)
 
     def describe(self) -> dict[str, object]:
         """The dataset fingerprint (the fields of the manifest's DatasetFingerprint)."""

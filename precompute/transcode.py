@@ -98,8 +98,8 @@ def _copy_index(reader: CacheReader, writer: CacheWriter, dataset: str,
         if writer.index_shard_done(dataset, shard):
             continue
         start, stop = writer.shard_bounds(dataset, shard)
-        writer.write_index_shard(dataset, shard, index.view_params_of(np.arange(start, stop)),
-                                 status[start:stop])
+        params, prints = index.view_rows_of(np.arange(start, stop))
+        writer.write_index_shard(dataset, shard, params, status[start:stop], prints)
     writer.finalize_index(dataset)  # idempotent
 
 

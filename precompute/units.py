@@ -2,13 +2,16 @@
 
 Three kinds of unit, each a plain function of picklable arguments returning a small result:
 - `run_index_unit(settings, images, shard)`: decode every image of the shard, record its status
-  (ok or the skip reason), draw each view's parameters, write the index shard.
+  (ok or the skip reason) and its content fingerprint (the checksum of the bytes decoded,
+  cache_format/source_fingerprint.py), draw each view's parameters, write the index shard.
 - `run_prepare_unit(settings, teacher, dataset, calibration)`: load the teacher, return its
   fingerprint and, for int8, the calibration (per-channel mean/std of its tokens on the views of
   `calibration_views`: the dataset's first K ok samples), which the driver records before any
   shard of the pair is written.
-- `run_teacher_unit(settings, teacher, images, shard)`: read the shard's view parameters and
-  statuses back from the cache, replay every ok view, run the teacher, write the token shard.
+- `run_teacher_unit(settings, teacher, images, shard)`: read the shard's view parameters,
+  statuses and fingerprints back from the cache, replay every ok view (refusing an image whose
+  content changed since the index was written: a teacher added later reads the images again),
+  run the teacher, write the token shard.
 
 What a unit ships is proportional to the unit, not to the dataset: `images` is the source slice
 of the shard's images (`ImageSource.slice`: their keys only, a few dozen, not the dataset's
@@ -45,8 +48,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache_format.encodings import fit_calibration
-from cache_format.errors import BadImageError, CacheMismatchError
+from cache_format.errors import BadImageError, CacheMismatchError, CacheVersionError
 from cache_format.manifest import STATUS_OK, TeacherFingerprint, status_code, status_name
+from cache_format.source_fingerprint import ALGORITHM as FINGERPRINT_ALGORITHM
+from cache_format.source_fingerprint import hex_of
 from cache_format.writer import CacheWriter
 from precompute.config import CacheBuildConfig
 from precompute.render import normalize, render_view, resize_for_teacher
@@ -122,7 +127,8 @@ def _loader(items: Dataset, workers: int) -> Iterator[object]:
 
 
 class _ImageProbe(Dataset):
-    """Item k: (image index, (h, w), skip reason or "", message, path) of one image."""
+    """Item k: (image index, (h, w), skip reason or "", message, path, content fingerprint) of
+    one image (the fingerprint is taken of the bytes decoded; 0 for a bad image)."""
 
     def __init__(self, source: ImageSource, images: Sequence[int]) -> None:
         self.source, self.images = source, list(images)
@@ -130,27 +136,35 @@ class _ImageProbe(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, k: int) -> tuple[int, tuple[int, int], str, str, str]:
+    def __getitem__(self, k: int) -> tuple[int, tuple[int, int], str, str, str, int]:
         i = self.images[k]
         try:
-            image = self.source.load(i)
+            image, fingerprint = self.source.load_fingerprinted(i)
         except BadImageError as exc:  # reported, not raised: see the module's docstring
-            return i, (0, 0), exc.reason, str(exc), exc.path or self.source.location(i)
-        return i, (int(image.shape[1]), int(image.shape[2])), "", "", ""
+            return i, (0, 0), exc.reason, str(exc), exc.path or self.source.location(i), 0
+        return i, (int(image.shape[1]), int(image.shape[2])), "", "", "", fingerprint
 
 
 class _ReplayedViews(Dataset):
-    """Item k: (sample indices, teacher inputs [v, 3, H, W]) of the k-th image's ok views."""
+    """Item k: (sample indices, teacher inputs [v, 3, H, W]) of the k-th image's ok views, or
+    (sample indices, what is wrong) when the image no longer decodes or, given the index's
+    `fingerprints` (one per sample), its content is not the one the index recorded."""
 
     def __init__(self, source: ImageSource, views_per_image: int,
                  samples: Sequence[int], rows: np.ndarray, student_hw: tuple[int, int],
-                 teacher_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> None:
+                 teacher_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float],
+                 fingerprints: np.ndarray | None = None) -> None:
         self.source, self.student_hw, self.teacher_hw = source, student_hw, teacher_hw
         self.mean, self.std = tuple(mean), tuple(std)
         groups: dict[int, list[tuple[int, np.ndarray]]] = {}
         for sample, row in zip(samples, rows, strict=True):
             groups.setdefault(int(sample) // views_per_image, []).append((int(sample), row))
         self.groups = list(groups.items())
+        self.expected: list[int] | None = None
+        if fingerprints is not None:
+            first = {int(s) // views_per_image: int(f)
+                     for s, f in zip(samples, fingerprints, strict=True)}
+            self.expected = [first[image] for image, _ in self.groups]
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -158,9 +172,13 @@ class _ReplayedViews(Dataset):
     def __getitem__(self, k: int) -> tuple[list[int], torch.Tensor | str]:
         image_index, views = self.groups[k]
         try:
-            image = self.source.load(image_index)
+            image, found = self.source.load_fingerprinted(image_index)
         except BadImageError as exc:
             return [s for s, _ in views], f"{exc.path or self.source.location(image_index)}: {exc}"
+        if self.expected is not None and found != self.expected[k]:
+            return [s for s, _ in views], (
+                f"{self.source.location(image_index)}: its content changed (fingerprint "
+                f"{hex_of(found)}, the index recorded {hex_of(self.expected[k])})")
         rendered = torch.stack([render_view(image, ViewParams.from_array(row), self.student_hw)
                                 for _, row in views])
         x = normalize(resize_for_teacher(rendered, self.teacher_hw), self.mean, self.std)
@@ -168,18 +186,23 @@ class _ReplayedViews(Dataset):
 
 
 def teacher_inputs(settings: UnitSettings, teacher: LoadedTeacher, source: ImageSource,
-                   samples: Sequence[int], rows: np.ndarray) -> Iterator[tuple[list[int],
-                                                                              torch.Tensor]]:
-    """(samples, normalized teacher inputs) per image, in sample order, for the given views."""
+                   samples: Sequence[int], rows: np.ndarray,
+                   fingerprints: np.ndarray | None = None
+                   ) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(samples, normalized teacher inputs) per image, in sample order, for the given views;
+    with the index's `fingerprints`, an image whose content changed since it was indexed is
+    refused (its tokens would not match the index's view of it)."""
     cfg = settings.config
     student_hw = (cfg.grid[0] * cfg.student_patch, cfg.grid[1] * cfg.student_patch)
     items = _ReplayedViews(source, cfg.views_per_image, samples, rows, student_hw,
-                           teacher.input_size(cfg.grid), teacher.mean, teacher.std)
+                           teacher.input_size(cfg.grid), teacher.mean, teacher.std,
+                           fingerprints)
     for item in _loader(items, cfg.runtime.loader_workers):
         ids, x = item  # type: ignore[misc]
         if isinstance(x, str):
             raise CacheMismatchError(
-                f"{x}; the image was readable when the cache's index was written",
+                f"dataset {source.cfg.name}, cache {cfg.cache}: {x}; the cache's index was "
+                "written from the original image",
                 hint="restore the original image, or build a new cache")
         yield list(ids), x
 
@@ -196,8 +219,10 @@ def forward(teacher: LoadedTeacher, x: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def compute_tokens(settings: UnitSettings, teacher: LoadedTeacher, source: ImageSource,
-                   samples: Sequence[int], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Tokens of `samples` (views given by `rows`), batched `batch_size` at a time in order."""
+                   samples: Sequence[int], rows: np.ndarray,
+                   fingerprints: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Tokens of `samples` (views given by `rows`; images checked against `fingerprints`
+    when given), batched `batch_size` at a time in order."""
     cfg = settings.config
     n, tokens = len(samples), cfg.grid[0] * cfg.grid[1]
     out = {tok: np.zeros((n, tokens, teacher.dim) if tok == "patch" else (n, teacher.dim),
@@ -217,7 +242,7 @@ def compute_tokens(settings: UnitSettings, teacher: LoadedTeacher, source: Image
         pending_x[:] = [rest] if len(rest) else []
 
     batch = cfg.build.batch_size
-    for ids, x in teacher_inputs(settings, teacher, source, samples, rows):
+    for ids, x in teacher_inputs(settings, teacher, source, samples, rows, fingerprints):
         pending_ids.extend(ids)
         pending_x.append(x)
         while len(pending_ids) >= batch:
@@ -277,11 +302,21 @@ def run_index_unit(settings: UnitSettings, images: ImageSource, shard: int) -> U
     views = cfg.views_per_image
     params = np.zeros((stop - start, NUM_VIEW_PARAMS), dtype=np.float32)
     status = np.full(stop - start, STATUS_OK, dtype=np.uint8)
+    prints = np.zeros(stop - start, dtype=np.uint64)
+    # Fingerprints are recorded when the dataset's manifest entry names this code's algorithm;
+    # a dataset indexed before fingerprints existed keeps its row layout on resume.
+    algorithm = writer.manifest.datasets[dataset].source_fingerprint
+    if algorithm and algorithm != FINGERPRINT_ALGORITHM:
+        raise CacheVersionError(
+            f"{cfg.cache}: dataset {dataset} records source fingerprints with {algorithm!r}; "
+            f"this dune-distill computes {FINGERPRINT_ALGORITHM!r}",
+            hint="resume the build with the dune-distill that started it")
     probe = _ImageProbe(images, range(start // views, -(-stop // views)))
     try:
         for item in _loader(probe, cfg.runtime.loader_workers):
-            i, hw, reason, message, path = item  # type: ignore[misc]
+            i, hw, reason, message, path, fingerprint = item  # type: ignore[misc]
             rows = slice(i * views - start, (i + 1) * views - start)
+            prints[rows] = fingerprint
             if reason and settings.strict:
                 raise BadImageError(f"--strict: dataset {dataset}: {message}", reason=reason,
                                     path=path)
@@ -293,7 +328,7 @@ def run_index_unit(settings: UnitSettings, images: ImageSource, shard: int) -> U
                 params[i * views - start + v] = view.to_array()
     finally:
         images.close()
-    writer.write_index_shard(dataset, shard, params, status)
+    writer.write_index_shard(dataset, shard, params, status, prints if algorithm else None)
     return UnitResult("", dataset, shard, int((status == STATUS_OK).sum()),
                       _skip_counts(status), seconds=time.perf_counter() - began)
 
@@ -333,11 +368,12 @@ def run_teacher_unit(settings: UnitSettings, teacher: str, images: ImageSource,
     images.check_root()
     writer = CacheWriter.open(cfg.cache)
     start, stop = writer.shard_bounds(dataset, shard)
-    params, status = writer.index_rows(dataset, shard)
+    params, status, prints = writer.index_rows_fingerprinted(dataset, shard)
     valid = status == STATUS_OK
     ok = np.nonzero(valid)[0]
     try:
-        tokens = compute_tokens(settings, model, images, (ok + start).tolist(), params[ok])
+        tokens = compute_tokens(settings, model, images, (ok + start).tolist(), params[ok],
+                                None if prints is None else prints[ok])
     finally:
         images.close()
     if not valid.all():  # skipped samples are stored as zeros (the writer ignores them)

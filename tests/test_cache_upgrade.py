@@ -134,3 +134,19 @@ def test_a_group_killed_mid_conversion_is_converted_again(v1_cache: Path,
     assert os.path.isdir(v1_cache / "datasets" / "rooms" / "key")  # still version 1 there
     upgrade_module.upgrade_cache(v1_cache)
     _assert_same(_read_all(v1_cache), before)
+
+
+def test_an_upgraded_cache_trains_without_source_fingerprints(v1_cache: Path,
+                                                              tmp_path: Path) -> None:
+    """Version 1 stored no source fingerprints: after the upgrade its datasets record none, and
+    training replays every view unchecked (the fixture's images, made again from their seeds)."""
+    from tests.build_fixtures import make_images
+    from train.data import CacheTrainData
+
+    assert runner.invoke(app, ["upgrade", str(v1_cache)]).exit_code == 0
+    with open_cache(v1_cache) as reader:
+        assert {fp.source_fingerprint for fp in reader.manifest.datasets.values()} == {""}
+    roots = {name: d["root"] for name, d in make_images(tmp_path / "images").items()}
+    data = CacheTrainData(v1_cache, roots=roots, heldout_images=0)
+    assert data.fingerprint_datasets == ()
+    assert len(data.__getitems__(list(range(len(data))))) == len(data)

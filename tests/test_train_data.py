@@ -152,6 +152,7 @@ def test_a_tampered_view_row_is_detected(tiny: CacheBuildConfig, tmp_path: Path)
     reader = open_cache(cache)
     params = reader.index(name).view_params  # the whole array, a fresh copy
     status = reader.index(name).status
+    prints = reader.index(name).source_fingerprints_of(np.arange(status.size))
     column = VIEW_PARAM_NAMES.index("crop_left")
     row = params[sample]
     # Move the crop box by one pixel, staying a valid box, so only the replay check can tell.
@@ -159,7 +160,8 @@ def test_a_tampered_view_row_is_detected(tiny: CacheBuildConfig, tmp_path: Path)
     writer = CacheWriter.open(cache)
     shard = sample // 4
     writer.write_index_shard(
-        name, shard, params[shard * 4 : shard * 4 + 4], status[shard * 4 : shard * 4 + 4]
+        name, shard, params[shard * 4 : shard * 4 + 4], status[shard * 4 : shard * 4 + 4],
+        prints[shard * 4 : shard * 4 + 4],
     )
     tampered = CacheTrainData(cache, heldout_images=0)
     with pytest.raises(CacheMismatchError, match=f"dataset {name}, sample {sample}.*crop_left"):

@@ -106,6 +106,9 @@ class DataConfig:
     (least recently used evicted first), shared by the node's DataLoader workers.
     `prefetch_shards` > 0 fetches that many upcoming shards of the epoch's order into it in the
     background (docs/remote.md). All three are ignored for a local cache.
+    `check_source_fingerprints`: each source image read to replay a view is checksummed and
+    refused when its content is not the one the cache was built from (the cache's index records
+    a fingerprint per image); false trains on whatever the files hold now.
     """
 
     cache: PathStr = ""
@@ -120,6 +123,7 @@ class DataConfig:
     shard_cache_dir: PathStr = ""
     shard_cache_bytes: int = 0
     prefetch_shards: int = 0
+    check_source_fingerprints: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "data")

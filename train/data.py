@@ -46,7 +46,7 @@ from precompute.sources import ImageSource
 from train.batch import EncodedItem, split_encoded
 from train.item_table import ItemTable
 from train.preflight import grid_hint, grid_problem, replay_spec, roots_problem, select_names
-from train.view_replay import open_replay_source, replay_view, view_config
+from train.view_replay import fingerprint_algorithm, open_replay_source, replay_view, view_config
 
 SPLITS: tuple[str, ...] = ("train", "heldout")
 
@@ -71,6 +71,10 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
+#: A sample's stored view row float32 [P] and its image's source fingerprint (None: unchecked).
+_StoredView = tuple[np.ndarray, int | None]
+
+
 @dataclass(frozen=True)
 class _DatasetPart:
     """One selected dataset: its name, domain and teachers (its items live in the per-image
@@ -91,6 +95,9 @@ class CacheTrainData(Dataset):
     grid x student patch (a mismatch is a CacheMismatchError naming both grids).
     `student_patch`: the student's patch size, checked against the cache's when given.
     `read_tokens=False` skips the token reads (online training computes targets live).
+    `check_source_fingerprints`: refuse a source image whose content fingerprint differs from
+    the one the cache's index recorded (datasets recorded without fingerprints are not checked;
+    `fingerprint_datasets` names the checked ones).
     A cache without the manifest's replay section is a CacheVersionError (`dune-cache upgrade`).
     """
 
@@ -107,6 +114,7 @@ class CacheTrainData(Dataset):
         student_patch: int | None = None,
         split_seed: int | None = None,
         read_tokens: bool = True,
+        check_source_fingerprints: bool = True,
     ) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split: expected one of {', '.join(SPLITS)}, found {split!r}")
@@ -147,6 +155,11 @@ class CacheTrainData(Dataset):
                                roots.get(name))
             for name in self.dataset_names
         ]
+        self._checked = [check_source_fingerprints and fingerprint_algorithm(
+            manifest.datasets[name], self.location) != "" for name in self.dataset_names]
+        #: The datasets whose images are checked against the index's source fingerprints.
+        self.fingerprint_datasets = tuple(
+            name for name, on in zip(self.dataset_names, self._checked, strict=True) if on)
         self._build_item_tables(heldout_images, split_seed)
 
     # -- construction helpers -----------------------------------------------------------------
@@ -248,13 +261,19 @@ class CacheTrainData(Dataset):
         d, sample = self.locate(item)
         return self._render(d, sample, self._view_rows(d, [sample])[0])
 
-    def _view_rows(self, d: int, samples: Sequence[int]) -> np.ndarray:
-        """The stored view rows float32 [n, P] of `samples` of dataset `d` (read on demand)."""
-        return self._reader().index(self._parts[d].name).view_params_of(samples)
+    def _view_rows(self, d: int, samples: Sequence[int]) -> list[_StoredView]:
+        """The stored view row float32 [P] and, when checked, the image's source fingerprint,
+        of each of `samples` of dataset `d` (read on demand, both from the same index rows)."""
+        index = self._reader().index(self._parts[d].name)
+        if not self._checked[d]:
+            return [(row, None) for row in index.view_params_of(samples)]
+        params, prints = index.view_rows_of(samples)
+        assert prints is not None  # _checked only for datasets that record fingerprints
+        return list(zip(params, prints.tolist(), strict=True))
 
-    def _render(self, d: int, sample: int, stored: np.ndarray) -> Tensor:
-        return replay_view(self._sources[d], self.replay, self.view_config, sample, stored,
-                           self.img_size, self.location)
+    def _render(self, d: int, sample: int, stored: _StoredView) -> Tensor:
+        return replay_view(self._sources[d], self.replay, self.view_config, sample, stored[0],
+                           self.img_size, self.location, fingerprint=stored[1])
 
     def _read(self, d: int, samples: Sequence[int]) -> list[EncodedItem]:
         """Encoded tokens of `samples` of dataset `d`, one batched fast-path read per dataset."""
@@ -264,7 +283,7 @@ class CacheTrainData(Dataset):
         encoded = self._reader().read_encoded(part.name, list(samples), list(part.teachers))
         return split_encoded(encoded, len(samples))
 
-    def _item(self, d: int, sample: int, stored: np.ndarray, tokens: EncodedItem
+    def _item(self, d: int, sample: int, stored: _StoredView, tokens: EncodedItem
               ) -> dict[str, Any]:
         return {
             "image": self._render(d, sample, stored),
@@ -287,7 +306,7 @@ class CacheTrainData(Dataset):
         per dataset."""
         located = [self.locate(int(i)) for i in items]
         tokens: list[EncodedItem | None] = [None] * len(located)
-        rows: list[np.ndarray | None] = [None] * len(located)
+        rows: list[_StoredView | None] = [None] * len(located)
         for d in sorted({d for d, _ in located}):
             positions = [k for k, (dd, _) in enumerate(located) if dd == d]
             samples = [located[k][1] for k in positions]

@@ -77,6 +77,24 @@ def _warn_heldout_capped(count: int, manifest: Manifest, datasets: Sequence[str]
                 count, name, images, images // 2, images // 2)
 
 
+def say_unchecked(check: bool, location: str, datasets: Sequence[str],
+                  checked: Sequence[str]) -> None:
+    """One info line when some source images are not checked against the cache's content
+    fingerprints: the check is off, or the cache recorded none for those datasets (built before
+    fingerprints, or upgraded from version 1). Never an error: such caches train as before."""
+    unchecked = [d for d in datasets if d not in checked]
+    if not unchecked:
+        return
+    if not check:
+        why = "data.check_source_fingerprints = false"
+    else:
+        why = ("the cache records no source fingerprints for them (built before fingerprints, "
+               "or upgraded from format 1; rebuild to get them)")
+    # Printed, like the run's sizes: an info line, which no logging handler would show.
+    print(f"info: the source images of {', '.join(unchecked)} in {location} are not checked "
+          f"against their content at build time: {why}", flush=True)
+
+
 def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     """Open the cache, check it against the run, and build the data, sampler and targets."""
     reader = open_cache(cfg.data.cache, shard_cache_dir=cfg.data.shard_cache_dir or None,
@@ -108,11 +126,14 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
     data_args = dict(
         roots=cfg.data.roots, heldout_images=cfg.data.heldout_images,
         img_size=cfg.student.img_size, student_patch=student.patch_size,
-        read_tokens=not cfg.online,
+        read_tokens=not cfg.online, check_source_fingerprints=cfg.data.check_source_fingerprints,
     )
     if dist_info.rank == 0:
         _warn_heldout_capped(cfg.data.heldout_images, manifest, datasets)
     train_data = CacheTrainData(reader, teachers, datasets, split="train", **data_args)
+    if dist_info.rank == 0:
+        say_unchecked(cfg.data.check_source_fingerprints, reader.location, datasets,
+                      train_data.fingerprint_datasets)
     heldout_data = None
     if cfg.data.heldout_images > 0:
         heldout_data = CacheTrainData(reader, teachers, datasets, split="heldout", **data_args)

@@ -38,6 +38,9 @@ RESUME_FREE_FIELDS = (
     "data.shard_cache_dir",
     "data.shard_cache_bytes",
     "data.prefetch_shards",
+    # A check, not a setting of the run: turning it off is the documented way on after a
+    # refusal, and run folders from before the field have no value for it.
+    "data.check_source_fingerprints",
     "stages[].cache",
     "logging",
 )

@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
-from cache_format.errors import BadImageError, CacheMismatchError
+from cache_format.errors import BadImageError, CacheMismatchError, CacheVersionError
 from cache_format.manifest import DatasetFingerprint
 from cache_format.replay import ReplaySpec
 from cache_format.serde import from_dict, to_dict
+from cache_format.source_fingerprint import KNOWN_ALGORITHMS, hex_of
 from precompute.render import render_view
 from precompute.sources import DatasetConfig, ImageSource, open_source
 from precompute.view_params import check_replay
@@ -52,6 +53,24 @@ def open_replay_source(
     return source
 
 
+#: The config field that turns the source fingerprint check off (named in messages).
+CHECK_FIELD = "data.check_source_fingerprints"
+
+
+def fingerprint_algorithm(fingerprint: DatasetFingerprint, location: str) -> str:
+    """The algorithm of the source fingerprints the cache recorded for a dataset ("" for none:
+    caches built before fingerprints, upgraded version-1 caches). One this code cannot compute
+    was written by a newer dune-distill: refused (CacheVersionError), never taken for changed
+    images."""
+    algorithm = fingerprint.source_fingerprint
+    if algorithm and algorithm not in KNOWN_ALGORITHMS:
+        raise CacheVersionError(
+            f"dataset {fingerprint.name}, cache {location}: source fingerprints recorded with "
+            f"{algorithm!r}; this dune-distill checks {', '.join(KNOWN_ALGORITHMS)}",
+            hint=f"upgrade dune-distill, or set {CHECK_FIELD} = false to skip the check")
+    return algorithm
+
+
 def replay_view(
     source: ImageSource,
     spec: ReplaySpec,
@@ -60,19 +79,35 @@ def replay_view(
     stored: np.ndarray,
     out_hw: tuple[int, int],
     where: str,
+    fingerprint: int | None = None,
 ) -> Tensor:
     """The student's view of `sample` of `source`'s dataset, sampled again with the build's seed
-    and settings, checked against its stored row, rendered at `out_hw` (float32 in [0, 1])."""
+    and settings, checked against its stored row, rendered at `out_hw` (float32 in [0, 1]).
+
+    `fingerprint`: the image's content fingerprint as the cache's index recorded it (None: not
+    checked); the file's bytes are checksummed as they are read, and other content is refused
+    (a same-size replacement would otherwise replay the same view against stale tokens)."""
     image_index, view_index = divmod(int(sample), spec.views_per_image)
     name = source.cfg.name
     try:
-        image = source.load(image_index)
+        if fingerprint is None:
+            image = source.load(image_index)
+        else:
+            image, found = source.load_fingerprinted(image_index)
     except BadImageError as exc:
         raise CacheMismatchError(
             f"dataset {name}, sample {sample}: the source image was usable when the cache was "
             f"built but now fails ({exc})",
             hint="restore the original image file",
         ) from exc
+    if fingerprint is not None and found != fingerprint:
+        raise CacheMismatchError(
+            f"dataset {name}, cache {where}: source image {source.location(image_index)} is not "
+            f"the one the cache was built from (content fingerprint {hex_of(found)}, the cache "
+            f"recorded {hex_of(fingerprint)}): its cached teacher tokens describe another picture",
+            hint=f"restore the original images, or rebuild dataset {name} into a new cache "
+            f"(`dune-cache build`), or set {CHECK_FIELD} = false to train on the stale tokens",
+        )
     params = sample_view(
         spec.seed, name, image_index, view_index, (int(image.shape[1]), int(image.shape[2])), views
     )
