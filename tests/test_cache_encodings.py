@@ -131,7 +131,7 @@ def test_fit_calibration_floors_dead_channels() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"name": "int4"}, "encoding.name"), ({"codec": "lz4"}, "encoding.codec"),
+    [({"name": "int3"}, "encoding.name"), ({"codec": "lz4"}, "encoding.codec"),
      ({"codec": "zstd", "level": 30}, "encoding.level"),
      ({"codec": "blosc", "level": 12}, "encoding.level")],
 )
