@@ -225,7 +225,8 @@ def transcode(
     codec: Annotated[str, typer.Option(help="Lossless codec of the new cache.")] = "none",
     level: Annotated[int, typer.Option(help="zstd / blosc level.")] = 3,
     calibration_samples: Annotated[int | None, typer.Option(
-        min=1, help="int8: calibration sample (default: the source build's).")] = None,
+        min=1, help="int8, int4, int4h: calibration sample (default: the source build's).")
+    ] = None,
 ) -> None:
     """Derive a cache in another encoding from an existing one, without any teacher; rerun the
     same command to resume."""
