@@ -6,12 +6,12 @@ calibration sample, stored in the cache), then scales each token by its absolute
 pretrained transformers carry a few channels 50-200x larger than the median, and a plain
 per-token absmax would spend the whole int8 range on them.
 
-The calibration cannot break it: a token whose standardized values leave the calibrated range
-(|z| > INT8_Z_BOUND, e.g. a channel that was nearly constant in the calibration sample and
-varies later) falls back to a gain floored at the median calibration std
-(`fallback_gain`) and is marked by a negative scale. Its error per channel is then at most
-(gain_c / median std) x max_j |x_j - mean_j| / 254 whatever the calibration saw; the writer
-counts the out-of-range values per pair (`count_out_of_range`) so `info` and `verify` show them.
+The calibration cannot break it: a token with a standardized value past FALLBACK_Z_BOUND (e.g. a
+channel that was nearly constant in the calibration sample and varies later) falls back to a gain
+floored at the median calibration std (`fallback_gain`) and is marked by a negative scale. Its error
+per channel is then at most (gain_c / median std) x max_j |x_j - mean_j| / 254 whatever the
+calibration saw; the writer counts the values outside the calibrated range (|z| > INT8_Z_BOUND) per
+pair (`count_out_of_range`) so `info` and `verify` show them.
 
 `int4` and `int4h` standardize exactly as int8 does (same calibration, same bound, same fallback
 gain), then store 4-bit values with a float16 scale per group of 128 channels; `int4h` first
@@ -45,14 +45,17 @@ INT8_MAX = 127
 #: Floor of a stored calibration std, as a fraction of the median channel std: a channel that is
 #: (nearly) constant on the calibration sample must not blow up every later token's absmax.
 CALIB_STD_FLOOR_FRACTION = 1e-3
-#: Standardized magnitude above which a value is "outside the calibrated range"; a token holding
-#: one is encoded with `fallback_gain` instead of the calibration std (and a negative scale).
+#: Standardized magnitude above which a value is "outside the calibrated range": counted per
+#: pair (`count_out_of_range`), shown by `info`, checked by `verify`.
 INT8_Z_BOUND = 32.0
-#: int4's fallback threshold: a token whose standardized absmax exceeds it is encoded with the
-#: floored gain. Tighter than int8's because 7 levels cannot hold a 32-sigma value without
-#: rounding the rest of its group to zero (tests/test_int4.py: a channel constant in the
-#: calibration); the out-of-range count still uses INT8_Z_BOUND.
-INT4_Z_BOUND = 8.0
+#: A token whose standardized absmax exceeds this is encoded with `fallback_gain` instead of the
+#: calibration std (and marked by negative scales), in every calibrated encoding. 8 rather than
+#: the calibrated range's 32: a token whose one blown-up channel sits between 8 and 32 sigma
+#: otherwise keeps the plain std and that channel takes the token's scale (int8: 1st-percentile
+#: cosine 0.9985 instead of 0.9997 with a channel constant in the calibration, docs/encodings.md;
+#: int4: 7 levels round the rest of the group to zero, 0.71). Honest calibrations of the
+#: measured activations put no token past it.
+FALLBACK_Z_BOUND = 8.0
 #: Out-of-range fraction above which `verify` reports a pair (its calibration did not fit).
 OUT_OF_RANGE_LIMIT = 1e-3
 FP16_MAX = float(np.finfo(np.float16).max)
@@ -169,13 +172,13 @@ def _check_calibration(calib_mean: object, calib_std: object, spec: EncodingSpec
     return dim
 
 
-def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray, bound: float
+def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(z, absmax of z per token, outside) of float32 x [..., D]: z = (x - mean) / std, and for
-    tokens with a |z| above `bound` z = (x - mean) / fallback_gain."""
+    """(z, absmax of z per token, fallback) of float32 x [..., D]: z = (x - mean) / std, and for
+    tokens with a |z| above FALLBACK_Z_BOUND z = (x - mean) / fallback_gain."""
     z = (x - mean) / std
     absmax = np.abs(z).max(axis=-1) if z.shape[-1] else np.zeros(z.shape[:-1], np.float32)
-    outside = absmax > bound
+    outside = absmax > FALLBACK_Z_BOUND
     if outside.any():
         # Tokens outside the calibrated range: re-standardize with the floored gain.
         z[outside] = (x[outside] - mean) / fallback_gain(std)
@@ -223,8 +226,7 @@ def encode_tokens(
     _check_calibration(calib_mean, calib_std, spec, spec.stored_dim(x.shape[-1]))
     mean = np.asarray(calib_mean, dtype=np.float32)
     std = np.asarray(calib_std, dtype=np.float32)
-    z, absmax, outside = _standardize(
-        x, mean, std, INT4_Z_BOUND if spec.is_int4 else INT8_Z_BOUND)
+    z, absmax, outside = _standardize(x, mean, std)
     if spec.is_int4:
         return int4.quantize(int4.hadamard(z) if spec.name == "int4h" else z, outside)
     scale = (absmax / np.float32(INT8_MAX)).astype(np.float32)

@@ -135,7 +135,7 @@ def _info_tables(info: dict) -> list[Table]:
         datasets.add_row(d["name"], d["source_kind"], str(d["num_images"]), str(d["samples"]),
                          statuses, f"{d['index_shards_done']}/{d['index_shards']}", d["root"])
     pairs = Table(title="tokens per teacher and dataset")
-    for column in ("teacher", "dataset", "shards", "stats", "size", "int8 out of range"):
+    for column in ("teacher", "dataset", "shards", "stats", "size", "out of range"):
         pairs.add_column(column)
     for p in info["pairs"]:
         outside = ", ".join(f"{tok} {frac:.3%}" for tok, frac in p["out_of_range"].items())

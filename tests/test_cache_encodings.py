@@ -162,7 +162,7 @@ def test_int8_survives_a_near_constant_calibration_channel() -> None:
 def test_int8_without_the_fallback_is_broken_by_that_channel(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # What the fallback prevents: the floored channel takes the absmax, the rest rounds to 0.
-    monkeypatch.setattr("cache_format.encodings.INT8_Z_BOUND", float("inf"))
+    monkeypatch.setattr("cache_format.encodings.FALLBACK_Z_BOUND", float("inf"))
     x, mean, std = _constant_channel_case()
     spec = EncodingSpec("int8")
     cos = _cosines(decode_tokens(*encode_tokens(x, spec, mean, std), spec, mean, std), x)

@@ -94,12 +94,13 @@ def test_torch_decode_is_bit_identical(spec: EncodingSpec, shape: tuple[int, ...
     np.testing.assert_array_equal(numpy_out.reshape(-1, shape[-1])[0], mean)
 
 
-@pytest.mark.parametrize("spec", INT4_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [*INT4_SPECS, EncodingSpec("int8")], ids=lambda s: s.name)
 def test_a_channel_constant_in_the_calibration_stays_bounded(spec: EncodingSpec) -> None:
     """The issue's failure mode: a channel constant across the calibration tokens varies later.
-    The fallback keeps int4's 1st-percentile cosine within 0.02 of what it reaches with an
-    honest calibration (with int8's bound of 32 instead of INT4_Z_BOUND, about 2% of the tokens
-    lose their whole group: 0.71). int8's own test is in test_cache_encodings.py."""
+    The fallback keeps int8's 1st-percentile cosine (standardized, as the loss sees it) at
+    0.999 or above (0.9989 with a fallback bound of 32), and int4's within 0.02 of what it
+    reaches with an honest calibration (0.71 with a bound of 32: about 2% of the tokens lose
+    their whole group)."""
     rng = np.random.default_rng(2)
     x = synthetic_activations(rng, (40, 16, 64))
     calib = x[:8].copy()
@@ -110,7 +111,10 @@ def test_a_channel_constant_in_the_calibration_stays_bounded(spec: EncodingSpec)
     for label, (mean, std) in (("honest", honest), ("broken", broken)):
         decoded = decode_tokens(*encode_tokens(x, spec, mean, std), spec, mean, std)
         p01[label] = float(np.percentile(_standardized_cosines(decoded, x), 1))
-    assert p01["broken"] >= p01["honest"] - 0.02
+    if spec.name == "int8":
+        assert p01["broken"] >= 0.999
+    else:
+        assert p01["broken"] >= p01["honest"] - 0.02
 
 
 def test_bytes_per_sample_of_a_vit_l_at_448_px() -> None:

@@ -8,11 +8,12 @@ calls of exactly the same byte ranges (a sample's record chunk, checksum include
 zarr-python's generic `array[i]` for reference, and splits a single read's time into the
 positional read, the checksum pass and the rest (Python, tensors). Rates are the best of
 interleaved chunks (the machine is shared; the best chunk is the least disturbed one).
-Run: `.venv/bin/python tests/benchmarks/bench_cache_io.py`.
+Run: `.venv/bin/python tests/benchmarks/bench_cache_io.py [--only int4,int4h]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -42,6 +43,7 @@ CHUNK = 64  # samples per timed chunk of a random-access variant (more bytes tha
 REPS = 40  # chunks per variant, interleaved across variants (order rotated every chunk)
 ROUNDS = 3  # repeats of the CPU-speed measurements
 SPECS = [EncodingSpec(n, c, 3) for n in ("fp16", "bf16", "int8") for c in ("none", "zstd", "blosc")]
+SPECS += [EncodingSpec("int4"), EncodingSpec("int4h")]  # 4-bit: meant for codec none
 FP16_SAMPLE_MB = (GRID[0] * GRID[1] + 1) * DIM * 2 / 1e6
 
 
@@ -78,7 +80,7 @@ def _cpu_speeds(spec: EncodingSpec, x: np.ndarray, calib: tuple) -> tuple[float,
     encode()
     raw, decompress = encoded_once["chunk"]
     scale = encoded_once["scale"]
-    shape = patch.shape
+    shape = (patch.shape[0], spec.stored_dim(patch.shape[1]))  # int4: two values per byte
     t_scale = None if scale is None else torch.from_numpy(scale)
     t_calib = tuple(torch.from_numpy(c) for c in calib) if calib[0] is not None else (None, None)
 
@@ -242,6 +244,11 @@ def _batch_cells(reads: dict[str, float], threads: int) -> list[str]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated encoding names: measure "
+                        "only those (codec none first) and print, without writing the section")
+    only = [n for n in parser.parse_args().only.split(",") if n]
+    specs = [s for s in SPECS if s.name in only] if only else SPECS
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     patch = synthetic_activations(rng, (SHARD, GRID[0] * GRID[1], DIM))
@@ -251,7 +258,7 @@ def main() -> None:
     loads = []
     workdir = Path(tempfile.mkdtemp(prefix="bench_cache_io_"))
     try:
-        for spec in SPECS:
+        for spec in specs:
             calib = fit_calibration(patch[:8]) if spec.has_scale else (None, None)
             encode_mb, dec_np, dec_torch = _cpu_speeds(spec, probe, calib)
             decoded = decode_tokens(*encode_tokens(probe, spec, *calib), spec, *calib)
@@ -329,7 +336,8 @@ def main() -> None:
         markdown_table(["encoding", "codec", "raw pread", "read", "+ crc", "ours, no crc check",
                         "ours", "checksum", "rest", "ceiling"], split_rows),
     ])
-    write_section("bench_cache_io", body)
+    if not only:
+        write_section("bench_cache_io", body)
     print(body)
 
 
