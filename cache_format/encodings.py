@@ -1,4 +1,4 @@
-"""Token encodings of a cache: fp16, bf16 (stored as uint16 bit patterns) and int8.
+"""Token encodings of a cache: fp16, bf16 (stored as uint16 bit patterns), int8, int4, int4h.
 
 `int8` first standardizes each channel with calibration statistics (mean/std per channel from a
 calibration sample, stored in the cache), then scales each token by its absolute maximum to
@@ -6,12 +6,18 @@ calibration sample, stored in the cache), then scales each token by its absolute
 pretrained transformers carry a few channels 50-200x larger than the median, and a plain
 per-token absmax would spend the whole int8 range on them.
 
-The calibration cannot break it: a token whose standardized values leave the calibrated range
-(|z| > INT8_Z_BOUND, e.g. a channel that was nearly constant in the calibration sample and
-varies later) falls back to a gain floored at the median calibration std
-(`fallback_gain`) and is marked by a negative scale. Its error per channel is then at most
-(gain_c / median std) x max_j |x_j - mean_j| / 254 whatever the calibration saw; the writer
-counts the out-of-range values per pair (`count_out_of_range`) so `info` and `verify` show them.
+The calibration cannot break it: a token with a standardized value past FALLBACK_Z_BOUND (e.g. a
+channel that was nearly constant in the calibration sample and varies later) falls back to a gain
+floored at the median calibration std (`fallback_gain`) and is marked by a negative scale. Its error
+per channel is then at most (gain_c / median std) x max_j |x_j - mean_j| / 254 whatever the
+calibration saw; the writer counts the values outside the calibrated range (|z| > INT8_Z_BOUND) per
+pair (`count_out_of_range`) so `info` and `verify` show them.
+
+`int4` and `int4h` standardize exactly as int8 does (same calibration, same bound, same fallback
+gain), then store 4-bit values with a float16 scale per group of 128 channels; `int4h` first
+rotates the standardized channels with a fixed block-Hadamard transform. The arithmetic is in
+int4.py; a fallback token has its group scales negated. docs/encodings.md says why these two
+and not PCA-k or PHI-S.
 
 Decoding exists twice with the same formula: `decode_tokens` (numpy, CPU) and
 `decode_tokens_torch` (runs on the tensors' device, so a trainer can ship int8 to the GPU).
@@ -25,22 +31,37 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cache_format import int4
 from cache_format.errors import ConfigError, InvalidTokensError
 
-ENCODING_NAMES = ("fp16", "bf16", "int8")
+ENCODING_NAMES = ("fp16", "bf16", "int8", "int4", "int4h")
+#: Encodings that standardize with a per-pair calibration and store per-token scales.
+CALIBRATED = ("int8", "int4", "int4h")
 CODEC_NAMES = ("none", "zstd", "blosc")
 #: numpy dtype each encoding stores its token values in.
-STORED_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "int8": np.dtype("i1")}
+STORED_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "int8": np.dtype("i1"),
+                 "int4": np.dtype("u1"), "int4h": np.dtype("u1")}
 INT8_MAX = 127
 #: Floor of a stored calibration std, as a fraction of the median channel std: a channel that is
 #: (nearly) constant on the calibration sample must not blow up every later token's absmax.
 CALIB_STD_FLOOR_FRACTION = 1e-3
-#: Standardized magnitude above which a value is "outside the calibrated range"; a token holding
-#: one is encoded with `fallback_gain` instead of the calibration std (and a negative scale).
+#: Standardized magnitude above which a value is "outside the calibrated range": counted per
+#: pair (`count_out_of_range`), shown by `info`, checked by `verify`.
 INT8_Z_BOUND = 32.0
+#: A token whose standardized absmax exceeds this is encoded with `fallback_gain` instead of the
+#: calibration std (and marked by negative scales), in every calibrated encoding. 8 rather than
+#: the calibrated range's 32: a token whose one blown-up channel sits between 8 and 32 sigma
+#: otherwise keeps the plain std and that channel takes the token's scale (int8: 1st-percentile
+#: cosine 0.9985 instead of 0.9997 with a channel constant in the calibration, docs/encodings.md;
+#: int4: 7 levels round the rest of the group to zero, 0.71). Honest calibrations of the
+#: measured activations put no token past it.
+FALLBACK_Z_BOUND = 8.0
 #: Out-of-range fraction above which `verify` reports a pair (its calibration did not fit).
 OUT_OF_RANGE_LIMIT = 1e-3
 FP16_MAX = float(np.finfo(np.float16).max)
+#: What to do about an encoding name this version does not know (a newer one wrote it?).
+UNKNOWN_ENCODING_HINT = ("a cache written by a newer dune-distill may use an encoding this "
+                         "version does not know: upgrade dune-distill to read it")
 
 
 @dataclass(frozen=True)
@@ -57,7 +78,8 @@ class EncodingSpec:
     def __post_init__(self) -> None:
         if self.name not in ENCODING_NAMES:
             raise ConfigError(
-                f"encoding.name: expected one of {', '.join(ENCODING_NAMES)}, found {self.name!r}"
+                f"encoding.name: expected one of {', '.join(ENCODING_NAMES)}, found {self.name!r}",
+                hint=UNKNOWN_ENCODING_HINT,
             )
         if self.codec not in CODEC_NAMES:
             raise ConfigError(
@@ -75,8 +97,26 @@ class EncodingSpec:
 
     @property
     def has_scale(self) -> bool:
-        """Whether tokens carry a per-token float32 scale (int8 only)."""
-        return self.name == "int8"
+        """Whether tokens carry scales and each pair stores a calibration (int8, int4, int4h)."""
+        return self.name in CALIBRATED
+
+    @property
+    def is_int4(self) -> bool:
+        """int4 or int4h: two values per byte, a float16 scale per group of channels."""
+        return self.name in ("int4", "int4h")
+
+    def stored_dim(self, dim: int) -> int:
+        """Stored items per token of D channels (D, or ceil(D / 2) bytes for int4)."""
+        return int4.packed_dim(dim) if self.is_int4 else dim
+
+    def scale_shape(self, dim: int) -> tuple[int, ...]:
+        """Shape of one token's scale: () for int8, (groups,) for int4 (none otherwise)."""
+        return (int4.num_groups(dim),) if self.is_int4 else ()
+
+    @property
+    def scale_dtype(self) -> np.dtype:
+        """dtype of the stored scales: float32 (int8) or float16 (int4, int4h)."""
+        return np.dtype("<f2") if self.is_int4 else np.dtype("<f4")
 
 
 def fit_calibration(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +157,33 @@ def count_out_of_range(x: np.ndarray, calib_mean: np.ndarray, calib_std: np.ndar
     return int(np.count_nonzero(np.abs(z) > INT8_Z_BOUND))
 
 
-def _check_calibration(calib_mean: object, calib_std: object, dim: int) -> None:
+def _check_calibration(calib_mean: object, calib_std: object, spec: EncodingSpec,
+                       stored: int) -> int:
+    """The width D of a calibration (mean, std) [D] that fits `stored` items per token."""
     if calib_mean is None or calib_std is None:
-        raise ConfigError("int8 encoding needs calib_mean and calib_std (per-channel, shape [D])")
+        raise ConfigError(f"{spec.name} encoding needs calib_mean and calib_std (per-channel, "
+                          "shape [D])")
     shapes = (tuple(calib_mean.shape), tuple(calib_std.shape))  # type: ignore[attr-defined]
-    if shapes != ((dim,), (dim,)):
-        raise ConfigError(f"int8 calibration: expected mean/std of shape ({dim},), found {shapes}")
+    dim = shapes[0][0] if len(shapes[0]) == 1 else -1
+    if shapes != ((dim,), (dim,)) or spec.stored_dim(dim) != stored:
+        wanted = f"({2 * stored - 1},) or ({2 * stored},)" if spec.is_int4 else f"({stored},)"
+        raise ConfigError(f"{spec.name} calibration: expected mean/std of shape {wanted} for "
+                          f"{stored} stored items per token, found {shapes}")
+    return dim
+
+
+def _standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(z, absmax of z per token, fallback) of float32 x [..., D]: z = (x - mean) / std, and for
+    tokens with a |z| above FALLBACK_Z_BOUND z = (x - mean) / fallback_gain."""
+    z = (x - mean) / std
+    absmax = np.abs(z).max(axis=-1) if z.shape[-1] else np.zeros(z.shape[:-1], np.float32)
+    outside = absmax > FALLBACK_Z_BOUND
+    if outside.any():
+        # Tokens outside the calibrated range: re-standardize with the floored gain.
+        z[outside] = (x[outside] - mean) / fallback_gain(std)
+        absmax[outside] = np.abs(z[outside]).max(axis=-1)
+    return z, absmax, outside
 
 
 def bf16_bits_from_float32(x: np.ndarray) -> np.ndarray:
@@ -162,16 +223,12 @@ def encode_tokens(
         if x.size and bool(((bits & 0x7F80) == 0x7F80).any()):
             raise InvalidTokensError("bf16 encoding: a value overflows bfloat16 (or is NaN/Inf)")
         return bits, None
-    _check_calibration(calib_mean, calib_std, x.shape[-1])
+    _check_calibration(calib_mean, calib_std, spec, spec.stored_dim(x.shape[-1]))
     mean = np.asarray(calib_mean, dtype=np.float32)
     std = np.asarray(calib_std, dtype=np.float32)
-    z = (x - mean) / std
-    absmax = np.abs(z).max(axis=-1) if z.shape[-1] else np.zeros(z.shape[:-1], np.float32)
-    outside = absmax > INT8_Z_BOUND
-    if outside.any():
-        # Tokens outside the calibrated range: re-standardize with the floored gain.
-        z[outside] = (x[outside] - mean) / fallback_gain(std)
-        absmax[outside] = np.abs(z[outside]).max(axis=-1)
+    z, absmax, outside = _standardize(x, mean, std)
+    if spec.is_int4:
+        return int4.quantize(int4.hadamard(z) if spec.name == "int4h" else z, outside)
     scale = (absmax / np.float32(INT8_MAX)).astype(np.float32)
     # A token equal to the mean everywhere has scale 0; divide by 1 instead (its values are 0).
     safe = np.where(scale > 0, scale, np.float32(1.0))
@@ -191,18 +248,29 @@ def decode_tokens(
     """Decode stored values back to float32 (numpy, CPU).
 
     int8: q * scale * std + mean; a token with a negative scale (outside the calibrated range)
-    decodes as q * |scale| * fallback_gain(std) + mean.
+    decodes as q * |scale| * fallback_gain(std) + mean. int4: q * |group scale|, then (int4h)
+    the block-Hadamard transform, then * std (or fallback_gain(std) when the token's first
+    scale is negative) + mean.
     """
     if spec.name == "fp16":
         return np.asarray(values).astype(np.float32)
     if spec.name == "bf16":
         return float32_from_bf16_bits(values)
     values = np.asarray(values)
-    _check_calibration(calib_mean, calib_std, values.shape[-1])
+    dim = _check_calibration(calib_mean, calib_std, spec, values.shape[-1])
     if scale is None:
-        raise ConfigError("int8 decoding needs the per-token scale")
-    scale = np.asarray(scale, dtype=np.float32)
+        raise ConfigError(f"{spec.name} decoding needs the per-token scale")
     std = np.asarray(calib_std, dtype=np.float32)
+    if spec.is_int4:
+        scale = np.asarray(scale)
+        out = int4.dequantize(values, scale, dim)
+        if spec.name == "int4h":
+            out = int4.hadamard(out)
+        fallback = int4.negative_first_scale(scale)
+        out *= np.where(fallback[..., None], fallback_gain(std), std) if fallback.any() else std
+        out += np.asarray(calib_mean, dtype=np.float32)
+        return out
+    scale = np.asarray(scale, dtype=np.float32)
     out = np.empty(values.shape, dtype=np.float32)
     fallback = scale < 0
     if not fallback.any():
@@ -233,14 +301,25 @@ def decode_tokens_torch(
         if values.dtype in (torch.uint16, torch.int16):
             values = values.view(torch.bfloat16)
         return values.float()
-    _check_calibration(calib_mean, calib_std, values.shape[-1])
+    dim = _check_calibration(calib_mean, calib_std, spec, values.shape[-1])
     if scale is None:
-        raise ConfigError("int8 decoding needs the per-token scale")
+        raise ConfigError(f"{spec.name} decoding needs the per-token scale")
     device = values.device
     std = calib_std.to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
     mean = calib_mean.to(device=device, dtype=torch.float32)  # type: ignore[union-attr]
     # Same operations in the same order as decode_tokens (no fused multiply-add), so CPU, GPU
     # and numpy decoding agree bit for bit and the stored statistics describe exactly this.
+    if spec.is_int4:
+        scale = scale.to(device=device)
+        out = int4.dequantize_torch(values, scale, dim)
+        if spec.name == "int4h":
+            out = int4.hadamard_torch(out)
+        fallback = int4.negative_first_scale_torch(scale)
+        if bool(fallback.any()):
+            out = out * torch.where(fallback.unsqueeze(-1), _fallback_gain_torch(std), std)
+        else:
+            out = out * std
+        return out + mean
     scale = scale.to(device=device, dtype=torch.float32)
     fallback = scale < 0
     if not bool(fallback.any()):

@@ -16,7 +16,7 @@
         teachers/<teacher>/             one group per (dataset, teacher)
             tokens     u8    [N, R]             one record of R bytes per sample (below);
                                                 sharded: shard = S samples, chunk = 1 sample
-            <tok>_calib_mean / <tok>_calib_std  f32 [D]   int8 only: standardization
+            <tok>_calib_mean / <tok>_calib_std  f32 [D]   int8, int4, int4h: standardization
             shard_meta f64   [num_shards, W]    per token shard: [1 = written, ok samples, per
                                                 token type (count, mean [D], m2 [D]), then per
                                                 token type (int8 values outside the calibrated
@@ -31,10 +31,11 @@ data and its metadata row. Readers of a complete cache read the consolidated arr
 summary), so what a trainer reads at start grows with datasets and pairs, not shards.
 
 A sample's record holds everything a trainer reads for one (sample, teacher), so a random read is
-one byte range and one checksum: the fields `patch_scale` f32 [T] and `cls_scale` f32 [] (int8
-only), then `patch` [T, D] and `cls` [D] in the stored dtype, back to back, little endian, C
-order (widest items first, so every field is aligned to its item size). The `tokens` array's
-attribute "dune_record" lists the fields with their dtype, shape and byte offset.
+one byte range and one checksum: the fields `patch_scale` f32 [T] and `cls_scale` f32 [] (int8; int4
+and int4h: f16 [T, G] and [G], G = ceil(D / 128)), then `patch` [T, D] and `cls` [D] in the stored
+dtype (int4, int4h: u8 [T, ceil(D/2)] and [ceil(D/2)], two values per byte), back to back, little
+endian, C order (widest items first, so every field is aligned to its item size). The `tokens`
+array's attribute "dune_record" lists the fields with their dtype, shape and byte offset.
 
 N = num_images * views_per_image samples; sample s is image s // V, view s % V. Every chunk
 carries a crc32c checksum; per-shard arrays have one chunk (= one store object) per shard so
@@ -128,15 +129,18 @@ def record_fields(spec: EncodingSpec, token_types: tuple[str, ...], num_tokens: 
                   dim: int) -> tuple[RecordField, ...]:
     """The fields of one sample's record, in their order in the record.
 
-    int8 scales (float32) come first, then the token values (patch, then cls): widest items
-    first, so each field sits at a multiple of its item size.
+    Scales come first (int8: float32 [T] / []; int4, int4h: float16 [T, G] / [G]), then the
+    token values (patch, then cls; int4 packs two channels per byte, [T, ceil(D/2)]): widest
+    items first, so each field sits at a multiple of its item size.
     """
-    shapes = {"patch": (num_tokens, dim), "cls": (dim,)}
+    lead = {"patch": (num_tokens,), "cls": ()}
     order = [tok for tok in ("patch", "cls") if tok in token_types]
     wanted: list[tuple[str, np.dtype, tuple[int, ...]]] = []
     if spec.has_scale:
-        wanted += [(scale_name(tok), np.dtype("<f4"), shapes[tok][:-1]) for tok in order]
-    wanted += [(tok, spec.stored_dtype.newbyteorder("<"), shapes[tok]) for tok in order]
+        wanted += [(scale_name(tok), spec.scale_dtype, lead[tok] + spec.scale_shape(dim))
+                   for tok in order]
+    wanted += [(tok, spec.stored_dtype.newbyteorder("<"), lead[tok] + (spec.stored_dim(dim),))
+               for tok in order]
     fields, offset = [], 0
     for name, dtype, shape in wanted:
         field = RecordField(name, dtype, shape, offset)

@@ -5,7 +5,9 @@ so that a cache built for another grid, teacher checkpoint or data list is refus
 naming the field, not discovered as bad numbers hours later.
 
 Versioning rule: FORMAT_VERSION grows whenever a reader of the previous version could misread a
-cache of the new one. A reader refuses a cache whose version is newer than its own.
+cache of the new one. A reader refuses a cache whose version is newer than its own. A new token
+encoding is additive (version 2 gained int4 and int4h): a reader that does not know a cache's
+encoding name refuses it by name (every version-2 reader does, since EncodingSpec validates it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from cache_format.encodings import EncodingSpec
+from cache_format.encodings import ENCODING_NAMES, UNKNOWN_ENCODING_HINT, EncodingSpec
 from cache_format.errors import (
     CacheCorruptionError,
     CacheMismatchError,
@@ -303,6 +305,14 @@ class Manifest:
                 hint="upgrade dune-distill (pip install -U dune-distill) to read this cache",
             )
         data = dict(data)
+        name = (data.get("encoding") or {}).get("name") if isinstance(
+            data.get("encoding"), Mapping) else None
+        if name is not None and name not in ENCODING_NAMES:
+            # New encodings are additive within a format version: an encoding this version does
+            # not know is a cache it cannot decode, refused before anything else is read.
+            raise CacheVersionError(
+                f"{where}: manifest.encoding.name is {name!r}, but this dune-distill decodes "
+                f"only {', '.join(ENCODING_NAMES)}", hint=UNKNOWN_ENCODING_HINT)
         if data.get("replay") is not None:  # versioned on its own: parsed (and refused) first
             data["replay"] = ReplaySpec.from_dict(data["replay"], where=f"{where}: manifest.replay")
         return from_dict(cls, data, where="manifest")

@@ -1,4 +1,5 @@
-"""Per-pair record of int8 values outside the calibrated range (encodings.INT8_Z_BOUND).
+"""Per-pair record of values outside the calibrated range (encodings.INT8_Z_BOUND) of the
+calibrated encodings (int8, int4, int4h).
 
 The int8 encoding is bounded whatever its calibration saw (out-of-range tokens fall back, see
 encodings.py), but a calibration that does not fit the data still costs precision. The writer
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 def reader_counts(reader: CacheReader, dataset: str, teacher: str
                   ) -> dict[str, tuple[int, int]] | None:
     """{token type: (outside, encoded)} of a pair, from its summary once finalized (one read),
-    else summed over its shards' metadata rows; None unless the cache is int8."""
+    else summed over its shards' metadata rows; None unless the encoding is calibrated."""
     if not reader.manifest.encoding.has_scale:
         return None
     meta = reader.pair_meta(dataset, teacher)
@@ -39,7 +40,7 @@ def reader_counts(reader: CacheReader, dataset: str, teacher: str
 
 
 def fractions(reader: CacheReader, dataset: str, teacher: str) -> dict[str, float]:
-    """{token type: fraction of int8 values outside the calibrated range} ({} unless int8)."""
+    """{token type: fraction of values outside the calibrated range} ({} if not calibrated)."""
     counts = reader_counts(reader, dataset, teacher)
     return {tok: fraction(*c) for tok, c in (counts or {}).items()}
 
@@ -55,7 +56,7 @@ def problems(label: str, counts: Mapping[str, tuple[int, int]] | None) -> list[s
     for tok, (outside, encoded) in (counts or {}).items():
         if fraction(outside, encoded) > OUT_OF_RANGE_LIMIT:
             found.append(
-                f"{label} {tok}: {outside} of {encoded} int8 values "
+                f"{label} {tok}: {outside} of {encoded} values "
                 f"({fraction(outside, encoded):.2%}) lie outside the calibrated range, expected "
                 f"at most {OUT_OF_RANGE_LIMIT:.2%} (those tokens were encoded with the fallback "
                 "gain; hint: calibrate on more samples, or transcode from an fp16 cache)")

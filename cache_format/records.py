@@ -20,8 +20,10 @@ from cache_format.errors import ConfigError
 class EncodedTokens:
     """A batch of one token type of one teacher, as stored: decode with `decode()`.
 
-    `values` [B, T, D] / [B, D] in the stored dtype (int8, float16, or uint16 bf16 bit
-    patterns); `scale` [B, T] / [B] float32 for int8, else None; calibration [D] for int8.
+    `values` [B, T, D] / [B, D] in the stored dtype (int8, float16, uint16 bf16 bit patterns,
+    or uint8 [B, T, ceil(D/2)] / [B, ceil(D/2)] for int4 and int4h: two values per byte);
+    `scale` [B, T] / [B] float32 for int8, [B, T, G] / [B, G] float16 for int4 and int4h, else
+    None; calibration [D] for int8, int4 and int4h.
     """
 
     values: torch.Tensor

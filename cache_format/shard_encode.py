@@ -71,9 +71,9 @@ def _field_view(records: np.ndarray, field: layout.RecordField) -> np.ndarray:
 
 
 def check_calibration(fp: TeacherFingerprint, calibration: Calibration | None) -> None:
-    """int8 needs finite (mean, std [> 0]) of shape [D] for every token type of the teacher."""
+    """int8, int4 and int4h need finite (mean, std [> 0]) [D] for every token type."""
     if calibration is None:
-        raise ConfigError(f"teacher {fp.name}: the int8 encoding needs a calibration "
+        raise ConfigError(f"teacher {fp.name}: int8, int4 and int4h need a calibration "
                           "{token type: (mean, std)}; see encodings.fit_calibration")
     for tok in fp.token_types:
         if tok not in calibration:

@@ -135,7 +135,7 @@ def _info_tables(info: dict) -> list[Table]:
         datasets.add_row(d["name"], d["source_kind"], str(d["num_images"]), str(d["samples"]),
                          statuses, f"{d['index_shards_done']}/{d['index_shards']}", d["root"])
     pairs = Table(title="tokens per teacher and dataset")
-    for column in ("teacher", "dataset", "shards", "stats", "size", "int8 out of range"):
+    for column in ("teacher", "dataset", "shards", "stats", "size", "out of range"):
         pairs.add_column(column)
     for p in info["pairs"]:
         outside = ", ".join(f"{tok} {frac:.3%}" for tok, frac in p["out_of_range"].items())
@@ -225,7 +225,8 @@ def transcode(
     codec: Annotated[str, typer.Option(help="Lossless codec of the new cache.")] = "none",
     level: Annotated[int, typer.Option(help="zstd / blosc level.")] = 3,
     calibration_samples: Annotated[int | None, typer.Option(
-        min=1, help="int8: calibration sample (default: the source build's).")] = None,
+        min=1, help="int8, int4, int4h: calibration sample (default: the source build's).")
+    ] = None,
 ) -> None:
     """Derive a cache in another encoding from an existing one, without any teacher; rerun the
     same command to resume."""

@@ -5,8 +5,8 @@ new cache keeps the source's settings (grid, views, seed, shard size), datasets 
 parameters, statuses: the same index) and teachers (fingerprints); only the encoding changes.
 Each token shard is decoded from the source and encoded again, through the same writer a build
 uses, so statistics are counted on the new cache's decoded values, exactly as a build does.
-An int8 target is calibrated on the first `calibration_samples` ok samples of each pair in index
-order (the build's rule), decoded from the source.
+A calibrated target (int8, int4, int4h) is calibrated on the first `calibration_samples` ok
+samples of each pair in index order (the build's rule), decoded from the source.
 
 Resumable like a build: rerunning the same command skips datasets, index shards, pairs and
 token shards already written (their done marks). The manifest's `origin` records the source
@@ -127,11 +127,12 @@ def _transcode_pair(reader: CacheReader, writer: CacheWriter, dataset: str, teac
 
 def _calibration(reader: CacheReader, dataset: str, teacher: str, status: np.ndarray,
                  wanted: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """int8 calibration of the target from the first `wanted` ok samples (the build's rule)."""
+    """Calibration of a calibrated target (int8, int4, int4h) from the first `wanted` ok
+    samples (the build's rule)."""
     ok = np.flatnonzero(status == STATUS_OK)[:wanted]
     if ok.size == 0:
         raise ConfigError(f"{reader.location}: {dataset} has no ok sample to calibrate "
-                          f"{teacher} for int8")
+                          f"{teacher} (int8, int4 and int4h need a calibration)")
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, ok.size, 64):
         batch = reader.read_encoded(dataset, ok[start : start + 64], [teacher])[teacher]

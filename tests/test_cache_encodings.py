@@ -131,7 +131,7 @@ def test_fit_calibration_floors_dead_channels() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"name": "int4"}, "encoding.name"), ({"codec": "lz4"}, "encoding.codec"),
+    [({"name": "int3"}, "encoding.name"), ({"codec": "lz4"}, "encoding.codec"),
      ({"codec": "zstd", "level": 30}, "encoding.level"),
      ({"codec": "blosc", "level": 12}, "encoding.level")],
 )
@@ -162,7 +162,7 @@ def test_int8_survives_a_near_constant_calibration_channel() -> None:
 def test_int8_without_the_fallback_is_broken_by_that_channel(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # What the fallback prevents: the floored channel takes the absmax, the rest rounds to 0.
-    monkeypatch.setattr("cache_format.encodings.INT8_Z_BOUND", float("inf"))
+    monkeypatch.setattr("cache_format.encodings.FALLBACK_Z_BOUND", float("inf"))
     x, mean, std = _constant_channel_case()
     spec = EncodingSpec("int8")
     cos = _cosines(decode_tokens(*encode_tokens(x, spec, mean, std), spec, mean, std), x)

@@ -34,7 +34,8 @@ from cache_format.testing import (
 from cache_format.writer import CacheWriter
 
 ALL_SPECS = [EncodingSpec(name, codec, 3) for name in ("fp16", "bf16", "int8")
-             for codec in ("none", "zstd", "blosc")]
+             for codec in ("none", "zstd", "blosc")] + [EncodingSpec("int4"),
+                                                        EncodingSpec("int4h", "blosc", 3)]
 
 
 def _expected(spec: EncodingSpec, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -43,7 +44,7 @@ def _expected(spec: EncodingSpec, x: np.ndarray, valid: np.ndarray) -> np.ndarra
     mean, std = fit_calibration(x)
     decoded = decode_tokens(*encode_tokens(x, spec, mean, std), spec, mean, std)
     filler = decode_tokens(*encode_tokens(mean[None], spec, mean, std), spec, mean, std)[0]
-    decoded[~valid] = filler if spec.name == "int8" else 0
+    decoded[~valid] = filler if spec.has_scale else 0
     return decoded
 
 
@@ -57,8 +58,9 @@ def test_round_trip_every_encoding(tmp_path: Path, spec: EncodingSpec) -> None:
         for tok in ("patch", "cls"):
             enc = batch["t1"][tok]
             assert enc.values.dtype == {"fp16": torch.float16, "bf16": torch.uint16,
-                                        "int8": torch.int8}[spec.name]
-            assert (enc.scale is not None) == (spec.name == "int8")
+                                        "int8": torch.int8, "int4": torch.uint8,
+                                        "int4h": torch.uint8}[spec.name]
+            assert (enc.scale is not None) == spec.has_scale
             expected = _expected(spec, pair.tokens[tok], pair.valid)[order]
             np.testing.assert_array_equal(enc.decode().numpy(), expected)
         sample = reader.read_sample("ds", 4)["t1"]
@@ -291,7 +293,8 @@ def test_remote_fsspec_url_round_trip(codec: str) -> None:
 
 
 @pytest.mark.parametrize("spec", [EncodingSpec("int8"), EncodingSpec("bf16"),
-                                  EncodingSpec("fp16", "zstd")], ids=lambda s: s.name)
+                                  EncodingSpec("fp16", "zstd"), EncodingSpec("int4h")],
+                         ids=lambda s: s.name)
 def test_single_sample_reads_equal_batch_reads(tmp_path: Path, spec: EncodingSpec) -> None:
     """One-sample reads (fields as views of one record buffer) and batch reads (one dense
     array per field) return the same tensors, also for samples without tokens (zeros)."""

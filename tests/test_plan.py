@@ -32,7 +32,7 @@ def _close(estimate: int, actual: int) -> bool:
     return abs(estimate - actual) <= 0.02 * actual
 
 
-@pytest.mark.parametrize("encoding", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("encoding", ["int8", "fp16", "bf16", "int4h"])
 def test_the_size_estimate_matches_the_bytes_written(images: dict, tmp_path: Path,
                                                      encoding: str) -> None:
     cache = tmp_path / "cache"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cache_format.encodings import EncodingSpec
@@ -54,6 +55,23 @@ def test_fp16_to_int8_keeps_index_and_tokens(fp16_cache: tuple[Path, dict],
                     got = b.read_encoded(dataset, np.arange(x.shape[0]), [teacher])[teacher]
                     decoded = got[tok].decode().numpy()[ok]
                     assert _cos(decoded, x[ok]).min() > 0.999
+        assert b.verify().problems == ()
+
+
+def test_fp16_to_int4h_round_trip(fp16_cache: tuple[Path, dict], tmp_path: Path) -> None:
+    """A 4-bit target: calibrated like int8, read back as uint8 nibbles with float16 group
+    scales, decoded close to the fp16 source, and verified clean."""
+    src, written = fp16_cache
+    transcode(str(src), str(tmp_path / "new"), EncodingSpec("int4h"))
+    with open_cache(tmp_path / "new") as b:
+        assert b.encoding.name == "int4h"
+        ok = b.index("ds").ok
+        for teacher in ("t1", "t2"):
+            x = written[("ds", teacher)].tokens["patch"]
+            got = b.read_encoded("ds", np.arange(x.shape[0]), [teacher])[teacher]["patch"]
+            assert got.values.dtype == torch.uint8 and got.scale.dtype == torch.float16
+            assert b.calibration("ds", teacher, "patch") is not None
+            assert _cos(got.decode().numpy()[ok], x[ok]).mean() > 0.98
         assert b.verify().problems == ()
 
 

@@ -11,7 +11,8 @@ interleaved chunks (the machine is shared; the best chunk is the least disturbed
 Run: `.venv/bin/python tests/benchmarks/bench_cache_io.py [--quick]`; `--quick` measures the
 uncompressed encodings only (fp16, bf16, int8 with codec none: the ones whose single-read ratio
 against raw `pread` is a goal) and writes them to its own section of docs/benchmarks.md
-(`bench_cache_io_quick`), leaving the full run's section as it is.
+(`bench_cache_io_quick`), leaving the full run's section as it is;
+`--only int4,int4h` measures those encodings (codec none) and prints without writing.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ CHUNK = 64  # samples per timed chunk of a random-access variant (more bytes tha
 REPS = 40  # chunks per variant, interleaved across variants (order rotated every chunk)
 ROUNDS = 3  # repeats of the CPU-speed measurements
 SPECS = [EncodingSpec(n, c, 3) for n in ("fp16", "bf16", "int8") for c in ("none", "zstd", "blosc")]
+SPECS += [EncodingSpec("int4"), EncodingSpec("int4h")]  # 4-bit: meant for codec none
 FP16_SAMPLE_MB = (GRID[0] * GRID[1] + 1) * DIM * 2 / 1e6
 
 
@@ -82,7 +84,7 @@ def _cpu_speeds(spec: EncodingSpec, x: np.ndarray, calib: tuple) -> tuple[float,
     encode()
     raw, decompress = encoded_once["chunk"]
     scale = encoded_once["scale"]
-    shape = patch.shape
+    shape = (patch.shape[0], spec.stored_dim(patch.shape[1]))  # int4: two values per byte
     t_scale = None if scale is None else torch.from_numpy(scale)
     t_calib = tuple(torch.from_numpy(c) for c in calib) if calib[0] is not None else (None, None)
 
@@ -253,8 +255,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="uncompressed encodings only, into their own docs section")
-    quick = parser.parse_args().quick
-    specs = [s for s in SPECS if s.codec == "none"] if quick else SPECS
+    parser.add_argument("--only", default="", help="comma-separated encoding names: measure "
+                        "only those, codec none, and print without writing the section")
+    args = parser.parse_args()
+    quick = args.quick
+    only = [n for n in args.only.split(",") if n]
+    if only:
+        specs = [s for s in SPECS if s.name in only and s.codec == "none"]
+    else:
+        specs = [s for s in SPECS if s.codec == "none"] if quick else SPECS
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     patch = synthetic_activations(rng, (SHARD, GRID[0] * GRID[1], DIM))
@@ -344,7 +353,8 @@ def main() -> None:
     ])
     print(body)
     # --quick writes its own section: the full run's tables (compressed codecs too) stay.
-    write_section("bench_cache_io_quick" if quick else "bench_cache_io", body)
+    if not only:
+        write_section("bench_cache_io_quick" if quick else "bench_cache_io", body)
 
 
 if __name__ == "__main__":
