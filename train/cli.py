@@ -1,7 +1,8 @@
 """`dune-train`: train a student from a cache (`fit`), score it (`eval`), export it (`export`).
 
     dune-train fit CONFIG.toml [--cache PATH] [--out DIR] [--online] [--max-steps N]
-    dune-train eval RUN_DIR [--cache CACHE | --online] [--which last|best]
+                   [--trust-cache-code]
+    dune-train eval RUN_DIR [--cache CACHE | --online] [--which last|best] [--trust-cache-code]
     dune-train export RUN_DIR OUT [--which best|last] [--format timm|dune] [--rename OURS=REF]
     dune-train preset NAME FOLDER [--overwrite]
 
@@ -13,6 +14,7 @@ print as one line plus a hint; set DUNE_DEBUG=1 for the traceback.
 from __future__ import annotations
 
 import enum
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -35,6 +37,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Stage two of DUNE distillation: train the student and projectors from a cache.",
 )
+
+
+#: `--online` rebuilds the teachers the cache's manifest describes; a `factory:` teacher there
+#: names user code, which runs only when trusted (precompute/teachers/trust.py).
+TrustCacheCode = Annotated[bool, typer.Option(
+    "--trust-cache-code", help="With --online: let `factory:` teachers named inside the cache "
+    "import and run their code (same as DUNE_TRUST_CACHE_CODE=1).")]
+
+
+def trust_cache_code(trust: bool) -> None:
+    """Turn the flag into the environment variable the trust check reads, so that it also
+    reaches torchrun's other ranks and DataLoader workers started from this process."""
+    if trust:
+        from precompute.teachers.trust import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"
 
 
 class ExportFormat(enum.StrEnum):
@@ -67,10 +85,13 @@ def fit(
         int | None,
         typer.Option("--max-steps", help="Stop after N steps (the schedule is unchanged)."),
     ] = None,
+    trust: TrustCacheCode = False,
 ) -> None:
     """Train (or resume training) the student and projectors described by CONFIG, stage by
     stage when it lists `[[stages]]`."""
     from train.stages import fit_run  # imported here so that `--help` stays fast
+
+    trust_cache_code(trust)
 
     cfg = load_train_config(config)
     cfg = with_overrides(
@@ -141,11 +162,13 @@ def eval_command(
         bool, typer.Option("--online", help="Score against the run's teachers run online.")
     ] = False,
     which: Annotated[Which, typer.Option(help="Checkpoint to score.")] = Which.last,
+    trust: TrustCacheCode = False,
 ) -> None:
     """Score a run's student on its held-out views against a cache's targets or the teachers
     run online (default: the run's own cache); writes RUN/eval/<name>.json."""
     from train.run_eval import eval_run
 
+    trust_cache_code(trust)
     result = eval_run(run_dir, cache=cache, online=online, which=which.value)
     print_eval(result, Console())
 

@@ -9,7 +9,8 @@ The rule: kinds that run user code (`USER_CODE_PREFIXES`) are rebuilt from a cac
 when the user says so, either
 - by giving their own definition of that teacher (`dune-cache verify --recompute N --config
   BUILD.toml`: the user's config names a teacher of the same name and kind), or
-- by an explicit trust flag: `--trust-cache-code` on `dune-cache verify`, or the environment
+- by an explicit trust flag: `--trust-cache-code` on `dune-cache verify` and on `dune-train
+  fit/eval --online`, or the environment
   variable `DUNE_TRUST_CACHE_CODE=1` (read by `dune-train fit --online` and by verify alike).
 
 Registered kinds and `timm:<model>` build only code that ships with the project or its
@@ -70,6 +71,7 @@ def check_cache_teachers(
             f"{where}: teacher {cfg.name!r} has kind {cfg.kind!r}, which would import and run "
             f"code named inside the cache; a cache's teacher definitions are not trusted",
             hint=f"if you trust whoever wrote this cache, set {TRUST_ENV}=1 (or pass "
-            "--trust-cache-code to dune-cache verify); or give the teacher in your own build "
+            "--trust-cache-code to dune-cache verify, dune-train fit --online or dune-train "
+            "eval --online); or give the teacher in your own build "
             "config (dune-cache verify --config BUILD.toml)",
         )

@@ -101,6 +101,26 @@ def test_online_targets_refuse_a_factory_teacher_named_in_the_cache(
     assert not probe_module.exists()
 
 
+def test_dune_train_trust_flag_lets_online_targets_run_the_cache_code(
+    small_cache: Path, probe_module: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dune-train fit --trust-cache-code` is the explicit trust: after it, the same factory
+    teacher that was refused above is imported and run."""
+    from train.cli import app as train_app
+    from train.targets import OnlineTargets
+
+    monkeypatch.setenv(TRUST_ENV, "0")  # restored after the test, whatever the flag sets
+    result = runner.invoke(train_app, ["fit", str(tmp_path / "missing.toml"),
+                                       "--trust-cache-code"])
+    assert result.exit_code != 0  # no such config: the flag acts before the config is read
+    assert os.environ[TRUST_ENV] == "1"
+    with open_cache(small_cache / "cache") as reader:
+        _with_factory_teacher(reader, f"factory:{MARKER_MODULE}:make")
+        with pytest.raises(SystemExit):  # the probe's make() ran
+            OnlineTargets(reader.manifest)
+    assert probe_module.exists(), "the trusted factory module was not imported"
+
+
 def test_trust_comes_from_the_flag_or_the_users_own_config(
     probe_module: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
