@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 
 from tests.build_fixtures import make_images
+from train.source_checks import CHECKS_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _source_checks_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Passed source checks (train.source_checks) are remembered in this session's own folder,
+    not the user's ~/.cache, and subprocesses inherit it."""
+    before = os.environ.get(CHECKS_ENV)
+    os.environ[CHECKS_ENV] = str(tmp_path_factory.mktemp("source-checks"))
+    yield
+    if before is None:
+        os.environ.pop(CHECKS_ENV, None)
+    else:
+        os.environ[CHECKS_ENV] = before
 
 
 @pytest.fixture(scope="module")
