@@ -26,7 +26,7 @@ from cache_format.errors import (
     ConfigError,
 )
 from cache_format.fastread import ShardedLayout, ShardReader
-from cache_format.files import BufferPool, files_for, tree_nbytes
+from cache_format.files import BufferPool, files_for, tree_nbytes, tree_sizes
 from cache_format.locations import is_url
 from cache_format.manifest import ROOT_ATTR, STATUS_OK, Manifest, check_manifest_sha
 from cache_format.pairmeta import PairMeta
@@ -296,24 +296,27 @@ class CacheReader:
 
     def lost_shard_files(self, dataset: str, teacher: str) -> list[int]:
         """Token shards of a pair whose done mark and index say they hold ok samples but whose
-        file is gone (one existence check per such shard; for `info`, which reads no data)."""
+        file is gone (one existence check, a stat, per such shard; for the build's plan)."""
         lay, _ = self._records(dataset, teacher)
         done = self.pair_done(dataset, teacher)
-        status = self.index(dataset).status
-        n, sps = self.num_samples(dataset), self.manifest.samples_per_shard
-        lost = []
-        for shard in np.flatnonzero(done).tolist():
-            start, stop = shards.shard_bounds(shard, n, sps)
-            if (status[start:stop] == STATUS_OK).any() and self._fast.files.tail(
-                    lay.shard_key(shard), 0) is None:
-                lost.append(shard)
-        return lost
+        ok = self.index(dataset).status == STATUS_OK
+        starts = np.arange(0, ok.size, self.manifest.samples_per_shard)
+        holding = done & (np.add.reduceat(ok, starts) > 0 if ok.size else done)
+        return [shard for shard in np.flatnonzero(holding).tolist()
+                if not self._fast.files.exists(lay.shard_key(shard))]
 
     def nbytes(self, dataset: str | None = None, teacher: str | None = None) -> int:
         """Stored bytes of the cache, a dataset or a pair (local caches; 0 for URLs)."""
         prefix = ("" if dataset is None else layout.dataset_path(dataset) if teacher is None
                   else layout.teacher_path(dataset, teacher))
         return tree_nbytes(self.source, prefix)
+
+    def nbytes_by_pair(self) -> tuple[int, dict[tuple[str, str], int]]:
+        """Stored bytes of the cache and of every (dataset, teacher) pair, in one walk of the
+        cache's folder (local caches; 0 for URLs)."""
+        pairs = [(d, t) for t, names in self.manifest.assignment.items() for d in names]
+        sizes = tree_sizes(self.source, ["", *(layout.teacher_path(d, t) for d, t in pairs)])
+        return sizes[""], {(d, t): sizes[layout.teacher_path(d, t)] for d, t in pairs}
 
     # -- tokens ------------------------------------------------------------------------------
     def _layout(self, dataset: str, teacher: str, name: str) -> ShardedLayout:
