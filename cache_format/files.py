@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -110,6 +110,10 @@ class LocalFiles:
             else:
                 keep.append((fd, horizon))
         self._retired[:] = keep
+
+    def exists(self, key: str) -> bool:
+        """Whether the file `key` exists (one stat, no fd opened)."""
+        return os.path.isfile(os.path.join(self.root, key))
 
     def tail(self, key: str, nbytes: int) -> tuple[bytes, int] | None:
         """The last `nbytes` bytes of `key` and its size, or None when it does not exist."""
@@ -230,6 +234,10 @@ class FsspecFiles:
     def _call(self, key: str, call: Callable[[], T]) -> T:
         return with_retries(call, self.describe(key), self.retry)
 
+    def exists(self, key: str) -> bool:
+        """Whether the object `key` exists (one size request)."""
+        return self.tail(key, 0) is not None
+
     def tail(self, key: str, nbytes: int) -> tuple[bytes, int] | None:
         """The last `nbytes` bytes of `key` and its size, or None when it does not exist."""
         path = f"{self.root}/{key}"
@@ -286,14 +294,29 @@ def files_for(location: str, storage_options: dict[str, Any] | None = None, *,
 
 def tree_nbytes(location: str, prefix: str = "") -> int:
     """Bytes of every file under `location`/`prefix` (0 for URLs or a missing folder)."""
+    return tree_sizes(location, [prefix])[prefix]
+
+
+def tree_sizes(location: str, prefixes: Sequence[str]) -> dict[str, int]:
+    """Bytes of every file under `location`/`prefix` for each prefix ("" = everything), in one
+    walk of the shortest common folder: one stat per file however many prefixes are asked
+    (zeros for URLs or missing folders)."""
+    sizes = dict.fromkeys(prefixes, 0)
     local = local_path(location)
-    if local is None:
-        return 0
-    path = os.path.join(local, prefix)
-    if not os.path.isdir(path):
-        return 0
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(path) for name in names)
+    if local is None or not prefixes:
+        return sizes
+    parts = {p: tuple(x for x in p.split("/") if x) for p in prefixes}
+    common = os.path.commonprefix(list(parts.values()))
+    top = os.path.join(local, *common)
+    if not os.path.isdir(top):
+        return sizes
+    for root, _, names in os.walk(top):
+        here = tuple(x for x in os.path.relpath(root, local).split(os.sep) if x not in ("", "."))
+        total = sum(os.path.getsize(os.path.join(root, name)) for name in names)
+        for prefix, want in parts.items():
+            if here[: len(want)] == want:
+                sizes[prefix] += total
+    return sizes
 
 
 class BufferPool:

@@ -20,7 +20,7 @@ import zarr
 from cache_format import layout, shards
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheNotFoundError, ConfigError
-from cache_format.files import files_for, tree_nbytes
+from cache_format.files import files_for, tree_nbytes, tree_sizes
 from cache_format.locations import is_url
 from cache_format.manifest import Manifest
 from cache_format.pairmeta import PairMeta
@@ -229,6 +229,13 @@ class MetadataReader:
         prefix = ("" if dataset is None else layout.dataset_path(dataset) if teacher is None
                   else layout.teacher_path(dataset, teacher))
         return tree_nbytes(self.source, prefix)
+
+    def nbytes_by_pair(self) -> tuple[int, dict[tuple[str, str], int]]:
+        """Stored bytes of the cache and of every (dataset, teacher) pair, in one walk of the
+        cache's folder (local caches; 0 for URLs)."""
+        pairs = [(d, t) for t, names in self.manifest.assignment.items() for d in names]
+        sizes = tree_sizes(self.source, ["", *(layout.teacher_path(d, t) for d, t in pairs)])
+        return sizes[""], {(d, t): sizes[layout.teacher_path(d, t)] for d, t in pairs}
 
     def close(self) -> None:
         """Release open files and reader threads."""

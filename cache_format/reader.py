@@ -128,18 +128,14 @@ class CacheReader(MetadataReader):
     # -- files ------------------------------------------------------------------------------
     def lost_shard_files(self, dataset: str, teacher: str) -> list[int]:
         """Token shards of a pair whose done mark and index say they hold ok samples but whose
-        file is gone (one existence check per such shard; for `info`, which reads no data)."""
+        file is gone (one existence check, a stat, per such shard; for the build's plan)."""
         lay, _ = self._records(dataset, teacher)
         done = self.pair_done(dataset, teacher)
-        status = self.index(dataset).status
-        n, sps = self.num_samples(dataset), self.manifest.samples_per_shard
-        lost = []
-        for shard in np.flatnonzero(done).tolist():
-            start, stop = shards.shard_bounds(shard, n, sps)
-            if (status[start:stop] == STATUS_OK).any() and self._fast.files.tail(
-                    lay.shard_key(shard), 0) is None:
-                lost.append(shard)
-        return lost
+        ok = self.index(dataset).status == STATUS_OK
+        starts = np.arange(0, ok.size, self.manifest.samples_per_shard)
+        holding = done & (np.add.reduceat(ok, starts) > 0 if ok.size else done)
+        return [shard for shard in np.flatnonzero(holding).tolist()
+                if not self._fast.files.exists(lay.shard_key(shard))]
 
     # -- tokens ------------------------------------------------------------------------------
     def _layout(self, dataset: str, teacher: str, name: str) -> ShardedLayout:

@@ -252,6 +252,10 @@ class CachedFiles:
             self.cache._touched.pop(key, None)
         return None
 
+    def exists(self, key: str) -> bool:
+        """Whether the remote object `key` exists (a local copy answers without a request)."""
+        return self.cache.touch(key) or self.remote.exists(key)
+
     def tail(self, key: str, nbytes: int) -> tuple[bytes, int] | None:
         """The last `nbytes` bytes of `key` and its size, or None when it does not exist (zero
         bytes: an existence and size check, asked of the store unless a copy is here: no

@@ -41,14 +41,17 @@ FIDELITY_FLOORS: dict[str, float] = {"int8": 0.9995, "fp16": 0.999, "bf16": 0.99
                                     "int4": 0.9, "int4h": 0.9}
 
 
-def _pair_facts(reader: CacheReader, dataset: str, teacher: str) -> dict[str, Any]:
+def _pair_facts(reader: CacheReader, dataset: str, teacher: str, nbytes: int) -> dict[str, Any]:
+    """One pair's line of `info`: its metadata (the consolidated summary of a complete pair),
+    plus one existence check (a stat) per done shard's file, so that a lost file is never
+    shown as complete; `verify` is what reads everything."""
     done = reader.pair_done(dataset, teacher)
+    complete = reader.pair_complete(dataset, teacher)
     lost = reader.lost_shard_files(dataset, teacher) if reader.index_complete(dataset) else []
     return {
         "teacher": teacher, "dataset": dataset, "shards_done": int(done.sum()),
         "shards": int(done.size), "stats_final": reader.stats_final(dataset, teacher),
-        "bytes": reader.nbytes(dataset, teacher), "lost_shard_files": lost,
-        "complete": reader.pair_complete(dataset, teacher) and not lost,
+        "bytes": nbytes, "lost_shard_files": lost, "complete": complete and not lost,
         "out_of_range": out_of_range.fractions(reader, dataset, teacher),
     }
 
@@ -67,7 +70,9 @@ def cache_info(path: str) -> dict[str, Any]:
                 "index_shards_done": int(index_done.sum()), "index_shards": int(index_done.size),
                 "index_complete": bool(index_done.all()),
             })
-        pairs = [_pair_facts(reader, d, t) for t, names in m.assignment.items() for d in names]
+        total, pair_bytes = reader.nbytes_by_pair()  # one walk of the folder, not one per pair
+        pairs = [_pair_facts(reader, d, t, pair_bytes[d, t])
+                 for t, names in m.assignment.items() for d in names]
         found = completeness(reader)  # against what was planned, not what happens to be there
         return {
             "path": reader.location,
@@ -82,7 +87,7 @@ def cache_info(path: str) -> dict[str, Any]:
             "teachers": [to_dict(fp) for fp in m.teachers.values()],
             "datasets": datasets,
             "pairs": pairs,
-            "bytes": reader.nbytes(),
+            "bytes": total,
             "complete": all(p["complete"] for p in pairs)
             and all(d["index_complete"] for d in datasets) and found.complete,
             "missing": list(found.incomplete) + [

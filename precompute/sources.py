@@ -110,7 +110,9 @@ class ImageSource:
         self.cfg = cfg
         # Variable-width numpy strings, not a tuple of str: no Python object per key, so a
         # forked DataLoader worker reading keys never writes a refcount into shared pages.
-        self._keys = np.array(keys, dtype=np.dtypes.StringDType())
+        # None in an unlisted source (HDF5Source.unlisted): keys are read from the file.
+        self._keys: np.ndarray | None = np.array(keys, dtype=np.dtypes.StringDType())
+        self._count = len(keys)
         self.first = first  # the dataset index of the first image held
         self.whole = whole  # False for a slice
         self.max_pixels = max_pixels
@@ -119,19 +121,28 @@ class ImageSource:
 
     def keys(self) -> list[str]:
         """The image keys in source order (the sample order of the cache)."""
+        if self._keys is None:
+            return self._key_rows(self.first, self.stop)
         return self._keys.tolist()
 
     def key(self, i: int) -> str:
         """The key of image i (without copying the whole list)."""
-        return str(self._keys[self._position(i)])
+        position = self._position(i)
+        if self._keys is None:
+            return self._key_rows(i, i + 1)[0]
+        return str(self._keys[position])
+
+    def _key_rows(self, first: int, stop: int) -> list[str]:
+        """Keys of images [first, stop) read from the source itself (unlisted sources only)."""
+        raise NotImplementedError(f"{type(self).__name__} always holds its keys")
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._count
 
     @property
     def stop(self) -> int:
         """One past the dataset index of the last image held."""
-        return self.first + len(self._keys)
+        return self.first + self._count
 
     def _position(self, i: int) -> int:
         if not self.first <= i < self.stop:
@@ -144,7 +155,8 @@ class ImageSource:
         if not self.first <= first <= stop <= self.stop:
             raise IndexError(f"{self.cfg.name}: slice [{first}, {stop}) is not within "
                              f"[{self.first}, {self.stop})")
-        keys = self._keys[first - self.first : stop - self.first].tolist()
+        keys = (self._key_rows(first, stop) if self._keys is None
+                else self._keys[first - self.first : stop - self.first].tolist())
         return type(self)(self.cfg, keys, self.max_pixels, self.unusual_modes, first=first,
                           whole=False)
 
@@ -231,6 +243,32 @@ class HDF5Source(ImageSource):
         self._file: Any = None
         self._rows: Any = None
         self._pid: int | None = None
+
+    @classmethod
+    def unlisted(cls, cfg: DatasetConfig, keys_hash: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 unusual_modes: str = "skip") -> HDF5Source:
+        """The whole dataset without listing its keys into memory: the file's layout is checked
+        and its rows counted, `keys_sha256` is `keys_hash` as given, and `key(i)` reads one row
+        of the keys dataset. For stage two once this very file's key list was checked against
+        the cache (train.source_checks): listing 20 M keys costs a minute and gigabytes."""
+        _check_decoding(max_pixels, unusual_modes)
+        where = f"dataset {cfg.name!r}: hdf5 file {cfg.root!r}"
+        try:
+            with url_files.open_hdf5(cfg.root) as f:
+                count = _checked_rows(f, cfg, where).shape[0]
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot be opened as HDF5 ({exc})") from None
+        source = cls(cfg, [], max_pixels, unusual_modes)
+        source._keys, source.keys_sha256 = None, keys_hash
+        source._count = count if cfg.max_images is None else min(count, cfg.max_images)
+        return source
+
+    def _key_rows(self, first: int, stop: int) -> list[str]:
+        rows = self._dataset()
+        names = self._file.get(f"{self.cfg.hdf5_key}_keys")
+        if names is None:
+            return _row_number_keys(rows.shape[0], first, stop)
+        return [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in names[first:stop]]
 
     def __getstate__(self) -> dict[str, object]:
         state = self.__dict__.copy()
@@ -321,31 +359,43 @@ def _read_list(cfg: DatasetConfig) -> list[str]:
     return keys
 
 
-def _hdf5_keys(cfg: DatasetConfig) -> list[str]:
+def _checked_rows(f: Any, cfg: DatasetConfig, where: str) -> Any:
+    """The h5py dataset of encoded images `cfg.hdf5_key` of the open file `f`, refused unless it
+    is 1-D rows of whole encoded files."""
     import h5py
 
+    if cfg.hdf5_key not in f or not isinstance(f[cfg.hdf5_key], h5py.Dataset):
+        found = []
+        f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
+        raise ConfigError(f"{where}: no dataset {cfg.hdf5_key!r} (field hdf5_key); its "
+                          f"datasets are {found}")
+    rows = f[cfg.hdf5_key]
+    dtype = rows.dtype
+    if rows.ndim != 1 or not (
+        h5py.check_vlen_dtype(dtype) in (np.uint8, bytes) or dtype.kind == "V"
+    ):
+        raise ConfigError(
+            f"{where}: dataset {cfg.hdf5_key!r} must be 1-D rows of encoded files "
+            f"(variable-length uint8, bytes or opaque), found shape {rows.shape} {dtype}"
+        )
+    return rows
+
+
+def _row_number_keys(n: int, first: int, stop: int) -> list[str]:
+    """Keys of rows [first, stop) of an HDF5 file of `n` rows without a keys dataset: the
+    zero-padded row numbers (at least 9 digits)."""
+    width = max(9, len(str(n - 1)))
+    return [f"{i:0{width}d}" for i in range(first, stop)]
+
+
+def _hdf5_keys(cfg: DatasetConfig) -> list[str]:
     where = f"dataset {cfg.name!r}: hdf5 file {cfg.root!r}"
     try:
         with url_files.open_hdf5(cfg.root) as f:
-            if cfg.hdf5_key not in f or not isinstance(f[cfg.hdf5_key], h5py.Dataset):
-                found = []
-                f.visititems(lambda n, o: found.append(n) if isinstance(o, h5py.Dataset) else None)
-                raise ConfigError(f"{where}: no dataset {cfg.hdf5_key!r} (field hdf5_key); its "
-                                  f"datasets are {found}")
-            rows = f[cfg.hdf5_key]
-            dtype = rows.dtype
-            if rows.ndim != 1 or not (
-                h5py.check_vlen_dtype(dtype) in (np.uint8, bytes) or dtype.kind == "V"
-            ):
-                raise ConfigError(
-                    f"{where}: dataset {cfg.hdf5_key!r} must be 1-D rows of encoded files "
-                    f"(variable-length uint8, bytes or opaque), found shape {rows.shape} {dtype}"
-                )
-            n = rows.shape[0]
+            n = _checked_rows(f, cfg, where).shape[0]
             names = f.get(f"{cfg.hdf5_key}_keys")
             if names is None:
-                width = max(9, len(str(n - 1)))
-                return [f"{i:0{width}d}" for i in range(n)]
+                return _row_number_keys(n, 0, n)
             keys = [k.decode("utf-8") if isinstance(k, bytes) else str(k) for k in names[()]]
     except OSError as exc:
         raise ConfigError(f"{where}: cannot be opened as HDF5 ({exc})") from None
@@ -355,10 +405,7 @@ def _hdf5_keys(cfg: DatasetConfig) -> list[str]:
     return keys
 
 
-def open_source(
-    cfg: DatasetConfig, max_pixels: int = DEFAULT_MAX_PIXELS, unusual_modes: str = "skip"
-) -> ImageSource:
-    """List a dataset's images (reads the folder / list / HDF5 keys once) and return its source."""
+def _check_decoding(max_pixels: int, unusual_modes: str) -> None:
     if unusual_modes not in UNUSUAL_MODES:
         raise ConfigError(f"unusual_modes: expected one of {', '.join(UNUSUAL_MODES)}, "
                           f"found {unusual_modes!r}")
@@ -370,6 +417,13 @@ def open_source(
             f"max_pixels: {max_pixels} is beyond Pillow's hard limit of {2 * pil_limit} pixels; "
             "set PIL.Image.MAX_IMAGE_PIXELS = None (or higher) before building to allow it"
         )
+
+
+def open_source(
+    cfg: DatasetConfig, max_pixels: int = DEFAULT_MAX_PIXELS, unusual_modes: str = "skip"
+) -> ImageSource:
+    """List a dataset's images (reads the folder / list / HDF5 keys once) and return its source."""
+    _check_decoding(max_pixels, unusual_modes)
     where = f"dataset {cfg.name!r}: root {cfg.root!r}"
     if cfg.kind == "hdf5":
         if not url_files.is_file(cfg.root):

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.build_fixtures import build_quiet, make_images, write_config
+from train.source_checks import CHECKS_ENV
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _source_checks_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Passed source checks (train.source_checks) are remembered in this session's own folder,
+    not the user's ~/.cache, and subprocesses inherit it."""
+    before = os.environ.get(CHECKS_ENV)
+    os.environ[CHECKS_ENV] = str(tmp_path_factory.mktemp("source-checks"))
+    yield
+    if before is None:
+        os.environ.pop(CHECKS_ENV, None)
+    else:
+        os.environ[CHECKS_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 
 from cache_format import layout
 from cache_format.errors import DuneError
+from cache_format.files import tree_sizes
+from cache_format.reader import open_cache
 from precompute.build import build_cache
 from precompute.cli import app, main
 from precompute.config import load_build_config
@@ -146,3 +148,24 @@ def test_main_turns_errors_into_one_red_line_with_a_hint(
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 2 and "Missing argument" in capsys.readouterr().err
+
+
+def test_info_sizes_come_from_one_walk_and_equal_each_folder_size(built: tuple[Path, str],
+                                                                  tmp_path: Path) -> None:
+    """`info` sums the cache's and every pair's bytes in one walk (tree_sizes): the same
+    numbers as one walk per folder, and a lost shard file is still found (one stat each)."""
+    root, _ = built
+    with open_cache(root / "cache") as reader:
+        total, pairs = reader.nbytes_by_pair()
+        assert total == reader.nbytes() and total > sum(pairs.values()) > 0
+        assert pairs == {(d, t): reader.nbytes(d, t) for d, t in pairs}
+    assert tree_sizes(str(tmp_path / "nothing"), ["", "a"]) == {"": 0, "a": 0}
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "cache", copy)
+    tokens = zarr.open_group(str(copy), mode="r")[
+        f"{layout.teacher_path('web', 'dino')}/{layout.TOKENS}"]
+    (copy / tokens.path / tokens.metadata.encode_chunk_key((6,) + (0,) * (tokens.ndim - 1))
+     ).unlink()
+    with open_cache(copy) as reader:
+        assert reader.lost_shard_files("web", "dino") == [6]  # two good images
+        assert reader.lost_shard_files("rooms", "dino") == []

@@ -18,9 +18,10 @@ from cache_format.replay import ReplaySpec
 from cache_format.serde import from_dict, to_dict
 from cache_format.source_fingerprint import KNOWN_ALGORITHMS, hex_of
 from precompute.render import render_view
-from precompute.sources import DatasetConfig, ImageSource, open_source
+from precompute.sources import DatasetConfig, HDF5Source, ImageSource, open_source
 from precompute.view_params import check_replay
 from precompute.views import ViewConfig, sample_view
+from train.source_checks import file_identity, remember_checked, was_checked
 
 
 def view_config(spec: ReplaySpec) -> ViewConfig:
@@ -32,7 +33,9 @@ def open_replay_source(
     spec: ReplaySpec, fingerprint: DatasetFingerprint, location: str, root: str | None = None
 ) -> ImageSource:
     """Open where a dataset's images are now (`root` overrides the build's) and check that they
-    are the ones the cache was built from (same count, same ordered key hash)."""
+    are the ones the cache was built from (same count, same ordered key hash). A local HDF5
+    file that passed this check before, unchanged since, is not listed again
+    (`train.source_checks`); an HDF5 source comes back without its key list either way."""
     name = fingerprint.name
     stored = spec.datasets[name]
     cfg = DatasetConfig(
@@ -40,7 +43,13 @@ def open_replay_source(
         domain=stored.domain, list_file=stored.list_file, hdf5_key=stored.hdf5_key,
         max_images=stored.max_images,
     )
-    source = open_source(cfg, max_pixels=stored.max_pixels, unusual_modes=stored.unusual_modes)
+    decoding = {"max_pixels": stored.max_pixels, "unusual_modes": stored.unusual_modes}
+    if was_checked(cfg, fingerprint):  # this very file passed before (train.source_checks)
+        unlisted = HDF5Source.unlisted(cfg, fingerprint.keys_sha256, **decoding)
+        if len(unlisted) == fingerprint.num_images:
+            return unlisted
+    identity = file_identity(cfg)
+    source = open_source(cfg, **decoding)
     # The source hashed its keys while listing them: no second list of every key is made here.
     if len(source) != fingerprint.num_images or source.keys_sha256 != fingerprint.keys_sha256:
         raise CacheMismatchError(
@@ -50,6 +59,9 @@ def open_replay_source(
             f"{fingerprint.keys_sha256[:12]}...)",
             hint=f"point roots.{name} at the original images, or rebuild the cache",
         )
+    remember_checked(cfg, fingerprint, identity)
+    if isinstance(source, HDF5Source):  # replay finds rows by index: no key list held
+        return HDF5Source.unlisted(cfg, source.keys_sha256, **decoding)
     return source
 
 

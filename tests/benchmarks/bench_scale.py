@@ -15,13 +15,20 @@ process:
   (posix_fadvise DONTNEED) and then again in the same process; with the number of read system
   calls of the cold start (/proc/self/io syscr: flat in shards is the goal);
 - first batch: `CacheTrainData` + `ViewEpochSampler` + a DataLoader with one worker, from
-  nothing to the first batch of 64 (view replay, encoded token reads), cold;
+  nothing to the first batch of 64 (view replay, encoded token reads), cold; twice: the first
+  run over this cache and source (its HDF5 key list is read and checked against the cache) and
+  a later one (the passed check is remembered: train/source_checks.py);
 - RSS of the trainer process and of its DataLoader worker after that batch (VmRSS), and the
   growth in bytes per sample between the two largest sizes (the goal: <= 6 B per sample);
+  beside it, the bytes per sample of what the data path holds by design (statuses, item table,
+  the sampler's epoch order);
 - `dune-cache info` and `verify` (every chunk) times, in-process.
 
 The table goes to the `bench_scale` section of docs/benchmarks.md, with the growth ratio of each
-figure between consecutive sizes and a linear projection to DUNE's 128 M samples.
+figure between consecutive sizes and a linear projection to DUNE's 128 M samples, and the load
+average of the machine while measuring. With `--root DIR` (an existing folder) the caches are
+built in DIR/n<size>/ and kept, and a later run reuses a cache found there (complete, with the
+build time it recorded), so that a rerun measures without rebuilding.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -138,6 +146,23 @@ def build(root: Path, num_samples: int) -> Path:
     return cache
 
 
+def built(root: Path, num_samples: int) -> tuple[Path, float]:
+    """(the cache, its build seconds) of `num_samples` under root: the one a previous run built
+    and recorded there, else a new build."""
+    record = root / "build.json"
+    if record.is_file():
+        facts = json.loads(record.read_text())
+        if facts.get("samples") == num_samples:
+            return root / "cache", float(facts["build_s"])
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    began = time.perf_counter()
+    cache = build(root, num_samples)
+    seconds = time.perf_counter() - began
+    record.write_text(json.dumps({"samples": num_samples, "build_s": seconds}))
+    return cache, seconds
+
+
 # -- measuring (in a fresh process each) -----------------------------------------------------
 def _evict(cache: Path) -> None:
     """Drop the cache's files from the page cache, so that the next reads come from the disk."""
@@ -196,6 +221,24 @@ def first_batch(cache: Path) -> tuple[Any, Any]:
     return next(iterator), iterator
 
 
+def _held(iterator: Any) -> dict[str, float]:
+    """What the data path holds by design, by array sizes: the reader's statuses (per sample),
+    the item table and the sampler's order of the epoch (per image). The trainer process holds
+    all three, a DataLoader worker the first two. Bytes per sample here, and per sample at
+    DUNE's 6 views per image."""
+    data = iterator._dataset  # noqa: SLF001
+    sampler = iterator._index_sampler.sampler  # noqa: SLF001 (the BatchSampler's sampler)
+    samples = sum(data.reader.num_samples(d) for d in data.dataset_names)
+    images = samples // VIEWS
+    statuses = sum(data.reader.index(d).status.nbytes for d in data.dataset_names) / samples
+    items = data.items.nbytes / images
+    order = sampler.rank_sequence(sampler.epoch).nbytes / images
+    return {"held_per_sample": statuses + (items + order) / VIEWS,
+            "held_worker_per_sample": statuses + items / VIEWS,
+            "held_per_sample_6_views": statuses + (items + order) / 6,
+            "held_worker_per_sample_6_views": statuses + items / 6}
+
+
 def measure(cache: Path, what: str) -> dict[str, float]:
     """One measurement, run in this (fresh) process; imports happen before any clock starts."""
     import train.data
@@ -210,14 +253,16 @@ def measure(cache: Path, what: str) -> dict[str, float]:
         _start(cache)
         return {"open_cold_s": cold, "open_warm_s": time.perf_counter() - began,
                 "open_reads": calls}
-    if what == "batch":
+    if what in ("batch", "batch_first_run"):
         _evict(cache)
         began = time.perf_counter()
-        _, iterator = first_batch(cache)
+        batch, iterator = first_batch(cache)
         seconds = time.perf_counter() - began
+        if what == "batch_first_run":
+            return {"first_run_batch_s": seconds}
         worker = iterator._workers[0].pid  # noqa: SLF001 (the worker process to measure)
         return {"first_batch_s": seconds, "rss_main": _rss(os.getpid()),
-                "rss_worker": _rss(worker)}
+                "rss_worker": _rss(worker), **_held(iterator)}
     from cache_format.reader import open_cache
     from precompute.cache_tools import cache_info
 
@@ -233,7 +278,9 @@ def measure(cache: Path, what: str) -> dict[str, float]:
 
 def _in_fresh_process(cache: Path, what: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" /
-                                                                          "benchmarks")])}
+                                                                          "benchmarks")]),
+           # The remembered source checks of this cache only (train/source_checks.py).
+           "DUNE_SOURCE_CHECKS": str(cache.parent / "source-checks")}
     out = subprocess.run([sys.executable, __file__, "--measure", what, str(cache)], env=env,
                          capture_output=True, text=True, check=False)
     if out.returncode:
@@ -254,8 +301,11 @@ COLUMNS = [("objects_per_shard", "objects / shard", "{:.2f}"),
            ("objects_per_pair_shard", "objects / (pair, shard)", "{:.2f}"),
            ("open_cold_s", "open cold (s)", "{:.3f}"), ("open_warm_s", "open warm (s)", "{:.3f}"),
            ("open_reads", "read calls at open", "{:.0f}"),
+           ("first_run_batch_s", "first batch, first run (s)", "{:.2f}"),
            ("first_batch_s", "first batch (s)", "{:.2f}"),
            ("rss_main", "RSS trainer (MB)", "{:.0f}"), ("rss_worker", "RSS worker (MB)", "{:.0f}"),
+           ("held_per_sample", "held B/sample trainer", "{:.2f}"),
+           ("held_worker_per_sample", "held B/sample worker", "{:.2f}"),
            ("info_s", "info (s)", "{:.2f}"), ("verify_s", "verify (s)", "{:.1f}")]
 
 
@@ -263,7 +313,8 @@ def _fmt(key: str, value: float, fmt: str) -> str:
     return fmt.format(value / 1e6 if key.startswith("rss") else value)
 
 
-def report(results: dict[int, dict[str, float]], build_s: dict[int, float]) -> str:
+def report(results: dict[int, dict[str, float]], build_s: dict[int, float],
+           load: tuple[float, float]) -> str:
     sizes = sorted(results)
     header = ["samples", "build (s)", *(label for _, label, _ in COLUMNS)]
     rows = [[f"{n:,}", f"{build_s[n]:.0f}", *(_fmt(k, results[n][k], f) for k, _, f in COLUMNS)]
@@ -285,12 +336,13 @@ def report(results: dict[int, dict[str, float]], build_s: dict[int, float]) -> s
         return b * (DUNE_SAMPLES / hi) ** exponent
 
     rows.append(["128 M (projected)", "", *(_fmt(k, project(k), f) for k, _, f in COLUMNS)])
-    per_sample = {k: (results[hi][k] - results[lo][k]) / (hi - lo) for k in ("rss_main",
-                                                                           "rss_worker")}
+    per_sample = {k: (results[hi][k] - results[lo][k]) / (hi - lo) if hi > lo else float("nan")
+                  for k in ("rss_main", "rss_worker")}
     return "\n".join([
         "## bench_scale: start-up and memory as a cache grows",
         "",
-        f"Machine: {machine_description()}.",
+        f"Machine: {machine_description()}; load average (1 min) while measuring: "
+        f"{load[0]:.1f} to {load[1]:.1f} on {os.cpu_count()} cores (other jobs share them).",
         "",
         "Synthetic complete caches written through the real writer: one dataset, 2 views per "
         f"image, {len(TEACHERS)} teachers (cls + patch, grid 2x2, D = {DIM}, int8), "
@@ -299,7 +351,12 @@ def report(results: dict[int, dict[str, float]], build_s: dict[int, float]) -> s
         "DONTNEED). \"open\" = open_cache plus what a trainer reads at start (statuses, "
         "completeness and calibration of every pair); \"read calls\" counts its read system "
         "calls. \"first batch\" = CacheTrainData + ViewEpochSampler + DataLoader (1 worker), "
-        f"batch {BATCH}, from nothing to the first batch. Projection: from the two "
+        f"batch {BATCH}, from nothing to the first batch; \"first run\": no check of this "
+        "source against this cache remembered yet, so its HDF5 key list is read and hashed "
+        "(train/source_checks.py); later runs open it without listing. \"held B/sample\": "
+        "statuses + item table (+ the sampler's epoch order in the trainer), by their array "
+        "sizes. Projection: "
+        "from the two "
         "largest sizes to 128 M samples: RSS linearly (base + bytes per sample), every other "
         "figure along the power law through those two points (flat when it did not grow).",
         "",
@@ -307,7 +364,12 @@ def report(results: dict[int, dict[str, float]], build_s: dict[int, float]) -> s
         "",
         f"Memory growth between {lo:,} and {hi:,} samples: trainer "
         f"{per_sample['rss_main']:.1f} B/sample, DataLoader worker "
-        f"{per_sample['rss_worker']:.1f} B/sample (goal: at most 6).",
+        f"{per_sample['rss_worker']:.1f} B/sample (goal: at most 6). Held by design (statuses "
+        f"1 B per sample, item table and epoch order per image), at this benchmark's {VIEWS} "
+        f"views per image: trainer {results[hi]['held_per_sample']:.2f}, worker "
+        f"{results[hi]['held_worker_per_sample']:.2f} B/sample; at DUNE's 6 views per image: "
+        f"trainer {results[hi]['held_per_sample_6_views']:.2f}, worker "
+        f"{results[hi]['held_worker_per_sample_6_views']:.2f} B/sample.",
     ])
 
 
@@ -316,25 +378,25 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--measure", nargs=2, metavar=("WHAT", "CACHE"), help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=None,
-                        help="where to build (kept); default: a temporary folder")
+                        help="an existing folder to build in (kept, and reused by a later run); "
+                        "default: a temporary folder")
     args = parser.parse_args()
     if args.measure:
         print(json.dumps(measure(Path(args.measure[1]), args.measure[0])))
         return
     results: dict[int, dict[str, float]] = {}
     build_s: dict[int, float] = {}
+    loads: list[float] = []
     with tempfile.TemporaryDirectory(dir=args.root) as tmp:
         for n in args.sizes:
-            root = Path(tmp) / f"n{n}"
-            root.mkdir()
-            began = time.perf_counter()
-            cache = build(root, n)
-            build_s[n] = time.perf_counter() - began
+            cache, build_s[n] = built(Path(args.root or tmp) / f"n{n}", n)
             results[n] = objects(cache, -(-n // PER_SHARD))
-            for what in ("open", "batch", "tools"):
+            shutil.rmtree(cache.parent / "source-checks", ignore_errors=True)
+            for what in ("open", "batch_first_run", "batch", "tools"):
+                loads.append(os.getloadavg()[0])
                 results[n].update(_in_fresh_process(cache, what))
             print(n, f"built in {build_s[n]:.0f} s", results[n], flush=True)
-    body = report(results, build_s)
+    body = report(results, build_s, (min(loads), max(loads)))
     print(body)
     write_section("bench_scale", body)
 
