@@ -144,8 +144,9 @@ def dequantize(packed: np.ndarray, scale: np.ndarray, dim: int) -> np.ndarray:
 
 
 def negative_first_scale_torch(scale: torch.Tensor) -> torch.Tensor:
-    """`negative_first_scale` on a float16 tensor."""
-    return scale[..., 0].contiguous().view(torch.int16) < 0
+    """`negative_first_scale` on a tensor of the scales, float16 as stored or float32 as the
+    training batch collates them (the sign bit, so that -0.0 counts as marked in both)."""
+    return torch.signbit(scale[..., 0])
 
 
 def dequantize_torch(packed: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:

@@ -92,6 +92,9 @@ def test_torch_decode_is_bit_identical(spec: EncodingSpec, shape: tuple[int, ...
     torch_out = _torch_decode(values, scale, spec, mean, std)
     np.testing.assert_array_equal(numpy_out.view(np.uint32), torch_out.view(np.uint32))
     np.testing.assert_array_equal(numpy_out.reshape(-1, shape[-1])[0], mean)
+    # The training batch collates the scales as float32 (train/batch.py): same bits out.
+    batch_out = _torch_decode(values, scale.astype(np.float32), spec, mean, std)
+    np.testing.assert_array_equal(numpy_out.view(np.uint32), batch_out.view(np.uint32))
 
 
 @pytest.mark.parametrize("spec", [*INT4_SPECS, EncodingSpec("int8")], ids=lambda s: s.name)
