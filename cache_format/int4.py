@@ -51,21 +51,12 @@ def hadamard_block(dim: int) -> int:
 
 
 def hadamard(y: np.ndarray) -> np.ndarray:
-    """The orthonormal block Walsh-Hadamard transform of the last axis (a new float32 array)."""
-    dim = y.shape[-1]
-    b = hadamard_block(dim)
+    """The orthonormal block Walsh-Hadamard transform of the last axis (a new float32 array).
+
+    One implementation, `hadamard_torch`, serves numpy callers too, so that encoding, numpy
+    decoding and device decoding run the same butterflies in the same order."""
     out = np.array(y, dtype=np.float32)
-    if b == 1:
-        return out
-    lead = out.shape[:-1]
-    h = 1
-    while h < b:
-        v = out.reshape(*lead, dim // (2 * h), 2, h)
-        a, c = v[..., 0, :], v[..., 1, :]
-        out = np.stack((a + c, a - c), axis=-2).reshape(*lead, dim)
-        h *= 2
-    out *= np.float32(1.0 / math.sqrt(b))
-    return out
+    return hadamard_torch(torch.from_numpy(out)).numpy()
 
 
 def hadamard_torch(y: torch.Tensor) -> torch.Tensor:
