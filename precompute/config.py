@@ -38,8 +38,8 @@ from cache_format.configfile import load_config
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import ConfigError
 from cache_format.serde import PathStr, check_types, from_dict, to_dict
+from precompute.dataset_keys import DatasetConfig
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES
-from precompute.sources import DatasetConfig
 from precompute.teachers.config import TeacherConfig
 from precompute.views import ViewConfig
 

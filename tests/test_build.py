@@ -27,14 +27,15 @@ from cache_format.manifest import STATUS_OK, status_code
 from cache_format.reader import open_cache
 from cache_format.testing import build_tiny_cache
 from cache_format.writer import CacheWriter
+from precompute import dataset_keys
 from precompute import plan as plan_module
-from precompute import sources as sources_module
 from precompute.build import _open_writer
 from precompute.config import CacheBuildConfig, SharingConfig, load_build_config
+from precompute.dataset_keys import DatasetConfig
 from precompute.decode import DEFAULT_MAX_PIXELS
 from precompute.plan import make_plan
 from precompute.render import normalize, render_view, resize_for_teacher
-from precompute.sources import DatasetConfig, FileSource, open_source
+from precompute.sources import FileSource, open_source
 from precompute.synthetic import BAD_FILE_NAMES, BAD_KINDS
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.loaded import load_teacher
@@ -165,7 +166,7 @@ def test_an_index_unit_records_bad_images_and_raises_only_under_strict(
     plan = make_plan(cfg)
     _open_writer(plan)  # the cache and web's empty index
     # Units never list a dataset: they get the slice of their shard's images from the driver.
-    monkeypatch.setattr(sources_module, "_list_folder", lambda root: pytest.fail("listed"))
+    monkeypatch.setattr(dataset_keys, "list_folder", lambda root: pytest.fail("listed"))
     shard0 = shard_images(plan.datasets["web"].source, VIEWS, 0, cfg.samples_per_shard)
     assert shard0.keys()[0].startswith("bad/")  # bad files sort first
     strict = UnitSettings(cfg, "cpu", 1, strict=True)

@@ -23,7 +23,7 @@ from cache_format.manifest import NAME_RULE
 from cache_format.serde import from_dict
 from cache_format.testing import tiny_teacher
 from precompute.config import BuildSettings, CacheBuildConfig, RuntimeConfig, load_build_config
-from precompute.sources import DatasetConfig
+from precompute.dataset_keys import DatasetConfig
 from precompute.teachers.config import TeacherConfig
 from precompute.views import ViewConfig
 from train.config import DataConfig, OptimConfig, TrainConfig, load_train_config

@@ -23,7 +23,8 @@ from cache_format.errors import BadImageError, ConfigError
 from cache_format.reader import open_cache
 from precompute.cli import app
 from precompute.config import load_build_config
-from precompute.sources import DatasetConfig, open_source
+from precompute.dataset_keys import DatasetConfig
+from precompute.sources import open_source
 from tests.build_fixtures import build_quiet, cache_digest, write_config
 from tests.s3_server import S3Server
 from train.config import TrainConfig

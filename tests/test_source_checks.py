@@ -14,8 +14,9 @@ import pytest
 from cache_format.errors import CacheMismatchError
 from cache_format.manifest import DatasetFingerprint
 from cache_format.replay import ReplayDataset
-from precompute import sources
-from precompute.sources import DatasetConfig, HDF5Source, open_source
+from precompute import dataset_keys
+from precompute.dataset_keys import DatasetConfig
+from precompute.sources import HDF5Source, open_source
 from precompute.synthetic import make_hdf5_dataset
 from train import source_checks
 from train.view_replay import open_replay_source
@@ -66,8 +67,9 @@ def test_a_passed_check_is_remembered_and_a_changed_listing_is_still_caught(
     assert len(list((tmp_path / "checks").iterdir())) == 1
 
     listings: list[str] = []
-    real_keys = sources._hdf5_keys
-    monkeypatch.setattr(sources, "_hdf5_keys", lambda c: listings.append(c.root) or real_keys(c))
+    real_keys = dataset_keys.hdf5_keys
+    monkeypatch.setattr(dataset_keys, "hdf5_keys",
+                        lambda c: listings.append(c.root) or real_keys(c))
     again = open_replay_source(spec, fingerprint, "cache")  # type: ignore[arg-type]
     assert listings == [] and again.keys() == keys  # remembered: not listed again
     first.close()  # h5py refuses to write a file this process has open

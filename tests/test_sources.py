@@ -19,8 +19,9 @@ from PIL import Image
 from cache_format.errors import BadImageError, ConfigError
 from cache_format.manifest import keys_sha256
 from cache_format.serde import from_dict, to_dict
+from precompute.dataset_keys import DatasetConfig
 from precompute.decode import SKIP_REASONS, decode_image
-from precompute.sources import DatasetConfig, ImageSource, open_source
+from precompute.sources import ImageSource, open_source
 from precompute.synthetic import (
     BAD_FILE_NAMES,
     BAD_KINDS,

@@ -29,8 +29,9 @@ from cache_format.records import OpenSettings
 from cache_format.writer import CacheWriter
 from precompute.build import build_cache
 from precompute.config import CacheBuildConfig, RuntimeConfig, SharingConfig
+from precompute.dataset_keys import DatasetConfig
 from precompute.render import render_view
-from precompute.sources import DatasetConfig, open_source
+from precompute.sources import open_source
 from precompute.synthetic import make_image_folder
 from precompute.teachers.config import TeacherConfig
 from precompute.view_params import VIEW_PARAM_NAMES, ViewParams

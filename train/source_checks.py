@@ -33,7 +33,7 @@ from typing import Any
 
 from cache_format.locations import is_url
 from cache_format.manifest import DatasetFingerprint
-from precompute.sources import DatasetConfig
+from precompute.dataset_keys import DatasetConfig
 
 #: Environment variable naming the folder of remembered source checks.
 CHECKS_ENV = "DUNE_SOURCE_CHECKS"

@@ -17,8 +17,9 @@ from cache_format.manifest import DatasetFingerprint
 from cache_format.replay import ReplaySpec
 from cache_format.serde import from_dict, to_dict
 from cache_format.source_fingerprint import KNOWN_ALGORITHMS, hex_of
+from precompute.dataset_keys import DatasetConfig
 from precompute.render import render_view
-from precompute.sources import DatasetConfig, HDF5Source, ImageSource, open_source
+from precompute.sources import HDF5Source, ImageSource, open_source
 from precompute.view_params import check_replay
 from precompute.views import ViewConfig, sample_view
 from train.source_checks import file_identity, remember_checked, was_checked

@@ -41,8 +41,9 @@ from cache_format.writer import CacheWriter  # noqa: E402
 from precompute import sources, units  # noqa: E402
 from precompute.build import build_cache  # noqa: E402
 from precompute.config import load_build_config  # noqa: E402
+from precompute.dataset_keys import DatasetConfig  # noqa: E402
 from precompute.decode import decode_image  # noqa: E402
-from precompute.sources import DatasetConfig, open_source  # noqa: E402
+from precompute.sources import open_source  # noqa: E402
 from precompute.synthetic import make_image_folder  # noqa: E402
 from train.data import CacheTrainData  # noqa: E402
 from train.demo import DemoSizes, write_demo_configs  # noqa: E402

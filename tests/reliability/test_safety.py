@@ -20,7 +20,8 @@ from cache_format.errors import ConfigError
 from cache_format.reader import open_cache
 from precompute.cli import app
 from precompute.config import load_build_config
-from precompute.sources import DatasetConfig, open_source
+from precompute.dataset_keys import DatasetConfig
+from precompute.sources import open_source
 from precompute.synthetic import make_image_folder
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.trust import TRUST_ENV, UntrustedCodeError, check_cache_teachers
