@@ -212,6 +212,7 @@ def test_cached_fit_imports_no_builder_teacher_or_dask(cache_base: Path, tmp_pat
     # Only the view-replay code of stage one was imported.
     assert set(report["loaded"]) <= {"precompute", "precompute.views", "precompute.view_params",
                                      "precompute.render", "precompute.sources",
+                                     "precompute.dataset_keys",  # the sources' key listing
                                      "precompute.url_files",  # the sources' reads by URL
                                      "precompute.decode"}, report["loaded"]
     assert "precompute.teachers is blocked" in report["online"]
