@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train_cli import REPO, cli_env
+from tests.build_fixtures import REPO, subprocess_env
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, train_losses
 from train.metrics import read_metrics
 from train.trainer import Trainer
@@ -39,7 +39,7 @@ def test_two_processes_match_one_with_the_same_global_batch(
         "-m", "train.cli", "fit", str(config), "--out", str(out), "--max-steps", str(STEPS),
     ]
     # The two processes start first: the single-process reference runs while they import torch.
-    proc = subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         single = tiny_config(root, tmp_path / "one", max_steps=STEPS, **{"norm.mode": norm})

@@ -1,6 +1,5 @@
 """The error hierarchy: builtin compatibility and crossing process boundaries."""
 
-import os
 import pickle
 import subprocess
 import sys
@@ -15,8 +14,7 @@ from cache_format.errors import (
     CheckpointError,
     DuneError,
 )
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.build_fixtures import REPO, subprocess_env
 
 
 def test_bad_image_error_survives_pickling_with_its_reason_and_path() -> None:
@@ -64,7 +62,7 @@ def test_both_clis_print_one_line_or_with_dune_debug_the_traceback(
 ) -> None:
     """The same `run_cli` mapping in both console scripts, run as a user runs them."""
     command = [sys.executable, "-m", *argv, str(tmp_path / "missing.toml")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = subprocess_env()
     env.pop("DUNE_DEBUG", None)
     # Both runs at once: each spends seconds importing torch, and the machine has a core free.
     plain, debug = _run_together([(command, env), (command, {**env, "DUNE_DEBUG": "1"})])

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from cache_format.errors import ConfigError
+from tests.build_fixtures import REPO, subprocess_env
 from tests.processes import sigkill_fit_after_step
-from tests.test_train_cli import REPO, cli_env
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, train_losses
 from train.checkpoint import latest_stage_dir, load_checkpoint
 from train.config import TrainConfig, load_train_config, resolve_paths
@@ -125,11 +125,12 @@ def test_a_kill_in_the_second_stage_resumes_bit_exactly(cache_base: Path, tmp_pa
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "train.cli", "fit", str(config), "--out", str(out)]
     second = out / "stages" / "01-g3"
-    killed_at = sigkill_fit_after_step(command, second, 5, cwd=REPO, env=cli_env(), timeout=240)
+    killed_at = sigkill_fit_after_step(command, second, 5, cwd=REPO, env=subprocess_env(),
+                                       timeout=240)
     assert not (second / "stage_done.json").exists()
     assert load_checkpoint(second / "checkpoints" / "last.pt")["step"] <= killed_at
 
-    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
     resumed, expected = read_metrics(out), read_metrics(reference)
@@ -155,7 +156,7 @@ def test_resume_on_one_process_after_two_reads_the_rest_of_the_epoch(
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                "2", "-m", "train.cli", "fit", str(config), "--out", str(out), "--max-steps", "4"]
-    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = load_checkpoint(out / "checkpoints" / "last.pt")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from tests.build_fixtures import REPO, subprocess_env
 from tests.processes import sigkill_fit_after_step
 from tests.test_trainer import cache_base, one_thread, tiny_cache, tiny_config, train_losses
 from train.checkpoint import load_checkpoint
@@ -25,8 +25,6 @@ from train.trainer import Trainer
 
 __all__ = ["cache_base", "one_thread"]  # fixtures shared with test_trainer.py
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     """Run `dune-train ARGS` in this process; returns the exit code."""
@@ -36,11 +34,6 @@ def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     return 0
-
-
-def cli_env() -> dict[str, str]:
-    # One thread, as in this process, so that CPU results are bit-identical between them.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
 def deterministic_toml(root: Path) -> Path:
@@ -131,11 +124,12 @@ def test_a_killed_run_resumes_with_the_same_command_and_matches(
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "train.cli", "fit", str(config), "--out", str(out),
                "--max-steps", str(steps)]
-    killed_at = sigkill_fit_after_step(command, out, 12, cwd=REPO, env=cli_env(), timeout=120)
+    killed_at = sigkill_fit_after_step(command, out, 12, cwd=REPO, env=subprocess_env(),
+                                       timeout=120)
     checkpoint_step = load_checkpoint(out / "checkpoints" / "last.pt")["step"]
     assert checkpoint_step % 5 == 0 and checkpoint_step <= killed_at
 
-    done = subprocess.run(command, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
     resumed = read_metrics(out)
