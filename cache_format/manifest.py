@@ -83,8 +83,11 @@ def status_code(name: str) -> int:
     )
 
 
-def check_node_name(name: str, what: str, *, stored: bool = False) -> None:
-    """Refuse a dataset / teacher / domain name that is not a portable node name (`NAME_RULE`).
+def check_node_name(
+    name: str, what: str, *, stored: bool = False, names: str = "cache groups and TOML keys"
+) -> None:
+    """Refuse a dataset / teacher / domain / stage name that is not a portable name
+    (`NAME_RULE`); `names` says what the name becomes, for the message.
 
     The one name rule of the project: configs of both stages and the manifest call it.
     `stored=True` (the manifest's fingerprints) also accepts the '.' that caches written before
@@ -92,10 +95,8 @@ def check_node_name(name: str, what: str, *, stored: bool = False) -> None:
     """
     pattern = _STORED_NAME_RE if stored else _NAME_RE
     if not isinstance(name, str) or not pattern.match(name):
-        raise ConfigError(
-            f"{what}: expected a name of {NAME_RULE} (it names cache groups and TOML keys), "
-            f"found {name!r}"
-        )
+        raise ConfigError(f"{what}: expected a name of {NAME_RULE} (it names {names}), "
+                          f"found {name!r}")
 
 
 def manifest_sha256(stored: Mapping[str, Any]) -> str:

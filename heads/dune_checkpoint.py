@@ -16,8 +16,9 @@ What it computes, as the reference's `get_encoder_output` / `get_projector_outpu
 - projector `<teacher>`: its transformer blocks and linear layer on [cls; patches], times its
   `scale`, split back into cls and patch. `teacher_norms.*` are training-only and unused.
 
-The encoder is a timm `VisionTransformer` (same block layout; chunked `blocks.C.N.*` keys are
-renamed `blocks.N.*`, `register_tokens` -> `reg_token`, the cls position entry folded into
+The encoder is a timm `VisionTransformer` (same block layout; its keys renamed by
+`train.dune_format.encoder_from_reference`, the one copy of that rule: chunked `blocks.C.N.*`
+-> `blocks.N.*`, `register_tokens` -> `reg_token`, the cls position entry folded into
 `cls_token`, `mask_token` ignored); the projector is `train.projectors.TransformerProjector`.
 Widths and depth come from the weights; the head count from `enc_args.arch` (or
 `enc_args.num_heads`).
@@ -25,7 +26,6 @@ Widths and depth come from the weights; the head count from `enc_args.arch` (or
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Any
 
@@ -34,10 +34,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from cache_format.errors import CheckpointError, ConfigError
+from cache_format.manifest import TOKEN_TYPES
 from heads.encoders import FrozenEncoder, frozen, safe_name
 from precompute.teachers.checkpoints import read_checkpoint, sha256_file
 from precompute.teachers.specs import IMAGENET_MEAN, IMAGENET_STD
 from precompute.teachers.vit_dinov2 import interpolate_pos_dinov2
+from train.dune_format import encoder_from_reference, strip_wrappers
 from train.projectors import TransformerProjector
 
 # The reference's encoder defaults (model/options.py EncoderOptions, ProjectorOptions): what an
@@ -47,7 +49,6 @@ ENC_DEFAULTS = {"arch": "vit_base", "patch_size": 14, "num_register_tokens": 4,
 PROJ_DEFAULTS = {"num_blocks": 1, "mlp_ratio": 4.0, "layerscale_init": 1e-4, "scale": 1.0}
 HEADS_BY_ARCH = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16,
                  "vit_giant2": 24}
-_CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
 class DuneTokens(nn.Module):
@@ -96,25 +97,6 @@ def _args(raw: dict[str, Any], path: str) -> tuple[int, dict[str, Any], dict[str
     return int(get("image_size", 448)), enc, proj, list(get("teachers", []) or [])
 
 
-def _encoder_state(model: dict[str, Tensor], enc: dict[str, Any]) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for key, value in model.items():
-        if not key.startswith("encoder."):
-            continue
-        key = key[len("encoder."):]
-        if key == "mask_token":  # masked-image training only
-            continue
-        key = "reg_token" if key == "register_tokens" else _CHUNKED.sub(r"blocks.\1.", key)
-        out[key] = value
-    pos, cls = out.get("pos_embed"), out.get("cls_token")
-    if pos is None or cls is None:
-        raise CheckpointError("DUNE checkpoint: no encoder.pos_embed / encoder.cls_token")
-    if math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:  # stored with the cls entry
-        out["cls_token"] = cls + pos[:, :1]
-        out["pos_embed"] = pos[:, 1:]
-    return out
-
-
 def _fill_affine(state: dict[str, Tensor], module: nn.Module) -> dict[str, Tensor]:
     """LayerNorms without affine parameters (ln_affine=False) equal weight 1, bias 0."""
     full = dict(state)
@@ -149,9 +131,10 @@ def load_dune_encoder(path: str, teacher: str | None = None) -> FrozenEncoder:
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise CheckpointError(f"dune:{path}: expected a dict with a 'model' state dict")
     image_size, enc, proj, teachers = _args(raw, path)
-    model = {k.removeprefix("module.").replace("_orig_mod.", ""): v
-             for k, v in raw["model"].items()}
-    state = _encoder_state(model, enc)
+    model = {strip_wrappers(k): v for k, v in raw["model"].items()}
+    state = encoder_from_reference(
+        {k.removeprefix("encoder."): v for k, v in model.items() if k.startswith("encoder.")},
+        f"dune:{path}")
     dim = int(state["cls_token"].shape[-1])
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     heads = int(enc.get("num_heads") or HEADS_BY_ARCH.get(enc["arch"], 0))
@@ -188,4 +171,4 @@ def load_dune_encoder(path: str, teacher: str | None = None) -> FrozenEncoder:
              f"{enc['num_register_tokens']} pos={image_size // patch} prenorm"
              + (f" + projector {teacher}" if teacher else ""),
         weights=sha256_file(path), patch_size=patch, dim=int(module.embed_dim),
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, token_types=("cls", "patch"))
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, token_types=TOKEN_TYPES)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cache_format.manifest import TOKEN_TYPES
 from heads.datasets import Task
 
 DEPTH_UPSAMPLE = 4
@@ -43,7 +44,7 @@ class HeadGrid(nn.Module):
         for head in self.heads:  # small init: every head starts from the same near-zero map
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
-        for tok in ("cls", "patch"):
+        for tok in TOKEN_TYPES:
             self.register_buffer(f"{tok}_mean", torch.zeros(in_dim))
             self.register_buffer(f"{tok}_std", torch.ones(in_dim))
         self.register_buffer("bins", torch.linspace(min_depth, max_depth, out_dim)

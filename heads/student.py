@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from cache_format.errors import CheckpointError, ConfigError
+from cache_format.manifest import TOKEN_TYPES
 from cache_format.serde import from_dict
 from heads.encoders import FrozenEncoder, frozen, safe_name
 from train.checkpoint import BEST, LAST, checkpoint_dir, load_checkpoint
@@ -129,7 +129,7 @@ def _build(config: dict[str, Any], heads: dict[str, Any], state: dict[str, Tenso
                                   f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
         name = f"student@{teacher}"
     module = frozen(StudentTokens(student, projector))
-    pretrained = getattr(student.vit, "pretrained_cfg", None) or {}
+    mean, std = student.pixel_mean_std
     proj_kind = config.get("projector", {}).get("kind", "tp") if projector is not None else ""
     return FrozenEncoder(
         module=module, name=safe_name(name), spec=f"student:{spec}" + (f"@{teacher}" if teacher
@@ -137,8 +137,7 @@ def _build(config: dict[str, Any], heads: dict[str, Any], state: dict[str, Tenso
         arch=f"{student_cfg.arch} dim={student.embed_dim} depth={len(student.vit.blocks)}"
              + (f" + {proj_kind} projector -> {teacher}" if projector is not None else ""),
         weights=weights, patch_size=student.patch_size, dim=int(module.embed_dim),
-        mean=tuple(pretrained.get("mean", IMAGENET_DEFAULT_MEAN)),
-        std=tuple(pretrained.get("std", IMAGENET_DEFAULT_STD)), token_types=("cls", "patch"))
+        mean=mean, std=std, token_types=TOKEN_TYPES)
 
 
 __all__ = ["StudentTokens", "load_student_encoder"]

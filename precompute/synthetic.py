@@ -12,6 +12,7 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -101,6 +102,31 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _write_images(
+    root: str,
+    n: int,
+    size_range: tuple[int, int],
+    seed: int,
+    grayscale_fraction: float,
+    folder: Callable[[int], str],
+) -> list[str]:
+    """Write images 0..n-1 of a dataset, image i as `folder(i)/img_{i:05d}.<ext>` under root;
+    their keys in that order (what the folder and list datasets share)."""
+    _check_args(n, size_range)
+    keys = []
+    for i in range(n):
+        data, ext = _encoded_image(seed, i, size_range, grayscale_fraction)
+        key = f"{folder(i)}/img_{i:05d}.{ext}"
+        _write(os.path.join(root, key), data)
+        keys.append(key)
+    return keys
+
+
+def _write_bad_images(root: str) -> list[str]:
+    """One bad image per kind under root/bad; their keys relative to root."""
+    return [f"bad/{name}" for name in make_bad_images(os.path.join(root, "bad")).values()]
+
+
 def make_image_folder(
     root: str | os.PathLike[str],
     n: int,
@@ -113,17 +139,10 @@ def make_image_folder(
 ) -> list[str]:
     """Write n images under root in `subfolders` class folders (plus `bad/` with one file per bad
     kind when `bad`); return the keys a folder source lists (sorted relative paths)."""
-    _check_args(n, size_range)
     root = os.fspath(root)
-    keys = []
-    for i in range(n):
-        data, ext = _encoded_image(seed, i, size_range, grayscale_fraction)
-        key = f"class_{i % max(1, subfolders):02d}/img_{i:05d}.{ext}"
-        _write(os.path.join(root, key), data)
-        keys.append(key)
-    if bad:
-        keys += [f"bad/{name}" for name in make_bad_images(os.path.join(root, "bad")).values()]
-    return sorted(keys)
+    keys = _write_images(root, n, size_range, seed, grayscale_fraction,
+                         lambda i: f"class_{i % max(1, subfolders):02d}")
+    return sorted(keys + (_write_bad_images(root) if bad else []))
 
 
 def make_list_dataset(
@@ -138,18 +157,10 @@ def make_list_dataset(
 ) -> tuple[str, list[str]]:
     """Write n images under root/images and a list file of them in a shuffled (seeded) order,
     with the bad images appended when `bad`; return (list file path, keys in list order)."""
-    _check_args(n, size_range)
     root = os.fspath(root)
-    keys = []
-    for i in range(n):
-        data, ext = _encoded_image(seed, i, size_range, grayscale_fraction)
-        key = f"images/img_{i:05d}.{ext}"
-        _write(os.path.join(root, key), data)
-        keys.append(key)
+    keys = _write_images(root, n, size_range, seed, grayscale_fraction, lambda i: "images")
     order = np.random.default_rng(np.random.SeedSequence([seed, n, 7])).permutation(n)
-    keys = [keys[i] for i in order]
-    if bad:
-        keys += [f"bad/{name}" for name in make_bad_images(os.path.join(root, "bad")).values()]
+    keys = [keys[i] for i in order] + (_write_bad_images(root) if bad else [])
     list_file = os.path.join(root, list_name)
     with open(list_file, "w", encoding="utf-8") as f:
         f.write("".join(f"{key}\n" for key in keys))

@@ -11,6 +11,7 @@ FileNotFoundError), so the sources' bad-image handling is the same for both.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import IO, Any
 
 from cache_format.locations import local_path
@@ -30,22 +31,23 @@ def join(root: str, key: str) -> str:
     return f"{root.rstrip('/')}/{key}"
 
 
-def is_file(location: str) -> bool:
-    """Whether a file (or object) is at `location`."""
+def _is(location: str, local_test: Callable[[str], bool], fs_test: str) -> bool:
+    """`local_test` of a local path, else the fsspec filesystem's method named `fs_test`."""
     local = local_path(location)
     if local is not None:
-        return os.path.isfile(local)
+        return local_test(local)
     fs, path = _fs(location)
-    return bool(fs.isfile(path))
+    return bool(getattr(fs, fs_test)(path))
+
+
+def is_file(location: str) -> bool:
+    """Whether a file (or object) is at `location`."""
+    return _is(location, os.path.isfile, "isfile")
 
 
 def is_dir(location: str) -> bool:
     """Whether a folder (or a non-empty prefix of an object store) is at `location`."""
-    local = local_path(location)
-    if local is not None:
-        return os.path.isdir(local)
-    fs, path = _fs(location)
-    return bool(fs.isdir(path))
+    return _is(location, os.path.isdir, "isdir")
 
 
 def read_bytes(location: str) -> bytes:

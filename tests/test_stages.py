@@ -237,7 +237,7 @@ def test_a_run_stores_and_prints_its_sizes(
     ({"name": "b", "epochs": 0}, r"stages\[1\]\.epochs: expected a positive integer"),
     ({"name": "b", "speed": 1}, r"stages\[1\]: unknown field\(s\) speed"),
     ({"lr": 1.0}, r"stages\[1\]\.name: required"),
-    ({"name": "b/c"}, r"stages\[1\]\.name: expected letters"),
+    ({"name": "b/c"}, r"stages\[1\]\.name: expected a name of 1-64 letters"),
     ({"name": "a"}, r"stages: names repeat"),
     ({"name": "b", "overrides": {"optim.lr": "x"}}, r"stages\[1\]\.overrides\.optim\.lr"),
     ({"name": "b", "overrides": {"optim.speed": 1}}, r"stages\[1\]\.overrides: .*'speed'"),

@@ -18,13 +18,13 @@ to the current directory.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from cache_format.configfile import annotation_at, apply_overrides, load_config
 from cache_format.errors import ConfigError
+from cache_format.manifest import check_node_name
 from cache_format.serde import PathStr, check_types, convert, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
@@ -342,11 +342,7 @@ BATCH_FIELDS = ("batch_size_global", "batch_size_per_device", "batch_size")
 
 def check_stage(stage: StageConfig, where: str) -> None:
     """Range checks of one stage; errors name it as `where` (e.g. `stages[1].lr`)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", stage.name):
-        raise ConfigError(
-            f"{where}.name: expected letters, digits, '_' or '-' (it names a folder), "
-            f"found {stage.name!r}"
-        )
+    check_node_name(stage.name, f"{where}.name", names="the stage's folder")
     for name in ("img_size", "epochs"):
         value = getattr(stage, name)
         if value is not None and value <= 0:

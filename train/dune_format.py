@@ -26,6 +26,7 @@ key `dune_distill`, which the reference ignores.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,11 +208,11 @@ def is_dune_checkpoint(raw: Any) -> bool:
     """True for a loaded dict in the reference's layout (`model` with `encoder.*`, and `args`)."""
     return (
         isinstance(raw, dict) and "args" in raw and isinstance(raw.get("model"), dict)
-        and any(_strip(k).startswith("encoder.") for k in raw["model"])
+        and any(strip_wrappers(k).startswith("encoder.") for k in raw["model"])
     )
 
 
-def _strip(key: str) -> str:
+def strip_wrappers(key: str) -> str:
     """Drop DDP's `module.` and torch.compile's `_orig_mod.` prefixes (the reference does too)."""
     return key.replace("module.", "").replace("_orig_mod.", "")
 
@@ -220,9 +221,10 @@ def parse_dune_checkpoint(raw: dict[str, Any], where: str = "checkpoint") -> Dun
     """Split a loaded reference checkpoint into our model's parts (see `DuneCheckpoint`)."""
     args = raw["args"]
     args = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
-    state = {_strip(k): v for k, v in raw["model"].items()}
-    encoder = _encoder_from_reference(
-        {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    state = {strip_wrappers(k): v for k, v in raw["model"].items()}
+    encoder = encoder_from_reference(
+        {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")},
+        where,
     )
     projectors: dict[str, dict[str, Tensor]] = {}
     buffers: dict[tuple[str, str], dict[str, Tensor]] = {}  # (teacher, token type) -> mean, std
@@ -255,17 +257,30 @@ def parse_dune_checkpoint(raw: dict[str, Any], where: str = "checkpoint") -> Dun
     )
 
 
-def _encoder_from_reference(src: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The reference encoder's keys -> a timm DINOv2-style ViT's (`no_embed_class`)."""
-    src = dict(src)
-    src.pop("mask_token", None)
-    pos = src.pop("pos_embed")
-    out = {"cls_token": src.pop("cls_token") + pos[:, :1], "pos_embed": pos[:, 1:]}
-    if "register_tokens" in src:
-        out["reg_token"] = src.pop("register_tokens")
+def encoder_from_reference(src: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """The reference encoder's keys (`encoder.` removed) -> a timm DINOv2-style ViT's
+    (`no_embed_class`): chunked blocks renamed, `register_tokens` -> `reg_token`, `mask_token`
+    dropped, and the position table's cls slot, when it holds one, folded into the cls token.
+    The one copy of the rule: `heads.dune_checkpoint` reads released checkpoints through it."""
+    out: dict[str, Tensor] = {}
     for key, value in src.items():
+        if key == "mask_token":  # masked-image training only
+            continue
         chunked = _CHUNKED_BLOCK.match(key)
-        out[f"blocks.{chunked.group(1)}.{chunked.group(2)}" if chunked else key] = value
+        if key == "register_tokens":
+            key = "reg_token"
+        elif chunked:
+            key = f"blocks.{chunked.group(1)}.{chunked.group(2)}"
+        out[key] = value
+    pos, cls = out.get("pos_embed"), out.get("cls_token")
+    if pos is None or cls is None:
+        raise CheckpointError(
+            f"{where}: no encoder.pos_embed / encoder.cls_token in the checkpoint's model",
+            hint="pass a .pth written by naver/dune or by `dune-train export --format dune`",
+        )
+    if math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:  # stored with the cls slot
+        out["cls_token"] = cls + pos[:, :1]
+        out["pos_embed"] = pos[:, 1:]
     return out
 
 

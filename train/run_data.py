@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from cache_format.completeness import require_complete
 from cache_format.manifest import Manifest
@@ -153,7 +152,7 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
             return OnlineTargets(manifest, teachers, device)
         return CachedTargets(reader, teachers, device)
 
-    pretrained = getattr(student.vit, "pretrained_cfg", None) or {}
+    student_mean, student_std = student.pixel_mean_std
     return RunContext(
         reader=reader,
         manifest=manifest,
@@ -167,8 +166,8 @@ def open_run_data(cfg: TrainConfig, dist_info: DistInfo) -> RunContext:
         sampler=sampler,
         collate=collate_cached,
         make_targets=make_targets,
-        student_mean=tuple(pretrained.get("mean", IMAGENET_DEFAULT_MEAN)),
-        student_std=tuple(pretrained.get("std", IMAGENET_DEFAULT_STD)),
+        student_mean=student_mean,
+        student_std=student_std,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -123,6 +124,17 @@ class Student(nn.Module):
     def num_prefix_tokens(self) -> int:
         """Tokens before the patches inside the ViT (cls + registers); only cls is returned."""
         return int(self.vit.num_prefix_tokens)
+
+    @property
+    def pixel_mean_std(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """The (mean, std) its input images are normalized with: those of the timm
+        architecture's pretrained config, ImageNet's when it names none. The one rule for the
+        trainer and for the heads' frozen student."""
+        pretrained = getattr(self.vit, "pretrained_cfg", None) or {}
+        mean = pretrained.get("mean", IMAGENET_DEFAULT_MEAN)
+        std = pretrained.get("std", IMAGENET_DEFAULT_STD)
+        return (float(mean[0]), float(mean[1]), float(mean[2])), (
+            float(std[0]), float(std[1]), float(std[2]))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute block activations in backward to save memory (large students)."""

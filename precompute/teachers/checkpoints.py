@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from cache_format.errors import CheckpointError
+from precompute.teachers.config import TeacherConfig
 
 _LIST_LIMIT = 20  # names listed per category in an error; the count is always exact
 _HASH_CHUNK = 1 << 20
@@ -244,3 +245,16 @@ def load_checkpoint_into(
             f"{where}.checkpoint: {checkpoint!r} left {arch} without values for {_names(unset)}"
         )
     return sha256_file(checkpoint)
+
+
+def teacher_weights(
+    target: nn.Module, cfg: TeacherConfig, mapper: Mapper, *, container_keys: tuple[str, ...],
+    arch: str,
+) -> str:
+    """What a teacher's weights are, as the manifest records them: `target` filled from
+    `cfg.checkpoint` (the file's sha256), or without one the random-init id of `cfg.init_seed`
+    (the module was built inside `initial_weights`, seeded)."""
+    if cfg.checkpoint is None:
+        return random_init_id(cfg.init_seed)
+    return load_checkpoint_into(target, cfg.checkpoint, mapper, container_keys=container_keys,
+                                where=cfg.where, arch=arch)

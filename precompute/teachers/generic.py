@@ -34,6 +34,7 @@ from precompute.teachers.checkpoints import (
     load_checkpoint_into,
     random_init_id,
     seeded_init,
+    teacher_weights,
 )
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.registry import BuiltTeacher, register_teacher_prefix
@@ -143,17 +144,9 @@ def build_timm(cfg: TeacherConfig) -> BuiltTeacher:
     spec = _spec_from(cfg.kind, tokens, f"timm model {name}")
     if hub:
         sha = f"hub:{pretrained_cfg.get('hf_hub_id') or 'timm/' + name}"
-    elif cfg.checkpoint is None:
-        sha = random_init_id(cfg.init_seed)
     else:
-        sha = load_checkpoint_into(
-            model,
-            cfg.checkpoint,
-            _map_with_timm_filter,
-            container_keys=_CONTAINER_KEYS,
-            where=cfg.where,
-            arch=arch,
-        )
+        sha = teacher_weights(model, cfg, _map_with_timm_filter, container_keys=_CONTAINER_KEYS,
+                              arch=arch)
     return BuiltTeacher(tokens, arch, sha, spec=spec)
 
 

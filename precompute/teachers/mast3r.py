@@ -21,8 +21,7 @@ from cache_format.errors import ConfigError
 from precompute.teachers.checkpoints import (
     MappedState,
     initial_weights,
-    load_checkpoint_into,
-    random_init_id,
+    teacher_weights,
 )
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.croco import CrocoEncoder
@@ -74,16 +73,8 @@ def build_croco_teacher(
     with initial_weights(cfg.init_seed, from_checkpoint=cfg.checkpoint is not None):
         encoder = CrocoEncoder(patch_size=16, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
     arch = croco_arch(encoder, depth)
-    if cfg.checkpoint is None:
-        return BuiltTeacher(encoder, arch, random_init_id(cfg.init_seed))
-    sha = load_checkpoint_into(
-        encoder,
-        cfg.checkpoint,
-        map_mast3r_keys,
-        container_keys=("model", "state_dict"),
-        where=cfg.where,
-        arch=arch,
-    )
+    sha = teacher_weights(encoder, cfg, map_mast3r_keys, container_keys=("model", "state_dict"),
+                          arch=arch)
     return BuiltTeacher(encoder, arch, sha)
 
 

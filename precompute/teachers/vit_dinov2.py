@@ -38,8 +38,7 @@ from cache_format.manifest import TOKEN_TYPES
 from precompute.teachers.checkpoints import (
     MappedState,
     initial_weights,
-    load_checkpoint_into,
-    random_init_id,
+    teacher_weights,
 )
 from precompute.teachers.config import TeacherConfig
 from precompute.teachers.registry import BuiltTeacher, register_teacher
@@ -225,17 +224,9 @@ def build_dinov2_teacher(
     teacher = DinoV2Tokens(vit, token_types)
     if hub is not None:
         return BuiltTeacher(teacher, dinov2_arch(teacher, depth, num_heads), f"hub:timm/{hub}")
-    if cfg.checkpoint is None:
-        arch = dinov2_arch(teacher, depth, num_heads)
-        return BuiltTeacher(teacher, arch, random_init_id(cfg.init_seed))
-    sha = load_checkpoint_into(
-        vit,
-        cfg.checkpoint,
-        mapper,
-        container_keys=container_keys,
-        where=cfg.where,
-        arch=dinov2_arch(teacher, depth, num_heads),
-    )
+    sha = teacher_weights(vit, cfg, mapper, container_keys=container_keys,
+                          arch=dinov2_arch(teacher, depth, num_heads))
+    # Described again after the load: a checkpoint's position grid replaces the built one.
     return BuiltTeacher(teacher, dinov2_arch(teacher, depth, num_heads), sha)
 
 
