@@ -67,6 +67,14 @@ def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
+def check_choice(value: Any, choices: typing.Sequence[str], field: str, *, hint: str = "") -> None:
+    """ConfigError naming `field` unless `value` is one of `choices`: the one check of a field
+    that takes one of a fixed set of names (a mode, a kind, a strategy), in every config."""
+    if value not in choices:
+        raise ConfigError(f"{field}: expected one of {', '.join(choices)}, found {value!r}",
+                          hint=hint)
+
+
 def check_types(obj: Any, where: str = "") -> None:
     """Raise ConfigError naming the first field of dataclass `obj` whose value does not have
     its annotated type.

@@ -39,12 +39,6 @@ class Task(enum.StrEnum):
     depth = "depth"
 
 
-def check_choice(enum_type: type[enum.StrEnum], value: str, field: str) -> None:
-    """ConfigError naming `field` unless `value` is one of `enum_type`'s values."""
-    valid = [e.value for e in enum_type]
-    if value not in valid:
-        raise ConfigError(f"{field}: expected one of {', '.join(valid)}, found {value!r}")
-
 
 class OnBad(enum.StrEnum):
     """What to do with a bad (image, label) pair."""

@@ -37,9 +37,9 @@ from cache_format.manifest import (
     status_code,
 )
 from cache_format.reader import open_cache
-from cache_format.serde import to_dict
+from cache_format.serde import check_choice, to_dict
 from cache_format.writer import CacheWriter
-from heads.datasets import SPLITS, LabelledSource, OnBad, PairReport, Task, check_choice
+from heads.datasets import SPLITS, LabelledSource, OnBad, PairReport, Task
 from heads.encoders import FrozenEncoder
 from heads.metrics import IGNORE
 from heads.readers import DATA_KINDS, open_labelled
@@ -68,11 +68,9 @@ class FeaturesConfig:
     depth_scale: float = 1000.0
 
     def __post_init__(self) -> None:
-        check_choice(Task, self.task, "task")
-        check_choice(OnBad, self.on_bad, "on_bad")
-        if self.data_kind not in DATA_KINDS:
-            raise ConfigError(f"data_kind: expected one of {', '.join(DATA_KINDS)}, "
-                              f"found {self.data_kind!r}")
+        check_choice(self.task, tuple(Task), "task")
+        check_choice(self.on_bad, tuple(OnBad), "on_bad")
+        check_choice(self.data_kind, DATA_KINDS, "data_kind")
         for name in ("grid", "batch_size", "samples_per_shard"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: expected a positive int, found {getattr(self, name)}")

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache_format.errors import ConfigError
-from cache_format.serde import from_dict, to_dict
-from heads.datasets import Task, check_choice
+from cache_format.serde import check_choice, from_dict, to_dict
+from heads.datasets import Task
 from heads.features import Features, open_features
 from heads.metrics import IGNORE, DepthScore, SegmentationScore, TopK, better
 from heads.models import HeadGrid, task_loss
@@ -57,7 +57,7 @@ class HeadConfig:
     preload_gb: float = 4.0
 
     def __post_init__(self) -> None:
-        check_choice(Task, self.task, "task")
+        check_choice(self.task, tuple(Task), "task")
         if not self.lrs or min(self.lrs) <= 0:
             raise ConfigError(f"lrs: expected positive learning rates, found {self.lrs}")
         if not self.weight_decays or min(self.weight_decays) < 0:

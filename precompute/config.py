@@ -37,7 +37,7 @@ from typing import Any
 from cache_format.configfile import load_config
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import ConfigError
-from cache_format.serde import PathStr, check_types, from_dict, to_dict
+from cache_format.serde import PathStr, check_choice, check_types, from_dict, to_dict
 from precompute.dataset_keys import DatasetConfig
 from precompute.decode import DEFAULT_MAX_PIXELS, UNUSUAL_MODES
 from precompute.teachers.config import TeacherConfig
@@ -65,11 +65,7 @@ class SharingConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "sharing")
-        if self.strategy not in SHARING_STRATEGIES:
-            raise ConfigError(
-                f"sharing.strategy: expected one of {', '.join(SHARING_STRATEGIES)}, "
-                f"found {self.strategy!r}"
-            )
+        check_choice(self.strategy, SHARING_STRATEGIES, "sharing.strategy")
         if self.strategy == "matrix" and not self.matrix:
             raise ConfigError(
                 "sharing.matrix: strategy 'matrix' needs a table [sharing.matrix] with "
@@ -108,11 +104,7 @@ class BuildSettings:
         _at_least(self.batch_size, "build.batch_size")
         _at_least(self.calibration_samples, "build.calibration_samples")
         _at_least(self.max_pixels, "build.max_pixels")
-        if self.unusual_modes not in UNUSUAL_MODES:
-            raise ConfigError(
-                f"build.unusual_modes: expected one of {', '.join(UNUSUAL_MODES)}, "
-                f"found {self.unusual_modes!r}"
-            )
+        check_choice(self.unusual_modes, UNUSUAL_MODES, "build.unusual_modes")
 
 
 @dataclass(frozen=True)
@@ -143,10 +135,7 @@ class RuntimeConfig:
         _at_least(self.loader_workers, "runtime.loader_workers", 0)
         _at_least(self.torch_threads, "runtime.torch_threads", 0)
         _at_least(self.units_per_worker, "runtime.units_per_worker", 0)
-        if self.device not in DEVICES:
-            raise ConfigError(
-                f"runtime.device: expected one of {', '.join(DEVICES)}, found {self.device!r}"
-            )
+        check_choice(self.device, DEVICES, "runtime.device")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ import numpy as np
 from cache_format.errors import ConfigError
 from cache_format.locations import is_url
 from cache_format.manifest import check_node_name
-from cache_format.serde import PathStr, check_types
+from cache_format.serde import PathStr, check_choice, check_types
 from precompute import url_files
 
 SOURCE_KINDS: tuple[str, ...] = ("folder", "list", "hdf5")
@@ -45,10 +45,7 @@ class DatasetConfig:
         for field in ("name", "domain"):
             check_node_name(getattr(self, field), f"DatasetConfig.{field}")
         where = f"dataset {self.name!r}: DatasetConfig"
-        if self.kind not in SOURCE_KINDS:
-            raise ConfigError(
-                f"{where}.kind: expected one of {', '.join(SOURCE_KINDS)}, found {self.kind!r}"
-            )
+        check_choice(self.kind, SOURCE_KINDS, f"{where}.kind")
         if not self.root:
             raise ConfigError(f"{where}.root: expected a path, found {self.root!r}")
         for field, kind in (("list_file", "list"), ("hdf5_key", "hdf5")):

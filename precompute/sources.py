@@ -39,6 +39,7 @@ from PIL import Image
 
 from cache_format.errors import ConfigError
 from cache_format.manifest import keys_sha256
+from cache_format.serde import check_choice
 from cache_format.source_fingerprint import fingerprint
 from precompute import dataset_keys, url_files
 from precompute.dataset_keys import DatasetConfig
@@ -253,9 +254,7 @@ class HDF5Source(ImageSource):
 
 
 def _check_decoding(max_pixels: int, unusual_modes: str) -> None:
-    if unusual_modes not in UNUSUAL_MODES:
-        raise ConfigError(f"unusual_modes: expected one of {', '.join(UNUSUAL_MODES)}, "
-                          f"found {unusual_modes!r}")
+    check_choice(unusual_modes, UNUSUAL_MODES, "unusual_modes")
     if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
         raise ConfigError(f"max_pixels: expected a positive int, found {max_pixels!r}")
     pil_limit = Image.MAX_IMAGE_PIXELS

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache_format.errors import ConfigError
-from cache_format.serde import check_types
+from cache_format.serde import check_choice, check_types
 from precompute.view_params import ViewParams
 
 VIEW_MODES: tuple[str, ...] = ("augment", "center")
@@ -97,10 +97,7 @@ class ViewConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "ViewConfig")
-        if self.mode not in VIEW_MODES:
-            raise ConfigError(
-                f"ViewConfig.mode: expected one of {', '.join(VIEW_MODES)}, found {self.mode!r}"
-            )
+        check_choice(self.mode, VIEW_MODES, "ViewConfig.mode")
         _check_range(self.scale, "scale", low=0.0, high=1.0)
         _check_range(self.ratio, "ratio", low=0.0)
         _check_range(self.blur_sigma, "blur_sigma", low=0.0)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from cache_format.configfile import annotation_at, apply_overrides, load_config
 from cache_format.errors import ConfigError
 from cache_format.manifest import check_node_name
-from cache_format.serde import PathStr, check_types, convert, from_dict, to_dict
+from cache_format.serde import PathStr, check_choice, check_types, convert, from_dict, to_dict
 from train.projectors import PROJECTOR_KINDS
 from train.sampling import SAMPLING_MODES
 from train.sinks import LoggingConfig
@@ -54,10 +54,7 @@ class ProjectorConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "projector")
-        if self.kind not in PROJECTOR_KINDS:
-            raise ConfigError(
-                f"projector.kind: expected one of {', '.join(PROJECTOR_KINDS)}, found {self.kind!r}"
-            )
+        check_choice(self.kind, PROJECTOR_KINDS, "projector.kind")
         if self.n_blocks < 0:
             raise ConfigError(f"projector.n_blocks: expected >= 0, found {self.n_blocks}")
 
@@ -70,10 +67,7 @@ class NormConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "norm")
-        if self.mode not in NORM_MODES:
-            raise ConfigError(
-                f"norm.mode: expected one of {', '.join(NORM_MODES)}, found {self.mode!r}"
-            )
+        check_choice(self.mode, NORM_MODES, "norm.mode")
 
 
 @dataclass(frozen=True)
@@ -127,11 +121,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "data")
-        if self.sampling not in SAMPLING_MODES:
-            raise ConfigError(
-                f"data.sampling: expected one of {', '.join(SAMPLING_MODES)}, "
-                f"found {self.sampling!r}"
-            )
+        check_choice(self.sampling, SAMPLING_MODES, "data.sampling")
         if self.heldout_images < 0:
             raise ConfigError(f"data.heldout_images: expected >= 0, found {self.heldout_images}")
         if self.shard_window < 0:

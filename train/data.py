@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from cache_format.errors import CacheMismatchError, ConfigError
 from cache_format.manifest import STATUS_OK
 from cache_format.reader import CacheReader, open_cache
+from cache_format.serde import check_choice
 from precompute.sources import ImageSource
 from train.batch import EncodedItem, split_encoded
 from train.item_table import ItemTable
@@ -116,8 +117,7 @@ class CacheTrainData(Dataset):
         read_tokens: bool = True,
         check_source_fingerprints: bool = True,
     ) -> None:
-        if split not in SPLITS:
-            raise ConfigError(f"split: expected one of {', '.join(SPLITS)}, found {split!r}")
+        check_choice(split, SPLITS, "split")
         if heldout_images < 0:
             raise ConfigError(f"heldout_images: expected >= 0, found {heldout_images}")
         self.reader: CacheReader = cache if isinstance(cache, CacheReader) else open_cache(cache)

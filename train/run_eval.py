@@ -44,7 +44,7 @@ from train.distributed import setup_distributed
 from train.evaluation import evaluate_heldout
 from train.export import TEACHERS_FILE, load_run_model
 from train.run_data import open_run_data
-from train.run_folder import HELDOUT_VIEWS, SIZES_FILE, heldout_record
+from train.run_folder import HELDOUT_VIEWS, SIZES_FILE, heldout_record, read_teachers_record
 
 #: Where `eval_run` writes its results, inside the run folder.
 EVAL_DIR = "eval"
@@ -147,7 +147,7 @@ def check_heldout(stored: dict[str, Any], manifest: Manifest, location: str, run
 def _run_record(stage_dir: Path, run_cache: str, teachers: list[str]) -> dict[str, Any]:
     """The run folder's teachers.json, with `heldout_views` taken from the run's cache when the
     folder was written before dune-train recorded it."""
-    stored = json.loads((stage_dir / TEACHERS_FILE).read_text())
+    stored = read_teachers_record(stage_dir)
     if HELDOUT_VIEWS in stored:
         return stored
     datasets = list(stored["cache_fingerprint"]["datasets"])
@@ -197,16 +197,18 @@ def eval_run(run_dir: str | Path, *, cache: str | None = None, online: bool = Fa
     dist_info = setup_distributed(eval_cfg)
     if dist_info.world_size > 1:
         raise ConfigError("dune-train eval runs in one process; launch it without torchrun")
-    ctx = open_run_data(eval_cfg, dist_info)
-    model.to(dist_info.device)
-    step = ctx.distill_step(model, dist_info.device, amp=cfg.amp)
     sizes_file = stage / SIZES_FILE
     batch = (json.loads(sizes_file.read_text())["batch_size_per_device"]
              if sizes_file.is_file() else cfg.global_batch(1))
-    began = time.perf_counter()
-    metrics = evaluate_heldout(step, ctx.heldout_data, batch_size=batch, collate=ctx.collate,
-                               at_step=int(payload.get("step", 0)))
-    ctx.reader.close()
+    ctx = open_run_data(eval_cfg, dist_info)
+    try:
+        model.to(dist_info.device)
+        step = ctx.distill_step(model, dist_info.device, amp=cfg.amp)
+        began = time.perf_counter()
+        metrics = evaluate_heldout(step, ctx.heldout_data, batch_size=batch,
+                                   collate=ctx.collate, at_step=int(payload.get("step", 0)))
+    finally:  # a non-finite value stops the scoring: the cache is still closed
+        ctx.reader.close()
     path = run / EVAL_DIR / f"{eval_name(which, online, target, encoding.name)}.json"
     result = EvalResult(
         run_dir=str(run), checkpoint=str(ckpt_path), which=which,

@@ -101,6 +101,25 @@ def heldout_record(manifest: Manifest, teachers: list[str], datasets: list[str]
     }
 
 
+def read_teachers_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's teachers.json, its `cache_fingerprint` checked to hold the fields this
+    version writes (the resume check and `dune-train eval` read it through here)."""
+    teachers_file = run_dir / TEACHERS_FILE
+    if not teachers_file.is_file():
+        raise CheckpointError(f"{run_dir}: no {TEACHERS_FILE}; this is not a dune-train run folder",
+                              hint="pass the --out folder of a `dune-train fit` run")
+    record = json.loads(teachers_file.read_text())
+    stored = record.get("cache_fingerprint") if isinstance(record, dict) else None
+    fields = (*_FINGERPRINT_FIELDS, "teachers", "datasets")
+    if not isinstance(stored, dict) or set(stored) != set(fields):
+        raise CheckpointError(
+            f"{teachers_file}: cache_fingerprint: expected the fields {list(fields)}, "
+            f"found {sorted(stored) if isinstance(stored, dict) else stored!r}",
+            hint="this folder was written by another dune-train version; pass a new --out",
+        )
+    return record
+
+
 def check_resume(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
     """Refuse to resume a run folder written by a different config or cache."""
     config_file, teachers_file = run_dir / CONFIG_FILE, run_dir / TEACHERS_FILE
@@ -110,14 +129,7 @@ def check_resume(run_dir: Path, cfg: TrainConfig, ctx: RunContext) -> None:
             hint="this folder was not written by dune-train fit; pick another --out",
         )
     check_same_config(run_dir, json.loads(config_file.read_text()), cfg, what="run")
-    stored = json.loads(teachers_file.read_text()).get("cache_fingerprint")
-    fields = (*_FINGERPRINT_FIELDS, "teachers", "datasets")
-    if not isinstance(stored, dict) or set(stored) != set(fields):
-        raise CheckpointError(
-            f"{run_dir / TEACHERS_FILE}: cache_fingerprint: expected the fields {list(fields)}, "
-            f"found {sorted(stored) if isinstance(stored, dict) else stored!r}",
-            hint="this folder was written by another dune-train version; pass a new --out",
-        )
+    stored = read_teachers_record(run_dir)["cache_fingerprint"]
     differ = ctx.manifest.differences(**stored)
     if differ:
         raise CacheMismatchError(

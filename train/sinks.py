@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cache_format.errors import ConfigError
-from cache_format.serde import check_types
+from cache_format.serde import check_choice, check_types
 
 WANDB_MODES = ("online", "offline")
 TENSORBOARD_DIR = "tensorboard"
@@ -48,12 +48,10 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "logging.wandb")
-        if self.mode not in WANDB_MODES:
-            raise ConfigError(
-                f"logging.wandb.mode: expected one of {', '.join(WANDB_MODES)}, "
-                f"found {self.mode!r}",
-                hint="'offline' writes the run locally; upload it later with `wandb sync`",
-            )
+        check_choice(
+            self.mode, WANDB_MODES, "logging.wandb.mode",
+            hint="'offline' writes the run locally; upload it later with `wandb sync`",
+        )
         if not self.project:
             raise ConfigError("logging.wandb.project: expected a project name, found ''")
 
