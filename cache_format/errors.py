@@ -17,6 +17,10 @@ from collections.abc import Callable
 #: every error about a damaged shard ends with it.
 REPAIR_DAMAGED = ("`dune-cache verify CACHE` lists the damage; `dune-cache build CONFIG.toml "
                   "--redo-damaged` recomputes the damaged shards")
+#: The hint of an error about a store layout this code never writes (another tool's zarr).
+FOREIGN_CACHE_HINT = "this cache was not written by this dune-distill"
+#: The hint of an error about metadata that contradicts itself (a damaged cache).
+VERIFY_HINT = "the cache is damaged: run `dune-cache verify`"
 
 
 class DuneError(Exception):

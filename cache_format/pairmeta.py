@@ -13,7 +13,7 @@ import numpy as np
 import zarr
 
 from cache_format import layout
-from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError
+from cache_format.errors import REPAIR_DAMAGED, VERIFY_HINT, CacheCorruptionError
 from cache_format.files import Files
 from cache_format.plainread import PlainArray, read_chunk
 
@@ -46,7 +46,7 @@ class PairMeta:
             if array is None:
                 raise CacheCorruptionError(
                     f"{self.label}: calibration array {name!r} is missing",
-                    hint="the cache is damaged: run `dune-cache verify`")
+                    hint=VERIFY_HINT)
             out.append(np.array(read_chunk(self._files, array, 0, _CALIB_FIX, True)[0]))
         return out[0], out[1]
 

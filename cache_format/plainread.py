@@ -28,7 +28,12 @@ from zarr.codecs.vlen_utf8 import VLenUTF8Codec
 
 from cache_format import shards
 from cache_format.checksum import crc32c_value
-from cache_format.errors import CacheCorruptionError, CacheVersionError
+from cache_format.errors import (
+    FOREIGN_CACHE_HINT,
+    VERIFY_HINT,
+    CacheCorruptionError,
+    CacheVersionError,
+)
 from cache_format.files import Files
 
 #: How decoded strings are kept: numpy's variable-width strings hold no Python object per item.
@@ -98,7 +103,7 @@ class PlainArray:
             problem = "expected the default chunk key encoding with separator '/'"
         if problem:
             raise CacheVersionError(f"{label} ({array.path}): unexpected zarr layout: {problem}",
-                                    hint="this cache was not written by this dune-distill")
+                                    hint=FOREIGN_CACHE_HINT)
         dtype = STRINGS if string else np.dtype(array.dtype).newbyteorder("<")
         fill = "" if string else meta.fill_value
         return cls(label, array.path, tuple(array.shape), tuple(array.chunks), dtype,
@@ -158,7 +163,7 @@ def _corrupt(files: Files, array: PlainArray, chunk: int, what: str, fix: str) -
     raise CacheCorruptionError(
         f"{array.label}, chunk {chunk} (rows {start}..{stop - 1}): {what} in chunk file "
         f"{files.describe(array.chunk_key(chunk))}",
-        hint="the cache is damaged: run `dune-cache verify`" + (f"; {fix}" if fix else ""))
+        hint=VERIFY_HINT + (f"; {fix}" if fix else ""))
 
 
 class ChunkCache:

@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
-from cache_format.errors import CacheVersionError
+from cache_format.errors import FOREIGN_CACHE_HINT, CacheVersionError
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ShardedLayout:
                 problem = "expected little-endian bytes codecs"
         if problem:
             raise CacheVersionError(f"{label} ({array.path}): unexpected zarr layout: {problem}",
-                                    hint="this cache was not written by this dune-distill")
+                                    hint=FOREIGN_CACHE_HINT)
         compressor = "none"
         if middle:
             compressor = "zstd" if isinstance(middle[0], ZstdCodec) else "blosc"

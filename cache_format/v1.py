@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from cache_format import layout
-from cache_format.errors import CacheVersionError
+from cache_format.errors import FOREIGN_CACHE_HINT, CacheVersionError
 from cache_format.manifest import STATUS_CODES
 from cache_format.plainread import STRINGS
 from cache_format.sample_index import SampleIndex
@@ -60,7 +60,7 @@ class V1SampleIndex(SampleIndex):
             problem = f"{keys.shape[0]} keys for {n} samples at {v} views per image"
         if problem:
             raise CacheVersionError(f"dataset {self.dataset!r}: index arrays disagree: {problem}",
-                                    hint="this cache was not written by this dune-distill")
+                                    hint=FOREIGN_CACHE_HINT)
 
     def _load_status(self) -> np.ndarray:
         return self._load(self._arrays[STATUS])

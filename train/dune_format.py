@@ -49,6 +49,7 @@ REFERENCE_ARCHS = {
     "vit_large": (1024, 24, 16),
 }
 EXTRAS_KEY = "dune_distill"
+DUNE_FILE_HINT = "pass a .pth written by naver/dune or by `dune-train export --format dune`"
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.(.*)$")
 
 
@@ -188,13 +189,13 @@ def read_dune_file(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - unpickling raises many kinds; name the file
         raise CheckpointError(
             f"{path}: cannot be read as a DUNE checkpoint with weights_only=True ({exc})",
-            hint="pass a .pth written by naver/dune or by `dune-train export --format dune`",
+            hint=DUNE_FILE_HINT,
         ) from None
     if not is_dune_checkpoint(raw):
         raise CheckpointError(
             f"{path}: not in the DUNE layout: expected a dict with 'model' (encoder.* keys) and "
             f"'args', found keys {sorted(raw)[:10] if isinstance(raw, dict) else type(raw)}",
-            hint="pass a .pth written by naver/dune or by `dune-train export --format dune`",
+            hint=DUNE_FILE_HINT,
         )
     return raw
 
@@ -276,7 +277,7 @@ def encoder_from_reference(src: dict[str, Tensor], where: str) -> dict[str, Tens
     if pos is None or cls is None:
         raise CheckpointError(
             f"{where}: no encoder.pos_embed / encoder.cls_token in the checkpoint's model",
-            hint="pass a .pth written by naver/dune or by `dune-train export --format dune`",
+            hint=DUNE_FILE_HINT,
         )
     if math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:  # stored with the cls slot
         out["cls_token"] = cls + pos[:, :1]

@@ -33,6 +33,8 @@ from train.student import timm_kwargs
 
 CONFIG_FILE = "config.json"
 TEACHERS_FILE = "teachers.json"
+#: The hint of every refusal of a folder that is not a run folder.
+RUN_FOLDER_HINT = "pass the --out folder of a `dune-train fit` run"
 
 
 def read_run(run_dir: str | Path) -> tuple[TrainConfig, dict[str, TeacherHead]]:
@@ -42,7 +44,7 @@ def read_run(run_dir: str | Path) -> tuple[TrainConfig, dict[str, TeacherHead]]:
         if not (run_dir / name).is_file():
             raise CheckpointError(
                 f"{run_dir}: no {name}; this is not a dune-train run folder",
-                hint="pass the --out folder of a `dune-train fit` run",
+                hint=RUN_FOLDER_HINT,
             )
     cfg = TrainConfig.from_dict(json.loads((run_dir / CONFIG_FILE).read_text()))
     teachers_raw = json.loads((run_dir / TEACHERS_FILE).read_text())

@@ -21,7 +21,7 @@ from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError
 from cache_format.manifest import Manifest
 from cache_format.serde import to_dict
 from train.config import TrainConfig
-from train.export import CONFIG_FILE, TEACHERS_FILE
+from train.export import CONFIG_FILE, RUN_FOLDER_HINT, TEACHERS_FILE
 from train.run_data import RunContext
 
 # Fields a rerun may change without breaking exact resume: where to stop, how often to log, and
@@ -107,7 +107,7 @@ def read_teachers_record(run_dir: Path) -> dict[str, Any]:
     teachers_file = run_dir / TEACHERS_FILE
     if not teachers_file.is_file():
         raise CheckpointError(f"{run_dir}: no {TEACHERS_FILE}; this is not a dune-train run folder",
-                              hint="pass the --out folder of a `dune-train fit` run")
+                              hint=RUN_FOLDER_HINT)
     record = json.loads(teachers_file.read_text())
     stored = record.get("cache_fingerprint") if isinstance(record, dict) else None
     fields = (*_FINGERPRINT_FIELDS, "teachers", "datasets")

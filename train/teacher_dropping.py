@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cache_format.errors import BatchMismatchError, ConfigError
+from cache_format.serde import check_choice
 
 DROPPING_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
 
@@ -38,11 +39,7 @@ DROPPING_STRATEGIES = ("lowest_loss", "own_data", "own+generic_data", "none")
 def check_dropping(strategy: str, p: float, field: str = "dropping") -> None:
     """ConfigError unless `strategy` is a strategy and `p` a probability; `field` is the config
     table the message names (`dropping` in a run's config)."""
-    if strategy not in DROPPING_STRATEGIES:
-        raise ConfigError(
-            f"{field}.strategy: {strategy!r} is not a strategy; valid strategies are "
-            f"{', '.join(DROPPING_STRATEGIES)}"
-        )
+    check_choice(strategy, DROPPING_STRATEGIES, f"{field}.strategy")
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"{field}.p: expected a probability in [0, 1], found {p}")
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cache_format.errors import BatchMismatchError, ConfigError, TrainingError
+from cache_format.serde import check_choice
 
 NORM_MODES = ("exact", "batch")
 MOMENTUM_START = 1.0
@@ -65,11 +66,7 @@ class TeacherNorm(nn.Module):
         momentum_end: float = MOMENTUM_END,
     ) -> None:
         super().__init__()
-        if mode not in NORM_MODES:
-            raise ConfigError(
-                f"teacher_norm.mode: {mode!r} is not a mode; "
-                f"valid modes are {', '.join(NORM_MODES)}"
-            )
+        check_choice(mode, NORM_MODES, "teacher_norm.mode")
         if dim <= 0:
             raise ConfigError(f"teacher_norm.dim: expected a positive width, found {dim}")
         if min_std <= 0:
