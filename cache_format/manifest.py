@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from cache_format.differences import FieldDifference, compare_fields
 from cache_format.encodings import ENCODING_NAMES, UNKNOWN_ENCODING_HINT, EncodingSpec
 from cache_format.errors import (
     CacheCorruptionError,
@@ -347,13 +348,13 @@ class Manifest:
                     want, have = to_dict(fp), to_dict(found[entry])
                     if isinstance(fp, Mapping):  # some fields only
                         have = {k: v for k, v in have.items() if k in want}
-                    _compare(f"{name}.{entry}", want, have, out)
+                    compare_fields(f"{name}.{entry}", want, have, out)
             elif name == "assignment":
                 for teacher, datasets in dict(value).items():
-                    _compare(f"assignment.{teacher}", sorted(datasets),
+                    compare_fields(f"assignment.{teacher}", sorted(datasets),
                              sorted(found.get(teacher, ())), out)
             else:
-                _compare(name, to_dict(value), to_dict(found), out)
+                compare_fields(name, to_dict(value), to_dict(found), out)
         return out
 
     def check_against(self, **expected: Any) -> None:
@@ -366,45 +367,3 @@ class Manifest:
                 "cache" if not any(d.missing_entry for d in differ) else
                 "build the missing part into the cache, or use another cache",
             )
-
-
-@dataclass(frozen=True)
-class FieldDifference:
-    """One manifest field that differs: its dotted path, the expected and the found value."""
-
-    path: str
-    expected: Any
-    found: Any
-    missing_entry: bool = False  # a named teacher / dataset the cache does not hold
-    note: str = ""
-
-    def __str__(self) -> str:
-        if self.missing_entry:
-            return f"cache manifest {self.path}: expected present, found absent{self.note}"
-        return f"cache manifest field {self.path}: expected {self.expected!r}, found {self.found!r}"
-
-
-def _compare(path: str, expected: Any, found: Any, out: list[FieldDifference]) -> None:
-    """Recursive equality of JSON-like values; appends each innermost differing key to `out`."""
-    if isinstance(expected, dict) and isinstance(found, dict):
-        for key in sorted(set(expected) | set(found)):
-            if key not in found or key not in expected:
-                out.append(FieldDifference(f"{path}.{key}", expected.get(key, "<absent>"),
-                                           found.get(key, "<absent>")))
-            else:
-                _compare(f"{path}.{key}", expected[key], found[key], out)
-        return
-    if isinstance(expected, list | tuple) and isinstance(found, list | tuple):
-        if not _equal(expected, found):
-            out.append(FieldDifference(path, list(expected), list(found)))
-        return
-    if not _equal(expected, found):
-        out.append(FieldDifference(path, expected, found))
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    return bool(a == b)

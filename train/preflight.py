@@ -20,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from cache_format.differences import FieldDifference
 from cache_format.errors import CacheMismatchError
-from cache_format.manifest import FieldDifference, Manifest
+from cache_format.manifest import Manifest
 from cache_format.replay import ReplaySpec, missing_replay_error
 from train.config import TrainConfig
 

@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from cache_format.configfile import with_overrides
+from cache_format.differences import FieldDifference
 from cache_format.errors import CacheMismatchError, CheckpointError, ConfigError, DuneError
 from cache_format.locations import absolute_path
-from cache_format.manifest import FieldDifference, Manifest
+from cache_format.manifest import Manifest
 from cache_format.reader import open_cache
 from cache_format.serde import to_dict
 from train.checkpoint import BEST, checkpoint_dir, latest_stage_dir
