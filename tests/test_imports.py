@@ -118,14 +118,21 @@ def test_no_import_cycles() -> None:
         # A package's submodules import the package itself on the way: not an edge.
         graph[name] = {d for d in deps if d in modules and d != name
                        and not name.startswith(d + ".")}
-    cycles = []
-    for start in (m for m in graph if m.startswith(CHECKED)):
-        stack = [(start, (start,))]
-        while stack:
-            node, path = stack.pop()
-            for dep in graph[node]:
-                if dep == start:
-                    cycles.append(" -> ".join((*path, start)))
-                elif dep not in path and dep.startswith(CHECKED):
-                    stack.append((dep, (*path, dep)))
+    # One depth-first walk: an import graph has a cycle exactly when the walk meets a module
+    # that is still on its path (a back edge); each such meeting is reported as its cycle.
+    cycles: list[str] = []
+    on_path: dict[str, bool] = {}  # True while on the current path, False once finished
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        on_path[node] = True
+        for dep in sorted(d for d in graph[node] if d.startswith(CHECKED)):
+            if on_path.get(dep):
+                cycles.append(" -> ".join((*path[path.index(dep):], dep)))
+            elif dep not in on_path:
+                visit(dep, (*path, dep))
+        on_path[node] = False
+
+    for start in sorted(m for m in graph if m.startswith(CHECKED)):
+        if start not in on_path:
+            visit(start, (start,))
     assert not cycles, "import cycles:\n" + "\n".join(sorted(set(cycles)))
