@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 
 from cache_format import shards
-from cache_format.files import Files, files_for
+from cache_format.errors import CacheCorruptionError
+from cache_format.files import Files, FsspecFiles, files_for
 from cache_format.plainread import ChunkCache, PlainArray, read_chunk
+from cache_format.shard_cache import CachedFiles, ShardCacheSpec
 
 #: Chunks read per call when a whole array is loaded with threads (status, `keys`, `verify`).
 _THREADED_FROM = 16
@@ -35,17 +37,28 @@ class IndexChunks:
     """Chunk reads of the plain arrays `_arrays` (name -> PlainArray) of the cache at
     `location` (with `storage_options`), `cache_bytes` of decoded chunks kept, `threads` for
     whole-array loads. Subclasses say which missing chunk is damage (`_chunk_required`) and how
-    a damaged one is repaired (`_fix_hint`)."""
+    a damaged one is repaired (`_fix_hint`).
+
+    With `shard_cache` (a remote cache read through a node's local shard cache), the chunks of
+    the arrays named in `CACHED` (those a build never changes once written) are read through
+    the same folder as the token shards: fetched whole once per node, then read locally. A
+    missing object is asked of the store every time (absence is never cached), and a local copy
+    whose checksum fails is dropped and fetched again."""
+
+    #: Arrays (by name) whose chunks go through the local shard cache, when there is one.
+    CACHED: tuple[str, ...] = ()
 
     location: str
     storage_options: dict[str, Any] | None
     cache_bytes: int
     threads: int
+    shard_cache: ShardCacheSpec | None
     _arrays: dict[str, PlainArray]
 
     def _init_io(self) -> None:
         """No files open yet, an empty LRU, a fresh lock; renewed after a fork."""
         self._files: Files | None = None
+        self._cached: CachedFiles | None = None
         self._cache = ChunkCache(self.cache_bytes)
         self._lock = threading.Lock()
         _INDEXES.add(self)
@@ -53,15 +66,18 @@ class IndexChunks:
     def _after_fork(self) -> None:
         self._lock = threading.Lock()
         self._cache.after_fork()
-        if self._files is not None:
-            self._files.reinit_after_fork()
+        for files in (self._files, self._cached):
+            if files is not None:
+                files.reinit_after_fork()
 
     def close(self) -> None:
         """Close the files this index opened (it reopens them if used again)."""
         with self._lock:
-            files, self._files = self._files, None
-        if files is not None:
-            files.close()
+            opened = (self._files, self._cached)
+            self._files = self._cached = None
+        for files in opened:
+            if files is not None:
+                files.close()
 
     def _by_chunk(self, array: PlainArray, rows: np.ndarray
                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -126,11 +142,42 @@ class IndexChunks:
                 files = self._files
         return files
 
+    def _cached_files(self) -> CachedFiles | None:
+        """The files of the `CACHED` arrays' chunks through the local shard cache (None: no
+        shard cache, or a local cache)."""
+        if self.shard_cache is None:
+            return None
+        cached = self._cached
+        if cached is None:
+            remote = self._files_()
+            if not isinstance(remote, FsspecFiles):
+                return None
+            with self._lock:
+                if self._cached is None:
+                    # Small objects, each read about once per process (the LRU keeps them).
+                    self._cached = self.shard_cache.files(remote, max_open=0)
+                cached = self._cached
+        return cached
+
     def _read_chunk(self, array: PlainArray, chunk: int) -> tuple[np.ndarray, int]:
         """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached. A missing
         chunk that the metadata says was written is damage (`_chunk_required`)."""
-        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk),
-                          lambda: self._chunk_required(array, chunk))
+        cached = self._cached_files() if array.path.rsplit("/", 1)[-1] in self.CACHED else None
+        files: Files | CachedFiles = self._files_() if cached is None else cached
+        hint = self._fix_hint(array, chunk)
+
+        def required() -> bool:
+            return self._chunk_required(array, chunk)
+
+        try:
+            return read_chunk(files, array, chunk, hint, required)  # type: ignore[arg-type]
+        except CacheCorruptionError:
+            if cached is None:
+                raise
+            # A damaged local copy: drop it and read a fresh one (damage the fresh copy still
+            # has is the store's, and is raised).
+            cached.discard(array.chunk_key(chunk))
+            return read_chunk(cached, array, chunk, hint, required)  # type: ignore[arg-type]
 
     def _chunk_required(self, array: PlainArray, chunk: int) -> bool:
         """Whether chunk `chunk` of `array` must exist (asked only when its file is missing)."""

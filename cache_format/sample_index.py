@@ -29,6 +29,7 @@ from cache_format.index_chunks import IndexChunks
 from cache_format.locations import local_path
 from cache_format.manifest import STATUS_OK
 from cache_format.plainread import STRINGS, PlainArray
+from cache_format.shard_cache import ShardCacheSpec
 
 #: Default bound on the decoded chunks an index keeps (an estimate of their bytes).
 DEFAULT_CACHE_BYTES = 8 << 20
@@ -51,7 +52,7 @@ class SampleIndex(IndexChunks):
                  view_param_names: Sequence[str], location: str,
                  storage_options: Mapping[str, Any] | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int = 4,
-                 source_fingerprint: str = "") -> None:
+                 source_fingerprint: str = "", shard_cache: ShardCacheSpec | None = None) -> None:
         self.dataset = dataset
         self.views_per_image = int(views_per_image)
         self.view_param_names = tuple(view_param_names)
@@ -63,6 +64,8 @@ class SampleIndex(IndexChunks):
         self.storage_options = dict(storage_options) if storage_options else None
         self.cache_bytes = int(cache_bytes)
         self.threads = max(1, int(threads))
+        #: The node's local shard cache (a remote cache): view rows are read through it.
+        self.shard_cache = shard_cache
         self._arrays = dict(arrays)
         self._check_shapes()
         self._init_state()
@@ -72,6 +75,9 @@ class SampleIndex(IndexChunks):
                                layout.STATUSES, layout.SUMMARY, layout.INDEX_META)
     #: The array whose length is the number of samples.
     STATUS_ARRAY = layout.STATUSES
+    #: View rows, rewritten identically if ever (a repair replays the same views), travel with
+    #: their token shard through the local shard cache; statuses and marks may change.
+    CACHED = (layout.INDEX_ROWS,)
 
     @classmethod
     def from_group(cls, group: zarr.Group, dataset: str, *, num_samples: int | None = None,
@@ -123,7 +129,7 @@ class SampleIndex(IndexChunks):
         # Open files, locks and the chunk cache do not travel; statuses are read again on use.
         return {name: self.__dict__[name] for name in (
             "dataset", "views_per_image", "view_param_names", "location", "storage_options",
-            "cache_bytes", "threads", "_arrays", "source_fingerprint")}
+            "cache_bytes", "threads", "_arrays", "source_fingerprint", "shard_cache")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -159,6 +165,20 @@ class SampleIndex(IndexChunks):
         """Image key of `sample`."""
         rows = self._rows([sample], self.num_samples, "sample")
         return self.keys_of(rows // self.views_per_image)[0]
+
+    def fill_shard_cache(self, start: int, stop: int) -> bool:
+        """Fetch the view-row chunks of samples [start, stop) (a token shard's) into the local
+        shard cache, ahead of the reads that need them (a prefetcher calls this). False, doing
+        nothing, without a shard cache."""
+        cached = self._cached_files()
+        rows = self._arrays.get(layout.INDEX_ROWS)
+        stop = min(stop, self.num_samples)
+        if cached is None or rows is None or stop <= start:
+            return False
+        per = rows.rows_per_chunk
+        for chunk in range(start // per, (stop - 1) // per + 1):
+            cached.fill(rows.chunk_key(chunk))
+        return True
 
     def summary(self) -> np.ndarray | None:
         """The dataset's `summary` row [1, samples per status code] once its index is complete

@@ -235,10 +235,13 @@ class CacheTrainData(Dataset):
 
     def fill_shard_cache(self, dataset: int, shard: int) -> None:
         """Fetch a token shard of dataset id `dataset` into the reader's local shard cache
-        (`train.shard_prefetch`), for this run's teachers of that dataset."""
-        part = self._parts[dataset]
+        (`train.shard_prefetch`), for this run's teachers of that dataset, and the chunk of
+        view rows its samples replay, so that a worker reads both locally."""
+        part, reader = self._parts[dataset], self._reader()
+        sps = self.manifest.samples_per_shard
+        reader.index(part.name).fill_shard_cache(shard * sps, (shard + 1) * sps)
         if self.read_tokens and part.teachers:
-            self._reader().fill_shard_cache(part.name, shard, part.teachers)
+            reader.fill_shard_cache(part.name, shard, part.teachers)
 
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:
