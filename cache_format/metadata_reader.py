@@ -37,7 +37,7 @@ class MetadataReader:
 
     def __init__(self, group: zarr.Group, manifest: Manifest, location: str,
                  settings: OpenSettings | None = None) -> None:
-        self._group = group
+        self._opened: tuple[int, zarr.Group] = (os.getpid(), group)
         self.manifest = manifest
         self.location = location
         self.settings = settings or OpenSettings()
@@ -49,6 +49,27 @@ class MetadataReader:
         self._num_samples: dict[str, int] = {}
         self._pair_metas: dict[tuple[str, str], PairMeta | V1PairMeta] = {}
         self._meta_files: Any = None
+
+    @property
+    def _group(self) -> zarr.Group:
+        """The cache's root group, opened again in a forked child on first use there (its store
+        client may not survive a fork: s3fs's refuses to run in another process)."""
+        pid, group = self._opened
+        if pid != os.getpid():
+            group = zarr.open_group(self.source, mode="r", zarr_format=3,
+                                    storage_options=self.settings.storage_options)
+            self._opened = (os.getpid(), group)
+        return group
+
+    def after_fork(self) -> None:
+        """Go on using this reader in a forked child (a DataLoader worker) without reading again
+        what the parent read: the manifest, sample indexes and their statuses, and what
+        subclasses keep (token layouts, read plans, calibration, done marks) stay. Pair
+        metadata readers, bound to the parent's store clients, are dropped and made again on
+        use; the root group is opened again on first use (`_group`); indexes and the token
+        reader renew their files and locks in their own fork hooks."""
+        self._pair_metas = {}
+        self._meta_files = None
 
     # -- what is there -----------------------------------------------------------------------
     @property

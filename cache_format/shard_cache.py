@@ -346,7 +346,8 @@ class CachedFiles:
         self.local.forget(key)
 
     def reinit_after_fork(self) -> None:
-        """Fresh locks in a forked child (a DataLoader worker)."""
+        """Fresh locks and store client in a forked child (a DataLoader worker)."""
+        self.remote.reinit_after_fork()
         self.local.reinit_after_fork()
         self.cache.reinit_after_fork()
 
