@@ -130,10 +130,13 @@ def token_bytes_per_sample(cache: Path) -> float:
 
 def measure(train_toml: Path, out: Path, proxy: DelayingProxy, batches: int,
             **overrides: Any) -> dict[str, float]:
-    """The start of a pass (worker start-up, their reopening of the cache, the first batch:
-    seconds and requests), then the steady state: images/s over the next `batches` batches
-    and the proxy's counts for them."""
+    """The run's set-up (opening the cache, the training data, the model: seconds and
+    requests), the start of a pass (worker start-up, the first batch), then the steady state:
+    images/s over the next `batches` batches and the proxy's counts for them."""
+    proxy.reset()
+    began = time.perf_counter()
     trainer = trainer_for(train_toml, out, **{"data.sampling": "uniform", **overrides})
+    open_s, open_requests = time.perf_counter() - began, proxy.requests
     loader = trainer.make_loader()
     proxy.reset()
     began = time.perf_counter()
@@ -149,25 +152,25 @@ def measure(train_toml: Path, out: Path, proxy: DelayingProxy, batches: int,
     del iterator
     return {"rate": samples / seconds, "samples": samples, "requests": proxy.requests,
             "bytes": proxy.bytes_down, "startup_s": startup_s,
-            "startup_requests": startup_requests, "first_batch": trainer.local_batch}
+            "startup_requests": startup_requests, "first_batch": trainer.local_batch,
+            "open_s": open_s, "open_requests": open_requests}
 
 
-def projection(start_requests: float, pairs: int, teachers: int) -> str:
-    """DUNE's full mix on N nodes, on paper (docs/benchmarks.md). `start_requests`: what one
-    worker's start of a pass asked of the store in this run, over the mix's `pairs` (dataset,
-    teacher) pairs."""
+def projection(open_requests: float, pairs: int, teachers: int) -> str:
+    """DUNE's full mix on N nodes, on paper (docs/benchmarks.md). `open_requests`: what opening
+    the run asked of the store in this run, over the mix's `pairs` (dataset, teacher) pairs."""
     images, views, total_tb, mix_pairs = 20.7e6, 4, 147.0, 19 * teachers
     per_sample = total_tb * 1e12 / (images * views)
     rate, disk_tb, nic_gbit, per_shard = 3200.0, 15.0, 100.0, 256
     objects = teachers + 1  # a token object per teacher and the chunk of view rows
     per_used = objects * views / per_shard  # an epoch draws one view per image
-    start = start_requests * mix_pairs / pairs
+    start = open_requests * mix_pairs / pairs
     lines = [
         f"Projection on paper to DUNE's full mix: {images / 1e6:.1f} M images x {views} views "
         f"= {images * views / 1e6:.1f} M samples, {total_tb:.0f} TB int8, so "
         f"{per_sample / 1e6:.2f} MB of tokens per sample ({teachers} teachers). A pass over "
-        "the mix draws one view per image (DUNE's epochs are 1.28 M images; a pass is 16 of "
-        f"them). Assumed per node (not measured here): 8 GPUs at 400 images/s each "
+        "the mix draws one view per image (DUNE's epochs are 1.28 M images; a pass is about "
+        "16 of them). Assumed per node (not measured here): 8 GPUs at 400 images/s each "
         f"({rate:,.0f} images/s), {disk_tb:.0f} TB of local NVMe for the shard cache, a "
         f"{nic_gbit:.0f} Gb/s NIC. Requests per sample used are ({teachers} token objects + 1 "
         f"view-row chunk) x {views} views / samples per shard: {objects * views / 64:.2f} at "
@@ -206,12 +209,12 @@ def projection(start_requests: float, pairs: int, teachers: int) -> str:
               "per node does not (the loader would run at ~1/2 of the GPUs' rate). Requests are "
               "not the bound: hundreds per second per node.",
               "",
-              f"The start of a pass scales with the (dataset, teacher) pairs, not the samples: "
-              f"here a worker asked {start_requests:.0f} requests of the store for {pairs} pairs "
-              f"(zarr metadata, calibration, done marks), so about {start:,.0f} for DUNE's "
-              f"{mix_pairs} pairs, {start * 0.02:.0f}-{start * 0.05:.0f} s at 20-50 ms each, per "
-              "worker and run (persistent workers: not per pass). It is not in the rate or the "
-              "requests per sample above."]
+              f"Opening a run scales with the (dataset, teacher) pairs, not the samples: here "
+              f"it asked {open_requests:.0f} requests of the store for {pairs} pairs (zarr "
+              f"metadata, calibration, done marks, statuses), so about {start:,.0f} for DUNE's "
+              f"{mix_pairs} pairs, {start * 0.02:.0f}-{start * 0.05:.0f} s at 20-50 ms each, "
+              "once per rank and run (forked workers inherit it), plus the statuses, 1 byte per "
+              "sample (83 MB). It is not in the rate or the requests per sample above."]
     return "\n".join(lines)
 
 
@@ -291,6 +294,7 @@ def main() -> None:
                      f"{r['rate'] / local:.2f}x",
                      f"{r['requests'] / r['samples']:.4f}" if remote else "-",
                      f"{r['bytes'] / (r['samples'] * used):.2f}" if remote else "-",
+                     f"{r['open_s']:.1f} s, {r['open_requests']:.0f}",
                      f"{r['startup_s']:.1f} s, {r['startup_requests']:.0f}",
                      f"{whole:.3f}" if remote else "-"])
     aware = [label for label in results if "shard-aware" in label]
@@ -319,6 +323,7 @@ def main() -> None:
         "",
         markdown_table(["loader", "images/s (median)", "slowest - fastest round",
                         "vs local disk", "requests per sample", "bytes fetched per byte used",
+                        "opening the run: time, requests",
                         "start of the pass: time, requests",
                         "requests per sample, start included"],
                        rows),
@@ -329,11 +334,12 @@ def main() -> None:
         "(one request each), by the prefetcher in the main process, and read locally by the "
         "workers; the cold rows fetch during the measure, the warm rows find everything local. "
         "A shard holds 2 views of its images and a pass draws one, so bytes fetched per byte "
-        "used are about 2 cold (the other views stay for the next pass). The start of a pass "
-        "is the workers' reopening of the cache (zarr metadata, calibration, done marks: "
-        "hundreds of small requests at the added latency, the same for every row) and is paid "
-        "once per run, not per pass (persistent workers): the last column counts it in, for "
-        "this mix's short pass.",
+        "used are about 2 cold (the other views stay for the next pass). Opening the run "
+        "reads the cache's metadata once per rank (zarr metadata, statuses, calibration, done "
+        "marks; small requests at the added latency); forked workers go on with it, so the "
+        "start of a pass asks the store only for the first batches' shards (cold) or nothing "
+        "(warm). Both are paid once per run, not per pass (persistent workers); the last "
+        "column counts the start in, for this mix's short pass.",
         "",
         (f"**Goal {'met' if met else 'not met'}** (shard-aware from S3 >= 0.8x local disk with "
          f"<= 1/16 = 0.0625 request per sample, judged on the "
@@ -341,7 +347,7 @@ def main() -> None:
          f"disk, at most {worst_requests:.4f} requests per sample in the pass after its start."
          + ("" if aware else " The shard-aware rows were not measured (`--shard-window 0`).")),
         "",
-        projection(warm["startup_requests"] / args.workers, pairs, 3),
+        projection(warm["open_requests"], pairs, 3),
     ])
     if args.no_write:
         print(body)
