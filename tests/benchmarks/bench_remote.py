@@ -303,6 +303,7 @@ def main() -> None:
     worst_requests = max(results[label]["requests"] / results[label]["samples"]
                          for label in judged)
     met = worst_ratio >= 0.8 and worst_requests <= 1 / 16
+    noise = max((hi - lo) / results[label]["rate"] for label, (lo, hi) in spread.items())
     warm = results[judged[-1]]
     pairs = sum(len(t) for t in _pairs(cache).values())
     body = "\n".join([
@@ -345,7 +346,10 @@ def main() -> None:
          f"<= 1/16 = 0.0625 request per sample, judged on the "
          f"{'shard-aware' if aware else 'shard cache'} rows): worst {worst_ratio:.2f}x local "
          f"disk, at most {worst_requests:.4f} requests per sample in the pass after its start."
-         + ("" if aware else " The shard-aware rows were not measured (`--shard-window 0`).")),
+         + ("" if aware else " The shard-aware rows were not measured (`--shard-window 0`).")
+         + f" The rounds of one row differ by up to {noise:.0%} of its median on this shared "
+         "machine: ratios that close to 1.00x are ties, and a remote row above 1.00x is noise, "
+         "not a store faster than the disk."),
         "",
         projection(warm["open_requests"], pairs, 3),
     ])
