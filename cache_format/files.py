@@ -5,6 +5,7 @@ Also `BufferPool`, which recycles the large output arrays of batch reads.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import sys
@@ -223,9 +224,21 @@ class FsspecFiles:
     names the object."""
 
     def __init__(self, fs: Any, root: str, retry: RetryPolicy = RetryPolicy()) -> None:
-        self.fs = fs
+        self._fs = (os.getpid(), fs)
         self.root = root.rstrip("/")
         self.retry = retry
+
+    @property
+    def fs(self) -> Any:
+        """The filesystem, made anew on first use in a forked child: asynchronous ones (s3fs,
+        gcsfs) refuse to run in another process (fsspec's instance cache is per process, so
+        the child's is its own). Made on use, not in a fork hook: a hook that starts the
+        child's IO thread leaves it unusable."""
+        pid, fs = self._fs
+        if pid != os.getpid():
+            fs = type(fs)(*fs.storage_args, **fs.storage_options)
+            self._fs = (os.getpid(), fs)
+        return fs
 
     def describe(self, key: str) -> str:
         """The URL-ish path of `key`, for messages."""
@@ -262,13 +275,25 @@ class FsspecFiles:
     def read_all(self, key: str) -> bytes | None:
         """The whole object `key` in one request (None when it does not exist)."""
         path = f"{self.root}/{key}"
+
+        def whole() -> bytes:
+            # An open range from 0: without a range, s3fs asks for the size first (a second
+            # request) to split large objects into parallel parts. An empty object refuses
+            # any range (HTTP 416, EINVAL here): then it is asked for without one.
+            try:
+                return self.fs.cat_file(path, start=0)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                return self.fs.cat_file(path)
+
         try:
-            return self._call(key, lambda: self.fs.cat_file(path))
+            return self._call(key, whole)
         except FileNotFoundError:
             return None
 
     def reinit_after_fork(self) -> None:
-        """Nothing to reset: fsspec filesystems handle forks themselves."""
+        """Nothing to do now: the child makes its filesystem on first use (`fs`)."""
 
     def close(self) -> None:
         """Nothing to close."""

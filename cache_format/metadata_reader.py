@@ -21,11 +21,12 @@ from cache_format import layout, shards
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheNotFoundError, ConfigError
 from cache_format.files import files_for, tree_nbytes, tree_sizes
-from cache_format.locations import is_url
-from cache_format.manifest import Manifest
+from cache_format.locations import is_url, local_path
+from cache_format.manifest import MANIFEST_SHA_ATTR, Manifest
 from cache_format.pairmeta import PairMeta
 from cache_format.records import OpenSettings
 from cache_format.sample_index import SampleIndex
+from cache_format.shard_cache import ShardCacheSpec, cache_namespace
 from cache_format.stats import ChannelStats, merge_all
 from cache_format.v1 import V1PairMeta, V1SampleIndex
 
@@ -36,7 +37,7 @@ class MetadataReader:
 
     def __init__(self, group: zarr.Group, manifest: Manifest, location: str,
                  settings: OpenSettings | None = None) -> None:
-        self._group = group
+        self._opened: tuple[int, zarr.Group] = (os.getpid(), group)
         self.manifest = manifest
         self.location = location
         self.settings = settings or OpenSettings()
@@ -48,6 +49,27 @@ class MetadataReader:
         self._num_samples: dict[str, int] = {}
         self._pair_metas: dict[tuple[str, str], PairMeta | V1PairMeta] = {}
         self._meta_files: Any = None
+
+    @property
+    def _group(self) -> zarr.Group:
+        """The cache's root group, opened again in a forked child on first use there (its store
+        client may not survive a fork: s3fs's refuses to run in another process)."""
+        pid, group = self._opened
+        if pid != os.getpid():
+            group = zarr.open_group(self.source, mode="r", zarr_format=3,
+                                    storage_options=self.settings.storage_options)
+            self._opened = (os.getpid(), group)
+        return group
+
+    def after_fork(self) -> None:
+        """Go on using this reader in a forked child (a DataLoader worker) without reading again
+        what the parent read: the manifest, sample indexes and their statuses, and what
+        subclasses keep (token layouts, read plans, calibration, done marks) stay. Pair
+        metadata readers, bound to the parent's store clients, are dropped and made again on
+        use; the root group is opened again on first use (`_group`); indexes and the token
+        reader renew their files and locks in their own fork hooks."""
+        self._pair_metas = {}
+        self._meta_files = None
 
     # -- what is there -----------------------------------------------------------------------
     @property
@@ -122,9 +144,19 @@ class MetadataReader:
                 storage_options=self.settings.storage_options,
                 cache_bytes=self.settings.sample_index_cache_bytes,
                 threads=self.settings.threads, num_samples=self.num_samples(dataset),
-                source_fingerprint=self.manifest.datasets[dataset].source_fingerprint)
+                source_fingerprint=self.manifest.datasets[dataset].source_fingerprint,
+                shard_cache=self._shard_cache())
             self._indexes[dataset] = index
         return index
+
+    def _shard_cache(self) -> ShardCacheSpec | None:
+        """The node's local shard cache of a remote cache opened with one (reader.open_cache:
+        the same folder and namespace as the token shards' copies), else None."""
+        if not self.settings.shard_cache_dir or local_path(self.source) is not None:
+            return None
+        return ShardCacheSpec(self.settings.shard_cache_dir, self.settings.shard_cache_bytes,
+                              cache_namespace(self.location,
+                                              self._group.attrs.get(MANIFEST_SHA_ATTR)))
 
     def calibration(self, dataset: str, teacher: str, tok: str
                     ) -> tuple[torch.Tensor, torch.Tensor] | None:

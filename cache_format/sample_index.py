@@ -5,18 +5,14 @@ per process, and an object array of Python strings is the classic fork trap: eve
 worker that touches a key writes its refcount and so copies the page. So `SampleIndex` keeps in
 memory only the statuses (1 byte per sample, a read-only numpy array whose pages stay shared
 after a fork) and reads keys and view parameters when asked, one chunk at a time, straight from
-the chunk files through `files.py` and `plainread.py` (zarr-python's `array[i]` costs about a
+the chunk files through `index_chunks.py` (zarr-python's `array[i]` costs about a
 millisecond per call). A few decoded chunks stay in a small LRU bounded in bytes; key chunks are
 kept as numpy `StringDType` arrays, so no Python object per key (or per sample) outlives a call.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,22 +25,17 @@ from cache_format.errors import (
     CacheVersionError,
     ConfigError,
 )
-from cache_format.files import Files, files_for
+from cache_format.index_chunks import IndexChunks
 from cache_format.locations import local_path
 from cache_format.manifest import STATUS_OK
-from cache_format.plainread import STRINGS, ChunkCache, PlainArray, read_chunk
+from cache_format.plainread import STRINGS, PlainArray
+from cache_format.shard_cache import ShardCacheSpec
 
 #: Default bound on the decoded chunks an index keeps (an estimate of their bytes).
 DEFAULT_CACHE_BYTES = 8 << 20
-#: Chunks read per call when a whole array is loaded with threads (status, `keys`, `verify`).
-_THREADED_FROM = 16
 
 
-#: Live indexes, given fresh locks in a forked child (see _reset_after_fork).
-_INDEXES: weakref.WeakSet[SampleIndex] = weakref.WeakSet()
-
-
-class SampleIndex:
+class SampleIndex(IndexChunks):
     """A dataset's sample index: sample s is image s // V (key `key_of(s)`), view s % V.
 
     Statuses are read once (on first use) and kept: `status`, `ok`. Keys and view parameters are
@@ -61,7 +52,7 @@ class SampleIndex:
                  view_param_names: Sequence[str], location: str,
                  storage_options: Mapping[str, Any] | None = None,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, threads: int = 4,
-                 source_fingerprint: str = "") -> None:
+                 source_fingerprint: str = "", shard_cache: ShardCacheSpec | None = None) -> None:
         self.dataset = dataset
         self.views_per_image = int(views_per_image)
         self.view_param_names = tuple(view_param_names)
@@ -73,6 +64,8 @@ class SampleIndex:
         self.storage_options = dict(storage_options) if storage_options else None
         self.cache_bytes = int(cache_bytes)
         self.threads = max(1, int(threads))
+        #: The node's local shard cache (a remote cache): view rows are read through it.
+        self.shard_cache = shard_cache
         self._arrays = dict(arrays)
         self._check_shapes()
         self._init_state()
@@ -82,6 +75,9 @@ class SampleIndex:
                                layout.STATUSES, layout.SUMMARY, layout.INDEX_META)
     #: The array whose length is the number of samples.
     STATUS_ARRAY = layout.STATUSES
+    #: View rows, rewritten identically if ever (a repair replays the same views), travel with
+    #: their token shard through the local shard cache; statuses and marks may change.
+    CACHED = (layout.INDEX_ROWS,)
 
     @classmethod
     def from_group(cls, group: zarr.Group, dataset: str, *, num_samples: int | None = None,
@@ -101,11 +97,8 @@ class SampleIndex:
         return index
 
     def _init_state(self) -> None:
-        self._files: Files | None = None
         self._status: np.ndarray | None = None
-        self._cache = ChunkCache(self.cache_bytes)
-        self._lock = threading.Lock()
-        _INDEXES.add(self)
+        self._init_io()
 
     def _check_shapes(self) -> None:
         offsets, text, rows, status = (self._arrays[n] for n in (
@@ -136,24 +129,11 @@ class SampleIndex:
         # Open files, locks and the chunk cache do not travel; statuses are read again on use.
         return {name: self.__dict__[name] for name in (
             "dataset", "views_per_image", "view_param_names", "location", "storage_options",
-            "cache_bytes", "threads", "_arrays", "source_fingerprint")}
+            "cache_bytes", "threads", "_arrays", "source_fingerprint", "shard_cache")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_state()
-
-    def _after_fork(self) -> None:
-        self._lock = threading.Lock()
-        self._cache.after_fork()
-        if self._files is not None:
-            self._files.reinit_after_fork()
-
-    def close(self) -> None:
-        """Close the files this index opened (it reopens them if used again)."""
-        with self._lock:
-            files, self._files = self._files, None
-        if files is not None:
-            files.close()
 
     # -- what callers use --------------------------------------------------------------------
     @property
@@ -185,6 +165,20 @@ class SampleIndex:
         """Image key of `sample`."""
         rows = self._rows([sample], self.num_samples, "sample")
         return self.keys_of(rows // self.views_per_image)[0]
+
+    def fill_shard_cache(self, start: int, stop: int) -> bool:
+        """Fetch the view-row chunks of samples [start, stop) (a token shard's) into the local
+        shard cache, ahead of the reads that need them (a prefetcher calls this). False, doing
+        nothing, without a shard cache."""
+        cached = self._cached_files()
+        rows = self._arrays.get(layout.INDEX_ROWS)
+        stop = min(stop, self.num_samples)
+        if cached is None or rows is None or stop <= start:
+            return False
+        per = rows.rows_per_chunk
+        for chunk in range(start // per, (stop - 1) // per + 1):
+            cached.fill(rows.chunk_key(chunk))
+        return True
 
     def summary(self) -> np.ndarray | None:
         """The dataset's `summary` row [1, samples per status code] once its index is complete
@@ -357,75 +351,6 @@ class SampleIndex:
                               f"found {int(rows.min())}..{int(rows.max())}")
         return rows
 
-    def _by_chunk(self, array: PlainArray, rows: np.ndarray
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(decoded chunk, positions in `rows`, rows within the chunk) per distinct chunk that
-        `rows` touch, each chunk cached or read once."""
-        per_chunk = array.rows_per_chunk
-        chunks = rows // per_chunk
-        if rows.size == 0:
-            return
-        if rows.size == 1:
-            chunk = int(chunks[0])
-            yield self._chunk(array, chunk), np.zeros(1, np.int64), rows - chunk * per_chunk
-            return
-        order = np.argsort(chunks, kind="stable")
-        ordered = chunks[order]
-        starts = np.flatnonzero(np.diff(ordered, prepend=-1)).tolist()
-        for start, stop in zip(starts, [*starts[1:], rows.size], strict=True):
-            chunk = int(ordered[start])
-            where = order[start:stop]
-            yield self._chunk(array, chunk), where, rows[where] - chunk * per_chunk
-
-    def _chunk(self, array: PlainArray, chunk: int) -> np.ndarray:
-        """Decoded chunk `chunk` of `array`, through the LRU."""
-        key = (array.path, chunk)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit, cost = self._read_chunk(array, chunk)
-            self._cache.put(key, hit, cost)
-        return hit
-
-    def _load(self, array: PlainArray) -> np.ndarray:
-        """The whole array, chunk by chunk (bypassing the LRU, so that it keeps its chunks)."""
-        out = np.empty(array.shape, dtype=array.dtype)
-        per_chunk, n = array.rows_per_chunk, array.shape[0]
-
-        def fill(chunk: int) -> None:
-            start, stop = shards.shard_bounds(chunk, n, per_chunk)
-            out[start:stop] = self._read_chunk(array, chunk)[0][: stop - start]
-
-        self._map(fill, list(range(array.num_chunks)))
-        return out
-
-    def _map(self, work: Any, jobs: list[Any]) -> None:
-        """Run `work` on every job: on a few threads when there are many (positional reads
-        and checksums release the GIL), so that loading a large status array takes seconds."""
-        if self.threads == 1 or len(jobs) < _THREADED_FROM:
-            for job in jobs:
-                work(job)
-            return
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="dune-index-read") as pool:
-            for _ in pool.map(work, jobs):
-                pass
-
-    def _files_(self) -> Files:
-        files = self._files
-        if files is None:
-            with self._lock:
-                if self._files is None:
-                    # No fd kept open: the index arrays are one small file per shard (millions
-                    # at scale), each read about once (decoded chunks are cached instead).
-                    self._files = files_for(self.location, self.storage_options, max_open=0)
-                files = self._files
-        return files
-
-    def _read_chunk(self, array: PlainArray, chunk: int) -> tuple[np.ndarray, int]:
-        """Chunk `chunk` of `array` decoded (see plainread.read_chunk), not cached. A missing
-        chunk that the metadata says was written is damage (`_chunk_required`)."""
-        return read_chunk(self._files_(), array, chunk, self._fix_hint(array, chunk),
-                          lambda: self._chunk_required(array, chunk))
-
     def _chunk_required(self, array: PlainArray, chunk: int) -> bool:
         """Whether chunk `chunk` of `array` must exist (asked only when its file is missing).
 
@@ -452,10 +377,3 @@ class SampleIndex:
         return "rebuild the cache, or `dune-cache upgrade` again if it was upgraded"
 
 
-def _reset_after_fork() -> None:
-    """Runs in a forked child: locks held by the parent's other threads would never be freed."""
-    for index in list(_INDEXES):
-        index._after_fork()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)

@@ -14,10 +14,14 @@ All state is on disk, nothing is held only in one process's memory:
   a reader never sees a half-written copy; concurrent fills of one shard are serialized by a
   lock (an in-process lock, then `fcntl.lockf` on one of 256 lock files chosen by the key's
   hash, across processes): the second filler finds the copy there and fetches nothing;
-- recency is the file's mtime, touched at most once a second per process and shard; after a
-  fill, the process that wins the eviction lock lists the folder and unlinks the oldest copies
-  until the folder holds at most `max_bytes` (the copy just filled is kept). Nothing counts
-  bytes in memory, so no count drifts between processes;
+- recency is the file's mtime, touched at most once a second per process and shard. The
+  folder's bytes are a counter in a small file (`.locks/usage`, 8 bytes, updated under a file
+  lock): a fill adds its size before renaming its copy into place. Only when the counter passes
+  `max_bytes` does the process that wins the eviction lock list the folder, unlink the oldest
+  copies until it holds at most `max_bytes` (the copy just filled is kept) and set the counter
+  to what the listing found. So a fill costs a few syscalls, not a walk of the folder (a node's
+  share of DUNE's mix is about 10^5 shard files), and the count cannot drift for long: a fill
+  that dies after counting over-counts, which only brings the next listing earlier;
 - eviction unlinks a file that another process may be reading: on POSIX an open file survives
   its unlink (the reader keeps its fd and reads the old bytes; the space is freed when the last
   fd closes: each process keeps at most `MAX_OPEN_COPIES` copies open, so the disk may hold
@@ -39,6 +43,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cache_format.errors import ConfigError
 from cache_format.files import FsspecFiles, LocalFiles
@@ -55,6 +60,20 @@ _TMP_PREFIX = ".tmp-"
 #: bound (a window of shards per teacher is what a worker reads at a time).
 MAX_OPEN_COPIES = 64
 _LOCKS = ".locks"
+#: The folder's byte counter, in the locks folder (so that no listing counts it).
+_USAGE = "usage"
+
+
+class _ProcessLocks:
+    """The in-process locks of one shard cache folder: one per key stripe, one for eviction."""
+
+    def __init__(self) -> None:
+        self.stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
+        self.evicting = threading.Lock()
+
+
+#: Every folder's locks in this process (cleared in a forked child: see the module's end).
+_PROCESS_LOCKS: dict[str, _ProcessLocks] = {}
 
 
 def cache_namespace(location: str, manifest_sha: str | None) -> str:
@@ -77,13 +96,22 @@ class DiskShardCache:
         self.max_bytes = int(max_bytes)
         os.makedirs(os.path.join(self.root, _LOCKS), exist_ok=True)
         self._touched: dict[str, float] = {}
-        self.reinit_after_fork()
+
+    @property
+    def _locks(self) -> _ProcessLocks:
+        # One set per folder and process, shared by every instance on the folder: file locks
+        # are per process, so two instances with locks of their own would not exclude each
+        # other (the reader's token copies and the sample index's view rows share a folder).
+        locks = _PROCESS_LOCKS.get(self.root)
+        if locks is None:
+            locks = _PROCESS_LOCKS.setdefault(self.root, _ProcessLocks())
+        return locks
 
     def reinit_after_fork(self) -> None:
         """Fresh in-process locks (a lock held by another thread at fork time stays held in
-        the child); file locks are per process and are not inherited."""
-        self._stripes = [threading.Lock() for _ in range(_LOCK_STRIPES)]
-        self._evicting = threading.Lock()
+        the child; the fork hook drops every folder's set); file locks are per process and are
+        not inherited."""
+        _PROCESS_LOCKS.pop(self.root, None)
 
     def path(self, key: str) -> str:
         """The local copy's path."""
@@ -95,7 +123,7 @@ class DiskShardCache:
     def _locked(self, key: str, work: Callable[[], object]) -> object:
         """Run `work` holding the key's lock in this process and across processes."""
         stripe = self._stripe(key)
-        with self._stripes[stripe]:
+        with self._locks.stripes[stripe]:
             fd = os.open(os.path.join(self.root, _LOCKS, f"{stripe:03d}"),
                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -135,17 +163,35 @@ class DiskShardCache:
             try:
                 with open(tmp, "wb") as out:
                     out.write(data)
+                # Counted before the rename, so that a copy in place is never left uncounted.
+                usage[0] = self._count(lambda n: n + len(data))
                 os.replace(tmp, path)
             except BaseException:  # a full disk, an interrupt: leave no temporary file
                 _unlink_quietly(tmp)
                 raise
             return True
 
+        usage = [0]
         if not self._locked(key, fill_locked):
             return False
         self._touched[key] = time.monotonic()
-        self.evict(keep=path)
+        if usage[0] > self.max_bytes:
+            self.evict(keep=path)
         return True
+
+    def _count(self, update: Callable[[int], int]) -> int:
+        """Replace the folder's byte counter by `update(counter)`, under its file lock (one
+        read-modify-write across processes); returns the new count."""
+        fd = os.open(os.path.join(self.root, _LOCKS, _USAGE),
+                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 8, 0)
+            count = max(0, update(int.from_bytes(raw, "little") if len(raw) == 8 else 0))
+            os.pwrite(fd, count.to_bytes(8, "little"), 0)
+            return count
+        finally:
+            os.close(fd)  # closing releases the lock
 
     def discard(self, key: str) -> None:
         """Remove the local copy of `key` (it was found damaged): the next fill fetches it."""
@@ -189,7 +235,8 @@ class DiskShardCache:
         (that one brings the folder under the bound; a copy renamed into place after its scan
         is counted by the next fill's pass, so the bound may be passed by a few shards in
         between)."""
-        if not self._evicting.acquire(blocking=False):
+        evicting = self._locks.evicting
+        if not evicting.acquire(blocking=False):
             return 0
         fd = os.open(os.path.join(self.root, _LOCKS, "evict"),
                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -198,6 +245,7 @@ class DiskShardCache:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 return 0
+            counted = self._count(lambda n: n)
             entries = self._entries(remove_stale=True)
             total = sum(size for _, _, size in entries)
             freed = 0
@@ -208,10 +256,13 @@ class DiskShardCache:
                     continue
                 _unlink_quietly(path)
                 freed += size
+            # What the listing found, plus what fills counted while it ran (a copy renamed in
+            # meanwhile may be in both: an over-count, which only brings the next listing on).
+            self._count(lambda n: total - freed + n - counted)
             return freed
         finally:
             os.close(fd)
-            self._evicting.release()
+            evicting.release()
 
 
 def _unlink_quietly(path: str) -> None:
@@ -219,6 +270,22 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+@dataclass(frozen=True)
+class ShardCacheSpec:
+    """Where the local copies of one remote cache's objects go: the node's folder, its bound in
+    bytes and the cache's namespace (`cache_namespace`). Picklable: a worker that unpickles a
+    sample index opens the same folder."""
+
+    directory: str
+    max_bytes: int
+    namespace: str
+
+    def files(self, remote: FsspecFiles, max_open: int = MAX_OPEN_COPIES) -> CachedFiles:
+        """`remote` read through this folder."""
+        return CachedFiles(remote, DiskShardCache(self.directory, self.max_bytes,
+                                                  self.namespace), max_open=max_open)
 
 
 class CachedFiles:
@@ -279,10 +346,14 @@ class CachedFiles:
         self.local.forget(key)
 
     def reinit_after_fork(self) -> None:
-        """Fresh locks in a forked child (a DataLoader worker)."""
+        """Fresh locks and store client in a forked child (a DataLoader worker)."""
+        self.remote.reinit_after_fork()
         self.local.reinit_after_fork()
         self.cache.reinit_after_fork()
 
     def close(self) -> None:
         """Close the cached fds of local copies."""
         self.local.close()
+
+
+os.register_at_fork(after_in_child=_PROCESS_LOCKS.clear)

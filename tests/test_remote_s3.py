@@ -164,3 +164,6 @@ def test_training_reads_the_cache_from_the_bucket(
     if shard_cache:  # both token shards of rooms/dino were read through the local cache
         copies = [p for p in shards.rglob("*") if p.is_file() and "/tokens/c/" in p.as_posix()]
         assert len(copies) == 2
+        # and the view rows of both shards traveled with them (one chunk per index shard)
+        rows = [p for p in shards.rglob("*") if p.is_file() and "/index_rows/c/" in p.as_posix()]
+        assert len(rows) == 2

@@ -27,6 +27,7 @@ from train.config import DataConfig
 from train.shard_prefetch import ShardPrefetchSampler
 
 TOKENS = "/tokens/c/"
+ROWS = "/index_rows/c/"
 SAMPLES = 10 * 2  # tiny_manifest: 2 views per image, 4 samples per shard -> 5 shards
 
 
@@ -35,11 +36,14 @@ class CountingFileSystem(MemoryFileSystem):
 
     protocol = "dunetestcount"
     token_reads = 0
+    row_reads = 0  # of view-row chunks
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None,
                  **kwargs: object) -> bytes:
         if TOKENS in path:
             type(self).token_reads += 1
+        if ROWS in path:
+            type(self).row_reads += 1
         return super().cat_file(path, start=start, end=end, **kwargs)
 
 
@@ -84,6 +88,7 @@ def test_reads_through_the_cache_equal_direct_reads_and_fetch_each_shard_once(
 def test_a_damaged_local_copy_is_fetched_again(remote: str, tmp_path: Path) -> None:
     with open_cache(remote) as direct:
         want = _tokens(direct, list(range(SAMPLES)))
+        want_rows = direct.index("ds").view_params_of([0, 1])
     with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached:
         _tokens(cached, list(range(SAMPLES)))
     first, second = _copies(tmp_path)[:2]
@@ -91,10 +96,18 @@ def test_a_damaged_local_copy_is_fetched_again(remote: str, tmp_path: Path) -> N
     data[20] ^= 0xFF  # a chunk's payload: its crc32c no longer matches
     first.write_bytes(bytes(data))
     second.write_bytes(second.read_bytes()[:-10])  # truncated: the index checksum fails
-    CountingFileSystem.token_reads = 0
+    with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached:
+        cached.index("ds").view_params_of([0])  # a local copy of view-row chunk 0
+    rows = next(p for p in tmp_path.rglob("*") if p.is_file() and ROWS in p.as_posix())
+    damaged = bytearray(rows.read_bytes())
+    damaged[3] ^= 0xFF
+    rows.write_bytes(bytes(damaged))
+    CountingFileSystem.token_reads = CountingFileSystem.row_reads = 0
     with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached:
         np.testing.assert_array_equal(_tokens(cached, list(range(SAMPLES))), want)
+        np.testing.assert_array_equal(cached.index("ds").view_params_of([0, 1]), want_rows)
     assert CountingFileSystem.token_reads == 2
+    assert CountingFileSystem.row_reads == 1  # the damaged view-row copy, fetched again
     namespace = next(tmp_path.iterdir())
     for copy in (first, second):  # the copies were replaced by fresh ones
         key = f"{remote}/{copy.relative_to(namespace).as_posix()}"
@@ -169,6 +182,7 @@ def test_prefetch_fills_the_shards_ahead_of_the_reads(remote: str, tmp_path: Pat
             return 0, item // 4
 
         def fill_shard_cache(self, dataset: int, shard: int) -> None:
+            self.reader.index("ds").fill_shard_cache(shard * 4, shard * 4 + 4)
             self.reader.fill_shard_cache("ds", shard, ["t1"])
 
     items = Items()
@@ -177,10 +191,14 @@ def test_prefetch_fills_the_shards_ahead_of_the_reads(remote: str, tmp_path: Pat
     assert list(sampler) == order
     sampler.close()
     assert sampler.fetched == 4 and len(_copies(tmp_path)) == 4
-    CountingFileSystem.token_reads = 0
+    CountingFileSystem.token_reads = CountingFileSystem.row_reads = 0
     with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as worker:
         _tokens(worker, order)
+        rows = worker.index("ds").view_params_of(order)
     assert CountingFileSystem.token_reads == 0
+    assert CountingFileSystem.row_reads == 0  # the view rows traveled with their shards
+    with open_cache(remote) as direct:
+        np.testing.assert_array_equal(rows, direct.index("ds").view_params_of(order))
     items.reader.close()
 
 

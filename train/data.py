@@ -23,8 +23,9 @@ them per image and epoch. `collate_cached` (train/batch.py) stacks items into a 
 
 Memory: the item table is per image, not per sample (`train.item_table`: under 2 bytes per
 sample at 6 views per image). No whole [N, P] view array is held either: stored view rows are
-read per batch through the reader's `SampleIndex.view_params_of`. Workers reopen the cache with
-the parent reader's `settings` (fsspec storage options, threads, checksum policy).
+read per batch through the reader's `SampleIndex.view_params_of`. Forked workers go on with the
+parent's reader and what it read (`_reader`); spawned ones reopen the cache with the parent
+reader's `settings` (fsspec storage options, threads, checksum policy).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class CacheTrainData(Dataset):
         self.fingerprint_datasets = tuple(
             name for name, on in zip(self.dataset_names, self._checked, strict=True) if on)
         self._build_item_tables(heldout_images, split_seed)
+        self._read_metadata()
 
     # -- construction helpers -----------------------------------------------------------------
     def _check_student(
@@ -235,21 +237,36 @@ class CacheTrainData(Dataset):
 
     def fill_shard_cache(self, dataset: int, shard: int) -> None:
         """Fetch a token shard of dataset id `dataset` into the reader's local shard cache
-        (`train.shard_prefetch`), for this run's teachers of that dataset."""
-        part = self._parts[dataset]
+        (`train.shard_prefetch`), for this run's teachers of that dataset, and the chunk of
+        view rows its samples replay, so that a worker reads both locally."""
+        part, reader = self._parts[dataset], self._reader()
+        sps = self.manifest.samples_per_shard
+        reader.index(part.name).fill_shard_cache(shard * sps, (shard + 1) * sps)
         if self.read_tokens and part.teachers:
-            self._reader().fill_shard_cache(part.name, shard, part.teachers)
+            reader.fill_shard_cache(part.name, shard, part.teachers)
 
     # -- items ------------------------------------------------------------------------------
     def _reader(self) -> CacheReader:
-        # File handles and thread pools do not survive a fork: each worker opens its own, the
-        # way the parent's reader was opened (CacheReader.reopen: storage options, threads,
-        # checksum policy), and frees its copies of the parent's fds.
+        # A forked worker goes on with the parent's reader: what the parent read (statuses,
+        # layouts, read plans, calibration, done marks) is not read again, which from an
+        # object store is hundreds of requests per worker; thread pools, locks and store
+        # clients, which do not survive a fork, are made anew (MetadataReader.after_fork and
+        # the fork hooks of the index and token readers). Inherited fds stay valid for
+        # positional reads.
         if self._reader_pid != os.getpid():
-            inherited, self.reader = self.reader, self.reader.reopen()
-            inherited.close()
+            self.reader.after_fork()
             self._reader_pid = os.getpid()
         return self.reader
+
+    def _read_metadata(self) -> None:
+        """Read now, in the process that makes the DataLoader, what every worker's token reads
+        need (layouts, read plans, calibration, done marks: a read of no sample), so that a
+        forked worker inherits it instead of asking the store again."""
+        if not self.read_tokens:
+            return
+        for part in self._parts:
+            if part.teachers:
+                self.reader.read_encoded(part.name, [], list(part.teachers))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A spawned worker: the reader pickles as a reopen, so it was just opened here.

@@ -8,8 +8,11 @@ workers, which read the same folder, then find those shards local.
 
 At most `shards_ahead` shards are fetched ahead of the item that first needs them (counted from
 the items already handed to the DataLoader), so that prefetching cannot evict the shards the
-workers still need as long as the shard cache holds more than that. A failed prefetch is only
-logged: the worker that needs the shard fetches it itself, and reports a failure properly.
+workers still need as long as the shard cache holds more than that. `fill_threads` threads
+fetch at once, in the order of the epoch: an object store's first-byte latency (tens of
+milliseconds per request) would otherwise bound one thread to a few dozen objects a second,
+fewer than the workers use. A failed prefetch is only logged: the worker that needs the shard
+fetches it itself, and reports a failure properly.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from cache_format.errors import ConfigError
 #: returning to shards already fetched).
 _MAX_ITEMS_AHEAD = 1 << 16
 _STOP = object()
+#: Shards fetched at once: enough to hide a 20-50 ms first-byte latency at a few hundred
+#: samples a second per node (docs/benchmarks.md, bench_remote).
+FILL_THREADS = 4
 
 log = logging.getLogger("dune.train")
 
@@ -44,24 +50,29 @@ class ShardedItems(Protocol):
 class ShardPrefetchSampler(Sampler[int]):
     """Yields `sampler`'s items unchanged, fetching their shards `shards_ahead` shards early."""
 
-    def __init__(self, sampler: Sampler[int], data: ShardedItems, shards_ahead: int) -> None:
+    def __init__(self, sampler: Sampler[int], data: ShardedItems, shards_ahead: int,
+                 fill_threads: int = FILL_THREADS) -> None:
         if shards_ahead < 1:
             raise ConfigError(f"data.prefetch_shards: expected >= 1, found {shards_ahead}")
         self.sampler = sampler
         self.data = data
         self.shards_ahead = int(shards_ahead)
+        self.fill_threads = max(1, min(int(fill_threads), self.shards_ahead))
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self.fetched = 0  # shards the thread has filled (for tests and benchmarks)
+        self._threads: list[threading.Thread] = []
+        self._count = threading.Lock()
+        self.fetched = 0  # shards the threads have filled (for tests and benchmarks)
 
     def __len__(self) -> int:
         return len(self.sampler)  # type: ignore[arg-type]
 
     def _start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._fill_loop, name="dune-shard-prefetch",
-                                            daemon=True)
-            self._thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()]
+        while len(self._threads) < self.fill_threads:
+            thread = threading.Thread(target=self._fill_loop, name="dune-shard-prefetch",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def _fill_loop(self) -> None:
         while True:
@@ -71,7 +82,8 @@ class ShardPrefetchSampler(Sampler[int]):
             dataset, shard = job  # type: ignore[misc]
             try:
                 self.data.fill_shard_cache(dataset, shard)
-                self.fetched += 1
+                with self._count:
+                    self.fetched += 1
             except Exception as exc:  # the worker that needs the shard reports it properly
                 log.warning("shard prefetch of dataset %d shard %d failed: %s: %s",
                             dataset, shard, type(exc).__name__, exc)
@@ -112,8 +124,10 @@ class ShardPrefetchSampler(Sampler[int]):
             yield ahead.popleft()
 
     def close(self) -> None:
-        """Stop the fill thread (it finishes the shard it is fetching)."""
-        if self._thread is not None and self._thread.is_alive():
+        """Stop the fill threads (each finishes the shard it is fetching)."""
+        alive = [t for t in self._threads if t.is_alive()]
+        for _ in alive:
             self._queue.put(_STOP)
-            self._thread.join(timeout=60)
-        self._thread = None
+        for thread in alive:
+            thread.join(timeout=60)
+        self._threads = []
