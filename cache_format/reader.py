@@ -64,7 +64,8 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
     shard); `sample_index_cache_bytes`: decoded key / view-parameter chunks each `SampleIndex`
     keeps. `verify_checksums=False` skips the crc32c check of sample reads (shard indexes and
     the sample index are always checked): about 20-65 us per MB saved, by CPU (see
-    checksum.py), corruption then goes unnoticed, so keep the default unless `verify()` ran on this copy of the cache.
+    checksum.py), corruption then goes unnoticed, so keep the default unless `verify()` ran
+    on this copy of the cache.
     `shard_cache_dir` / `shard_cache_bytes`: a local folder of at most that many bytes that keeps
     whole token shard files of a remote cache (shard_cache.py; shared by the processes that
     name the same folder; ignored for a local cache, which is read in place). The reader
