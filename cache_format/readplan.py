@@ -19,7 +19,8 @@ from cache_format.records import EncodedTokens
 from cache_format.sharded_layout import ShardedLayout
 
 #: How many tensors share a storage (torch's own count; views and t.numpy() arrays add to it).
-#: Private to torch, so a torch without it makes every one-sample read wrap new tensors.
+#: Private to torch: without it no slot counts as free, so every one-sample read builds a new
+#: SampleSlot (buffers and tensors), slower but still correct.
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
 
