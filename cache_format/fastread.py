@@ -14,9 +14,10 @@ samples per second. This module reads what zarr wrote, the same bytes, without t
 The index of each shard file is read once (verified, cached), then every sample is fetched with
 one positional read (`os.preadv` scattering the chunk straight into the output arrays, one per
 record field, for local files; fsspec `cat_file(path, start, end)` for URLs), on a small thread
-pool for batches, and every chunk's crc32c is checked. Missing chunks read as the fill value,
-like zarr. A random read is one syscall and one checksum pass over the bytes plus a few
-microseconds of Python, so the hot path avoids per-call objects and locks.
+pool for batches, and every chunk's crc32c is checked (checksum.py: the fastest crc32c here on
+one thread; on the pool's threads, the fastest that releases the GIL). Missing chunks read as
+the fill value, like zarr. A random read is one syscall and one checksum pass over the bytes
+plus a few microseconds of Python, so the hot path avoids per-call objects and locks.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from numcodecs import Blosc, Zstd
 
 from cache_format.checksum import crc32c_extend as _crc_extend
 from cache_format.checksum import crc32c_value as _crc_value
+from cache_format.checksum import threaded_crc32c_extend as _crc_extend_threaded
+from cache_format.checksum import threaded_crc32c_value as _crc_value_threaded
 from cache_format.errors import REPAIR_DAMAGED, CacheCorruptionError
 from cache_format.files import Files, LocalFiles
 from cache_format.sharded_layout import ShardedLayout
@@ -180,7 +183,8 @@ class ShardReader:
                     if offset == _MISSING_INT:
                         _fill(outs, lay.fill_value)
                     else:
-                        self._read_chunk(files.fd(key), lay, sample, offset, nbytes, outs)
+                        self._read_chunk(files.fd(key), lay, sample, offset, nbytes, outs,
+                                         _crc_value, _crc_extend)
             finally:
                 files.end(token)
             return
@@ -211,24 +215,29 @@ class ShardReader:
             self.files.end(token)  # type: ignore[union-attr]
 
     def _run(self, items: list, work: Any) -> None:
+        """`work(items, threaded)`, on the calling thread or split over the pool's."""
         if self.threads == 1 or len(items) < 2:
-            work(items)
+            work(items, False)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dune-cache-read")
         n_parts = min(self.threads, len(items))
         parts = [items[i::n_parts] for i in range(n_parts)]
-        for future in [self._pool.submit(work, part) for part in parts]:
+        for future in [self._pool.submit(work, part, True) for part in parts]:
             future.result()
 
-    def _read_local(self, items: list) -> None:
+    def _read_local(self, items: list, threaded: bool) -> None:
         fd_of = self.files.fd  # type: ignore[union-attr]
+        value, extend = ((_crc_value_threaded, _crc_extend_threaded) if threaded
+                         else (_crc_value, _crc_extend))
         for layout, sample, key, offset, nbytes, rows in items:
-            self._read_chunk(fd_of(key), layout, sample, offset, nbytes, rows)
+            self._read_chunk(fd_of(key), layout, sample, offset, nbytes, rows, value, extend)
 
     def _read_chunk(self, fd: int | None, layout: ShardedLayout, sample: int, offset: int,
-                    nbytes: int, rows: Sequence[np.ndarray]) -> None:
-        """Read one local chunk into `rows` and check its crc32c."""
+                    nbytes: int, rows: Sequence[np.ndarray], crc_value: Callable[[Any], int],
+                    crc_extend: Callable[[int, Any], int]) -> None:
+        """Read one local chunk into `rows` and check its crc32c (with `crc_value` and
+        `crc_extend`: the calling thread's choice of implementation)."""
         if fd is None:
             self._corrupt(layout, sample // layout.samples_per_shard, sample,
                           "shard file vanished")
@@ -237,9 +246,9 @@ class ShardReader:
             crc = bytearray(4)
             ok = os.preadv(fd, [*rows, crc], offset) == nbytes  # type: ignore[arg-type]
             if ok and self.verify_checksums:
-                check = _crc_value(rows[0])
+                check = crc_value(rows[0])
                 for part in rows[1:]:
-                    check = _crc_extend(check, part)
+                    check = crc_extend(check, part)
                 ok = check == int.from_bytes(crc, "little")
             if ok:
                 return
@@ -248,12 +257,14 @@ class ShardReader:
         else:
             verify = self.verify_checksums
         self._decode_chunk(layout, sample // layout.samples_per_shard, sample,
-                           os.pread(fd, nbytes, offset), nbytes, rows, verify)  # type: ignore[arg-type]
+                           os.pread(fd, nbytes, offset), nbytes, rows, verify,  # type: ignore[arg-type]
+                           crc_value)
 
-    def _read_remote(self, items: list) -> None:
+    def _read_remote(self, items: list, threaded: bool) -> None:
+        crc_value = _crc_value_threaded if threaded else _crc_value
         for layout, sample, key, offset, nbytes, rows in items:
             try:
-                self._read_remote_chunk(layout, sample, key, offset, nbytes, rows)
+                self._read_remote_chunk(layout, sample, key, offset, nbytes, rows, crc_value)
             except CacheCorruptionError:
                 if not self._refetch(key):
                     raise
@@ -266,24 +277,28 @@ class ShardReader:
                 if offset == _MISSING_INT:
                     _fill(rows, layout.fill_value)
                 else:
-                    self._read_remote_chunk(layout, sample, key, offset, nbytes, rows)
+                    self._read_remote_chunk(layout, sample, key, offset, nbytes, rows,
+                                            crc_value)
 
     def _read_remote_chunk(self, layout: ShardedLayout, sample: int, key: str, offset: int,
-                           nbytes: int, rows: Sequence[np.ndarray]) -> None:
+                           nbytes: int, rows: Sequence[np.ndarray],
+                           crc_value: Callable[[Any], int]) -> None:
         shard = sample // layout.samples_per_shard
         raw = self.files.read(key, offset, nbytes)
         if raw is None:
             self._corrupt(layout, shard, sample, "shard object vanished")
         self._decode_chunk(layout, shard, sample, raw, nbytes, rows,  # type: ignore[arg-type]
-                           self.verify_checksums)
+                           self.verify_checksums, crc_value)
 
     def _decode_chunk(self, layout: ShardedLayout, shard: int, sample: int, raw: bytes,
-                      nbytes: int, rows: Sequence[np.ndarray], verify: bool = True) -> None:
-        """Verify one chunk's crc32c (unless `verify` is False), decode it into `rows`."""
+                      nbytes: int, rows: Sequence[np.ndarray], verify: bool = True,
+                      crc_value: Callable[[Any], int] | None = None) -> None:
+        """Verify one chunk's crc32c (unless `verify` is False; with `crc_value`, default the
+        single-thread choice), decode it into `rows`."""
         if len(raw) != nbytes:
             self._corrupt(layout, shard, sample, f"short read ({len(raw)} of {nbytes} bytes)")
         payload = np.frombuffer(raw, dtype=np.uint8, count=nbytes - 4)
-        if verify and _crc_value(payload) != int.from_bytes(raw[-4:], "little"):
+        if verify and (crc_value or _crc_value)(payload) != int.from_bytes(raw[-4:], "little"):
             self._corrupt(layout, shard, sample, "chunk checksum mismatch")
         if layout.compressor == "none":
             if payload.size != layout.sample_nbytes:

@@ -344,6 +344,16 @@ def tree_sizes(location: str, prefixes: Sequence[str]) -> dict[str, int]:
     return sizes
 
 
+def arrays_unreferenced(arrays: list[np.ndarray]) -> bool:
+    """No reference to any of `arrays` outside the pool's set: a set of output arrays that
+    `BufferPool.get` may hand out again."""
+    for array in arrays:
+        # References: the set, this loop variable and getrefcount's argument.
+        if sys.getrefcount(array) != 3:
+            return False
+    return True
+
+
 class BufferPool:
     """Recycles the output arrays of batch reads once nothing outside the pool references them.
 
@@ -352,7 +362,8 @@ class BufferPool:
     back the arrays of a batch whose tensors the caller has dropped. An array still referenced
     anywhere (a tensor from torch.from_numpy or any view of it, a numpy view, a slice) has a
     higher refcount and keeps its whole set out of reuse. Each thread has its own sets, so a
-    lookup takes no lock and two threads never get the same set.
+    lookup takes no lock and two threads never get the same set. A set may also be any object
+    with its own test of being free (`get`'s `free`): the reader's prepared one-sample outputs.
     """
 
     def __init__(self, per_key: int = 4, keys: int = 32) -> None:
@@ -360,14 +371,16 @@ class BufferPool:
         self._keys = keys
         self._local = threading.local()
 
-    def get(self, key: Any, make: Callable[[Any], list[np.ndarray]]) -> list[np.ndarray]:
-        """A set of arrays for `key`: a free one of those `make(key)` built earlier, else new.
+    def get(self, key: Any, make: Callable[[Any], T],
+            free: Callable[[T], bool] = arrays_unreferenced) -> T:  # type: ignore[assignment]
+        """A set for `key`: a free one (`free(set)`) of those `make(key)` built earlier, else
+        new.
 
-        Equal keys must mean equal sets; the list returned belongs to the pool: do not change
+        Equal keys must mean equal sets; the set returned belongs to the pool: do not change
         it. An array of a set may be a view of a buffer that only the set's arrays reference.
         """
         try:
-            by_key: dict[Any, list[list[np.ndarray]]] = self._local.sets
+            by_key: dict[Any, list[Any]] = self._local.sets
         except AttributeError:
             by_key = self._local.sets = {}
         sets = by_key.get(key)
@@ -376,12 +389,12 @@ class BufferPool:
             while len(by_key) > self._keys:
                 del by_key[next(iter(by_key))]
         for arrays in sets:
-            for array in arrays:
-                # References: the set, this loop variable and getrefcount's argument.
-                if sys.getrefcount(array) != 3:
-                    break
-            else:
+            if free(arrays):
                 return arrays
+        arrays = make(key)
+        if len(sets) < self._per_key:
+            sets.append(arrays)
+        return arrays
         arrays = make(key)
         if len(sets) < self._per_key:
             sets.append(arrays)

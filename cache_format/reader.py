@@ -34,7 +34,14 @@ from cache_format.manifest import (
     check_manifest_sha,
 )
 from cache_format.metadata_reader import MetadataReader
-from cache_format.readplan import PlanPart, ReadPlan, TokenSlot, field_array, plan_outputs
+from cache_format.readplan import (
+    PlanPart,
+    ReadPlan,
+    SampleSlot,
+    TokenSlot,
+    field_array,
+    plan_outputs,
+)
 from cache_format.records import EncodedTokens, OpenSettings, ShardBlock, VerifyReport
 from cache_format.sample_index import DEFAULT_CACHE_BYTES
 from cache_format.shard_cache import CachedFiles, DiskShardCache, cache_namespace
@@ -56,8 +63,9 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
     for fsspec URLs; `index_cache_entries`: shard indexes kept (1 KB each at 64 samples per
     shard); `sample_index_cache_bytes`: decoded key / view-parameter chunks each `SampleIndex`
     keeps. `verify_checksums=False` skips the crc32c check of sample reads (shard indexes and
-    the sample index are always checked): about 19 us per MB saved, corruption then goes
-    unnoticed, so keep the default unless `verify()` ran on this copy of the cache.
+    the sample index are always checked): about 20-65 us per MB saved, by CPU (see
+    checksum.py), corruption then goes unnoticed, so keep the default unless `verify()` ran
+    on this copy of the cache.
     `shard_cache_dir` / `shard_cache_bytes`: a local folder of at most that many bytes that keeps
     whole token shard files of a remote cache (shard_cache.py; shared by the processes that
     name the same folder; ignored for a local cache, which is read in place). The reader
@@ -233,7 +241,8 @@ class CacheReader(MetadataReader):
         Rows follow `indices`. Samples whose status is not ok hold no tokens (zeros, which
         int8 decodes to the calibration mean): mask them with `index(dataset).ok`. Decode on
         any device with `EncodedTokens.decode()`. The batch arrays are recycled once the caller
-        drops every tensor of the batch.
+        drops every tensor of the batch; so are a one-sample read's tensors and EncodedTokens
+        objects, once the caller drops them and every view of them (readplan.SampleSlot).
         """
         # The random-access hot path: a few microseconds of Python per call are a tenth of a
         # sample's read time, so no per-call objects beyond what is returned (docs/benchmarks.md).
@@ -244,9 +253,10 @@ class CacheReader(MetadataReader):
             samples = indices.reshape(-1).tolist()
         else:
             samples = [int(i) for i in indices]
+        if len(samples) == 1:
+            return self._read_one(dataset, plan, samples[0])
         if samples and (min(samples) < 0 or max(samples) >= plan.num_samples):
-            raise ConfigError(f"dataset {dataset}: sample indices must be in "
-                              f"[0, {plan.num_samples}), found {min(samples)}..{max(samples)}")
+            self._out_of_range(dataset, plan, samples)
         sps = plan.samples_per_shard
         for teacher, _, _, _, _, done, _ in plan.parts:
             for sample in samples:
@@ -255,13 +265,8 @@ class CacheReader(MetadataReader):
                     break
         # One recycled set of output arrays for the whole batch: part by part, field by field.
         outs = self._buffers.get((plan, len(samples)), plan_outputs)
-        if len(samples) == 1:  # a part's fields are views of one record buffer: read that
-            targets = [(records, (outs[start].base,))
-                       for _, records, _, start, _, _, _ in plan.parts]
-        else:
-            targets = [(records, outs[start:stop])
-                       for _, records, _, start, stop, _, _ in plan.parts]
-        self._fast.read(samples, targets)
+        self._fast.read(samples, [(records, outs[start:stop])
+                                  for _, records, _, start, stop, _, _ in plan.parts])
         spec, make, tensor = plan.spec, EncodedTokens._of, torch.from_numpy
         result: dict[str, dict[str, EncodedTokens]] = {}
         for teacher, _, _, _, _, _, toks in plan.parts:
@@ -269,6 +274,25 @@ class CacheReader(MetadataReader):
                 tensor(outs[values]), None if scale is None else tensor(outs[scale]), spec,
                 mean, std) for tok, values, scale, mean, std in toks}
         return result
+
+    def _read_one(self, dataset: str, plan: ReadPlan, sample: int
+                  ) -> dict[str, dict[str, EncodedTokens]]:
+        """`read_encoded` of one sample: into a prepared SampleSlot (its record buffers, tensors
+        and EncodedTokens made once), whose objects the result holds."""
+        if not 0 <= sample < plan.num_samples:
+            self._out_of_range(dataset, plan, [sample])
+        shard = sample // plan.samples_per_shard
+        for part in plan.parts:
+            if not part.done[shard]:
+                self._require_done(dataset, part.teacher, [sample])
+        slot = self._buffers.get(plan, SampleSlot, SampleSlot.free)
+        self._fast.read((sample,), slot.targets)
+        return slot.result()
+
+    @staticmethod
+    def _out_of_range(dataset: str, plan: ReadPlan, samples: Sequence[int]) -> None:
+        raise ConfigError(f"dataset {dataset}: sample indices must be in "
+                          f"[0, {plan.num_samples}), found {min(samples)}..{max(samples)}")
 
     def fill_shard_cache(self, dataset: str, shard: int,
                          teachers: Sequence[str] | None = None) -> bool:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import zarr
 
-from cache_format import fastread
+from cache_format import checksum, fastread
 from cache_format.encodings import EncodingSpec
-from cache_format.errors import CacheCorruptionError
+from cache_format.errors import CacheCorruptionError, ConfigError
 from cache_format.reader import open_cache
 from cache_format.testing import build_tiny_cache, tiny_dataset, tiny_manifest, tiny_teacher
 from cache_format.writer import CacheWriter
@@ -103,16 +103,28 @@ def test_flipped_byte_is_detected_naming_sample_and_file(tmp_path: Path, codec: 
 
 def test_checksum_functions_agree_and_the_google_fallback_detects_damage(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The reader's crc32c (fastcrc, SIMD) equals zarr's (google_crc32c), piece by piece and
-    at awkward lengths; and a reader on the google fallback still catches damage."""
+    """Every installed crc32c (checksum.IMPLEMENTATIONS: fastcrc's SIMD folding, google's
+    wrapper, and the reader's measured choices) equals zarr's (google_crc32c on bytes), piece
+    by piece, at awkward lengths and on every buffer type the readers pass; an unknown
+    DUNE_CRC32C is refused; and a reader on the google fallback still catches damage."""
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, n, dtype=np.uint8) for n in (100_003, 40_000))
-    whole = google_crc32c.value(np.concatenate([a, b]))
-    assert fastread._crc_extend(fastread._crc_value(a), b) == whole
-    for n in (0, 1, 7, 63, 64, 65, 255, 4099):  # around the SIMD block sizes
-        piece = a[:n]
-        assert fastread._crc_value(piece) == google_crc32c.value(piece.tobytes())
-        assert fastread._crc_extend(whole, piece) == google_crc32c.extend(whole, piece.tobytes())
+    whole = google_crc32c.value(np.concatenate([a, b]).tobytes())
+    impls = [(i.name, i.value, i.extend) for i in checksum.IMPLEMENTATIONS.values()]
+    impls += [("reader", fastread._crc_value, fastread._crc_extend),
+              ("reader threads", fastread._crc_value_threaded, fastread._crc_extend_threaded)]
+    assert {"google", "fastcrc"} <= set(checksum.IMPLEMENTATIONS)
+    for name, value, extend in impls:
+        assert extend(value(a), b) == whole, name
+        for n in (0, 1, 7, 63, 64, 65, 255, 4099):  # around the SIMD block sizes
+            piece = a[:n]
+            expected = google_crc32c.value(piece.tobytes())
+            for buffer in (piece, piece.tobytes(), bytearray(piece), memoryview(piece)):
+                assert value(buffer) == expected, (name, n, type(buffer))
+            assert extend(whole, piece) == google_crc32c.extend(whole, piece.tobytes()), name
+    assert checksum.choose("google")[0].name == "google"
+    with pytest.raises(ConfigError, match="DUNE_CRC32C='sse9'"):
+        checksum.choose("sse9")
     path = tmp_path / "c"
     build_tiny_cache(path, EncodingSpec("fp16"), invalid=())
     shard_file = path / "datasets/ds/teachers/t1/tokens/c/0/0"
@@ -120,8 +132,10 @@ def test_checksum_functions_agree_and_the_google_fallback_detects_damage(
     data = bytearray(shard_file.read_bytes())
     data[offset + 7] ^= 0x01
     shard_file.write_bytes(bytes(data))
-    monkeypatch.setattr(fastread, "_crc_value", google_crc32c.value)
-    monkeypatch.setattr(fastread, "_crc_extend", google_crc32c.extend)
+    for name in ("_crc_value", "_crc_value_threaded"):
+        monkeypatch.setattr(fastread, name, google_crc32c.value)
+    for name in ("_crc_extend", "_crc_extend_threaded"):
+        monkeypatch.setattr(fastread, name, google_crc32c.extend)
     with open_cache(path) as reader:
         reader.read_encoded("ds", [0, 2])
         for batch in ([1], [0, 1]):

@@ -330,6 +330,19 @@ def test_recycled_buffers_never_overwrite_what_a_caller_holds(tmp_path: Path) ->
         again = reader.read_encoded("ds", [3])["t1"]["patch"]
         assert torch.equal(again.values, expected[3]) and torch.equal(again.scale, scale)
         assert again.scale.data_ptr() != scale.data_ptr()  # the held set was not reused
+    with open_cache(tmp_path / "c", threads=1) as reader:
+        # A one-sample read's tensors themselves are reused once nobody holds them, but never
+        # one changed in place or moved to shared memory (readplan.SampleSlot).
+        first = id(values(1))
+        assert id(values(2)) == first
+        held = values(1)
+        assert id(values(2)) != first and torch.equal(held, expected[1])
+        held.add_(0)  # in place: its slot is out of reuse for good
+        moved = values(2).share_memory_()  # the second slot's data now lives elsewhere
+        del held, moved
+        for sample in (3, 1):
+            assert torch.equal(values(sample), expected[sample])
+            assert id(values(sample)) != first
 
 
 def test_fsspec_configuration_reaches_every_filesystem_the_cache_opens(

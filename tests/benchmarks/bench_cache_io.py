@@ -9,10 +9,12 @@ zarr-python's generic `array[i]` for reference, and splits a single read's time 
 positional read, the checksum pass and the rest (Python, tensors). Rates are the best of
 interleaved chunks (the machine is shared; the best chunk is the least disturbed one).
 Run: `.venv/bin/python tests/benchmarks/bench_cache_io.py [--quick]`; `--quick` measures the
-uncompressed encodings only (fp16, bf16, int8 with codec none: the ones whose single-read ratio
-against raw `pread` is a goal) and writes them to its own section of docs/benchmarks.md
-(`bench_cache_io_quick`), leaving the full run's section as it is;
-`--only int4,int4h` measures those encodings (codec none) and prints without writing.
+uncompressed encodings only (fp16, bf16, int8, int4 and int4h with codec none: the ones whose
+single-read ratio against raw `pread` is a goal) and writes them to its own section of
+docs/benchmarks.md (`bench_cache_io_quick`), leaving the full run's section as it is;
+`--only int4,int4h` measures those encodings (codec none) and prints without writing. Both
+sections also time every installed crc32c implementation on this host (checksum.py picks the
+fastest by measurement; DUNE_CRC32C=NAME fixes it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from _report import machine_description, markdown_table, write_section
 from numcodecs import Blosc, Zstd
 
 from cache_format.checksum import IMPLEMENTATION as CRC_IMPLEMENTATION
+from cache_format.checksum import IMPLEMENTATIONS as CRC_IMPLEMENTATIONS
+from cache_format.checksum import THREADED_IMPLEMENTATION as CRC_THREADED
 from cache_format.checksum import crc32c_value  # the reader's own checksum function
 from cache_format.encodings import EncodingSpec, decode_tokens, encode_tokens, fit_calibration
 from cache_format.reader import open_cache
@@ -99,6 +103,23 @@ def _cpu_speeds(spec: EncodingSpec, x: np.ndarray, calib: tuple) -> tuple[float,
 
     mb = patch.size * 2 / 1e6
     return _rate(encode, 10) * mb, _rate(decode_numpy, 30) * mb, _rate(decode_torch, 30) * mb
+
+
+def _crc_speeds() -> list[list[str]]:
+    """Microseconds per MB of each installed crc32c, one core: on a 512 KiB buffer that sits in
+    the L2 cache (as a record just read does) and on a 2.1 MB one (an fp16 record), best of
+    interleaved rounds."""
+    rows = []
+    for nbytes in (512 << 10, int(FP16_SAMPLE_MB * 1e6)):
+        data = np.random.default_rng(0).integers(0, 256, nbytes, dtype=np.uint8)
+        best = dict.fromkeys(CRC_IMPLEMENTATIONS, float("inf"))
+        for _ in range(50):
+            for name, impl in CRC_IMPLEMENTATIONS.items():
+                start = time.perf_counter()
+                impl.value(data)
+                best[name] = min(best[name], time.perf_counter() - start)
+        rows.append([f"{nbytes / 1e6:.2f}"] + [f"{best[n] / nbytes * 1e12:.1f}" for n in best])
+    return rows
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -271,6 +292,7 @@ def main() -> None:
     probe = synthetic_activations(rng, (4, GRID[0] * GRID[1], DIM))
     size_rows, read_rows, split_rows = [], [], []
     loads = []
+    crc_rows = _crc_speeds()
     workdir = Path(tempfile.mkdtemp(prefix="bench_cache_io_"))
     try:
         for spec in specs:
@@ -307,6 +329,8 @@ def main() -> None:
             shutil.rmtree(path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    forced = os.environ.get("DUNE_CRC32C")
+    crc_fixed = f"; DUNE_CRC32C={forced} fixed both" if forced else ""
     body = "\n\n".join([
         f"Machine: {machine_description()}; load average (1 min) while reading: "
         f"{min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores (other engineers' jobs "
@@ -325,8 +349,8 @@ def main() -> None:
                        size_rows),
         f"Random access, samples/s (a sample's record: patch, cls and, for int8, their scales, "
         f"one chunk). *ours* = `CacheReader.read_encoded` (shard index cached, direct "
-        f"byte-range reads, every chunk's crc32c verified (with {CRC_IMPLEMENTATION}), output as "
-        f"torch tensors); *raw* = "
+        f"byte-range reads, every chunk's crc32c verified (with {CRC_IMPLEMENTATION} on the "
+        f"calling thread, {CRC_THREADED} on reader threads), output as torch tensors); *raw* = "
         f"`os.pread` of exactly the same byte range (the record chunk with its 4-byte "
         f"checksum), nothing verified. *single* = one call per random "
         f"sample; *batch* = calls of {BATCH} random samples with 1 or 4 reader threads (raw: "
@@ -350,6 +374,11 @@ def main() -> None:
         "decompression for zstd/blosc).",
         markdown_table(["encoding", "codec", "raw pread", "read", "+ crc", "ours, no crc check",
                         "ours", "checksum", "rest", "ceiling"], split_rows),
+        f"crc32c implementations on this host, microseconds per MB on one core (best of 50 "
+        f"interleaved rounds over one buffer; checksum.py measured them at import and chose "
+        f"{CRC_IMPLEMENTATION} for the calling thread, {CRC_THREADED} for reader threads"
+        f"{crc_fixed}).",
+        markdown_table(["buffer MB"] + list(CRC_IMPLEMENTATIONS), crc_rows),
     ])
     print(body)
     # --quick writes its own section: the full run's tables (compressed codecs too) stay.
