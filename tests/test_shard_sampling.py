@@ -15,6 +15,7 @@ from cache_format.serde import from_dict
 from tests.test_trainer import tiny_cache, tiny_config
 from train.config import DataConfig
 from train.distributed import DistInfo
+from train.image_order import ArrayGroups
 from train.item_table import ItemTable
 from train.run_data import open_run_data
 from train.sampling import ViewEpochSampler
@@ -181,6 +182,46 @@ def test_shards_without_a_training_image_are_skipped_and_memory_is_per_shard() -
     assert order.shard_start.nbytes == 4 * (order.num_shards + 1)
     sequence = ViewEpochSampler(t, seed=0, mode="uniform", order=order).global_sequence(0)
     assert set(order.locate_shards(sequence)[1].tolist()) == {0, 1, 4, 5, 6, 7, 8, 9}
+
+
+def test_the_item_table_keeps_only_exceptions_and_answers_as_an_explicit_one() -> None:
+    """The implicit table against a per-image reference made here (failed views, held-out
+    images, an empty dataset), the samplers' draws through it against the same draws through
+    the explicit arrays (and iteration, pass by pass, against the materialized share), and, at
+    2 views per image with 1% failed samples, statuses + table + what the sampler holds after
+    an epoch well under 6 bytes per sample in every mode and order."""
+    rng = np.random.default_rng(3)
+    usable = [rng.random((n, 3)) > p for n, p in ((50, 0.3), (0, 0.0), (30, 0.0), (40, 0.6))]
+    usable[2][[4, 9]] = False  # held out: absent with all their views
+    t = ItemTable.build(usable, [1, 0, 1, 2], 3, 3)
+    images = [(d, i) for d, u in enumerate(usable) for i in range(len(u)) if u[i].any()]
+    items = [(d, i * 3 + v) for d, i in images for v in range(3) if usable[d][i, v]]
+    counts = [int(usable[d][i].sum()) for d, i in images]
+    assert [t.locate(k) for k in range(len(t))] == items
+    assert t.image_count.tolist() == counts and t.image_first.tolist() == np.concatenate(
+        [[0], np.cumsum(counts)[:-1]]).tolist()
+    assert t.image_index.tolist() == [i for _, i in images]
+    assert t.image_domain.tolist() == [[1, 0, 1, 2][d] for d, _ in images]
+    assert t.nbytes < 8 * sum(0 < c < 3 for c in counts) + 600  # exceptions, not images
+    explicit = ArrayGroups(t)  # materialized per-image arrays
+    for mode in ("uniform", "teacher_balanced"):
+        a = ViewEpochSampler(t, seed=1, mode=mode, epoch_size=77, world_size=2, batch_size=3)
+        b = ViewEpochSampler(explicit, seed=1, mode=mode, epoch_size=77, world_size=2,
+                             batch_size=3)
+        assert np.array_equal(a.rank_sequence(1), b.rank_sequence(1))
+        c = ViewEpochSampler(t, seed=1, mode=mode, epoch_size=400)  # more than the images
+        assert c.by_pass and list(c) == c.rank_sequence(0).tolist() == list(
+            ViewEpochSampler(explicit, seed=1, mode=mode, epoch_size=400))
+    views, sizes = 2, (60_000, 25_000, 15_000)
+    statuses = [rng.random((n, views)) > 0.01 for n in sizes]
+    big = ItemTable.build(statuses, [0, 1, 2], views, 3)
+    for mode in ("uniform", "teacher_balanced"):
+        for order in (None, ShardWindowOrder(big, 32, 4)):
+            s = ViewEpochSampler(big, seed=0, mode=mode, batch_size=256, order=order)
+            assert len(list(s)) == s.samples_per_rank
+            held = sum(sizes) * views + big.nbytes + s.held_nbytes + (
+                order.shard_start.nbytes if order else 0)
+            assert held / (sum(sizes) * views) < 3.6, (mode, order)
 
 
 @pytest.fixture(scope="module")

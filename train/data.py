@@ -18,14 +18,16 @@ run selects) and held out with all their views; `split="train"` is the rest. Bot
 stable across runs over the same cache.
 
 Items are numbered dataset by dataset, then by sample index, so the usable views of one image
-are consecutive (`image_first`, `image_count`): the samplers in `train.sampling` draw one of
-them per image and epoch. `collate_cached` (train/batch.py) stacks items into a `Batch`.
+are consecutive (`first_of`, `count_of`): the samplers in `train.sampling` draw one of them per
+image and epoch. `collate_cached` (train/batch.py) stacks items into a `Batch`.
 
-Memory: the item table is per image, not per sample (`train.item_table`: under 2 bytes per
-sample at 6 views per image). No whole [N, P] view array is held either: stored view rows are
-read per batch through the reader's `SampleIndex.view_params_of`. Forked workers go on with the
-parent's reader and what it read (`_reader`); spawned ones reopen the cache with the parent
-reader's `settings` (fsspec storage options, threads, checksum policy).
+Memory: the item table holds only its exceptions (`train.item_table`: held-out images and
+images with a failed view), and is built from the reader's statuses a chunk of images at a
+time; the statuses (1 byte per sample, kept by the reader) are the only per-sample array. No
+whole [N, P] view array is held either: stored view rows are read per batch through the
+reader's `SampleIndex.view_params_of`. Forked workers go on with the parent's reader and what
+it read (`_reader`); spawned ones reopen the cache with the parent reader's `settings` (fsspec
+storage options, threads, checksum policy).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from cache_format.reader import CacheReader, open_cache
 from cache_format.serde import check_choice
 from precompute.sources import ImageSource
 from train.batch import EncodedItem, split_encoded
-from train.item_table import ItemTable
+from train.image_order import arange_into, index_dtype, scratch_array
+from train.item_table import ItemTable, UsableRows
 from train.preflight import grid_hint, grid_problem, replay_spec, roots_problem, select_names
 from train.view_replay import fingerprint_algorithm, open_replay_source, replay_view, view_config
 
@@ -60,8 +63,14 @@ def heldout_image_indices(num_images: int, count: int, seed: int, dataset: str) 
     the dataset name, so that each dataset's held-out set depends on nothing else.
     """
     k = max(0, min(int(count), num_images // 2))
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng([int(seed), zlib.crc32(dataset.encode("utf-8"))])
-    return np.sort(rng.permutation(num_images)[:k]).astype(np.int64)
+    # The same draws as rng.permutation(num_images), in half its bytes, in a mapping that is
+    # returned to the system after the table is built.
+    order = arange_into(scratch_array(num_images, index_dtype(num_images)))
+    rng.shuffle(order)
+    return np.sort(order[:k]).astype(np.int64)
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -177,21 +186,31 @@ class CacheTrainData(Dataset):
             raise CacheMismatchError(f"{self.location}: {problem}", hint=grid_hint(self.manifest))
         return size
 
-    def _usable_views(self, name: str, heldout_images: int, split_seed: int) -> np.ndarray:
-        """bool [images, views]: the views of `name` whose status is ok and whose image is in
-        this split. Statuses are 1 byte per sample, kept by the reader's index; keys and view
-        rows stay on disk. reader.index() refuses an index whose length is not images x views."""
-        num_images = self.manifest.datasets[name].num_images
-        status = self.reader.index(name).status.reshape(num_images, self.views_per_image)
-        held = np.zeros(num_images, dtype=bool)
-        held[heldout_image_indices(num_images, heldout_images, split_seed, name)] = True
-        in_split = held if self.split == "heldout" else ~held
-        return (status == STATUS_OK) & in_split[:, None]
+    def _usable_rows(self, heldout_images: int, split_seed: int) -> UsableRows:
+        """The usable views of a chunk of images of dataset d (bool [hi - lo, views]): status
+        ok and image in this split. Statuses are 1 byte per sample, kept by the reader's index
+        and read here a chunk at a time; keys and view rows stay on disk. reader.index()
+        refuses an index whose length is not images x views."""
+        v = self.views_per_image
+        held = [heldout_image_indices(self.manifest.datasets[p.name].num_images, heldout_images,
+                                      split_seed, p.name) for p in self._parts]
+        statuses = [self.reader.index(p.name).status for p in self._parts]
+
+        def rows(d: int, lo: int, hi: int) -> np.ndarray:
+            ok = statuses[d][lo * v : hi * v].reshape(hi - lo, v) == STATUS_OK
+            in_held = np.zeros(hi - lo, dtype=bool)
+            chunk = held[d][np.searchsorted(held[d], lo) : np.searchsorted(held[d], hi)]
+            in_held[chunk - lo] = True
+            in_split = in_held if self.split == "heldout" else ~in_held
+            return ok & in_split[:, None]
+
+        return rows
 
     def _build_item_tables(self, heldout_images: int, split_seed: int) -> None:
-        """The per-image item tables (`train.item_table`) and the per-dataset facts of items."""
-        self.items = ItemTable.build(
-            [self._usable_views(p.name, heldout_images, split_seed) for p in self._parts],
+        """The item table (`train.item_table`) and the per-dataset facts of items."""
+        self.items = ItemTable.from_rows(
+            [self.manifest.datasets[p.name].num_images for p in self._parts],
+            self._usable_rows(heldout_images, split_seed),
             [self.domain_names.index(p.domain) for p in self._parts],
             self.views_per_image, len(self.domain_names),
         )
@@ -205,18 +224,35 @@ class CacheTrainData(Dataset):
     # -- facts ------------------------------------------------------------------------------
     @property
     def image_first(self) -> np.ndarray:
-        """Each image's first item (the samplers' view of the table)."""
+        """Each image's first item (materialized on each call: `ItemTable.image_first`)."""
         return self.items.image_first
 
     @property
     def image_count(self) -> np.ndarray:
-        """Each image's number of usable views."""
+        """Each image's number of usable views (materialized on each call)."""
         return self.items.image_count
 
     @property
     def image_domain(self) -> np.ndarray:
-        """Each image's domain id (an index into `domain_names`)."""
+        """Each image's domain id, an index into `domain_names` (materialized on each call)."""
         return self.items.image_domain
+
+    # The samplers' view of the table (`train.image_order.ViewGroups`), a chunk of images at a time.
+    def first_of(self, images: np.ndarray) -> np.ndarray:
+        """The first item of each image (see `ItemTable.first_of`)."""
+        return self.items.first_of(images)
+
+    def count_of(self, images: np.ndarray) -> np.ndarray:
+        """The number of usable views of each image."""
+        return self.items.count_of(images)
+
+    def domain_of(self, images: np.ndarray) -> np.ndarray:
+        """The domain id of each image."""
+        return self.items.domain_of(images)
+
+    def domain_spans(self) -> np.ndarray:
+        """The runs of images of one domain (see `ItemTable.domain_spans`)."""
+        return self.items.domain_spans()
 
     @property
     def num_images(self) -> int:
@@ -321,7 +357,8 @@ class CacheTrainData(Dataset):
     def __getitems__(self, items: Sequence[int]) -> list[dict[str, Any]]:
         """A whole batch at once (DataLoader calls this): one token read and one view-row read
         per dataset."""
-        located = [self.locate(int(i)) for i in items]
+        datasets, samples = self.items.locate_many(np.asarray(items, dtype=np.int64))
+        located = list(zip(datasets.tolist(), samples.tolist(), strict=True))
         tokens: list[EncodedItem | None] = [None] * len(located)
         rows: list[_StoredView | None] = [None] * len(located)
         for d in sorted({d for d, _ in located}):

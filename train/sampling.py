@@ -34,112 +34,42 @@ processes with the same global batch: each new rank starts at `global_start / wo
 own share, and no sample of the epoch is repeated or skipped. (Bit-exact losses are promised
 only at the same world size: per-rank RNG streams and reduction orders differ.)
 
-Memory: the sampler holds only this rank's order of the current epoch, as uint32 dataset indices
-(uint64 past 2**32 items): 4 bytes per image and epoch position, divided by the world size (the
-shard order adds 4 bytes per shard). The
-global sequence, the permutations and each domain's image list exist only while an epoch's order
-is drawn, and iteration hands out indices in chunks, never as one Python list of the epoch.
+Memory: iteration holds, as uint32 dataset indices (uint64 past 2**32 items), the smaller of
+(a) this rank's share of the current epoch: 4 bytes per epoch position, divided by the world
+size, and (b) the current pass of each stream: 4 bytes per image (`by_pass`: chosen when the
+share is longer than one pass over the images, as with `teacher_balanced` over unequal domains,
+whose epoch is `n_domains x largest domain`; every pass has a generator of its own, so any pass
+can be drawn alone, and `rank_positions` reads positions from them). At most 4 bytes per image
+whatever the mode: 2 per sample at 2 views per image, 0.67 at 6. The shard order adds 4 bytes
+per shard. The previous epoch's order is dropped before the next is drawn; how the draws avoid
+transients the size of the epoch is in `train.image_order`. The groups (`ViewGroups`) are
+asked a chunk of images at a time, so no per-image table is needed; iteration hands out
+indices in chunks, never as one Python list of the epoch. `rank_sequence` materializes the
+whole share (and keeps it for that epoch): for tests and tools.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from cache_format.errors import ConfigError
+from train.image_order import (
+    EpochOrder,
+    ImageOrder,
+    ViewGroups,
+    index_dtype,
+    scratch_array,
+    view_groups,
+)
 
 SamplingMode = Literal["uniform", "teacher_balanced"]
 SAMPLING_MODES: tuple[str, ...] = ("uniform", "teacher_balanced")
 #: Indices handed to the DataLoader per Python list (bounds what iteration holds as objects).
 _YIELD_CHUNK = 4096
-#: Images whose views are drawn at once while an epoch's order is made.
-PICK_CHUNK = 1 << 16
-
-
-def index_dtype(count: int) -> np.dtype:
-    """The unsigned dtype that holds indices in [0, count): uint32, or uint64 past 2**32."""
-    return np.dtype(np.uint32 if count <= 2**32 else np.uint64)
-
-
-class ViewGroups(Protocol):
-    """What a sampler needs from a dataset: its items grouped by image.
-
-    The items of one image (its usable views) are the contiguous range
-    `image_first[i] : image_first[i] + image_count[i]` of dataset indices.
-    """
-
-    image_first: np.ndarray  # unsigned or int64 [num_images]
-    image_count: np.ndarray  # unsigned or int64 [num_images], >= 1
-    image_domain: np.ndarray  # unsigned or int64 [num_images], in [0, num_domains)
-
-
-def pick_views(groups: ViewGroups, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Dataset indices of one view chosen uniformly among the usable views of each image."""
-    counts = groups.image_count[images].astype(np.int64)
-    offsets = np.floor(rng.random(len(images)) * counts).astype(np.int64)
-    return groups.image_first[images] + np.minimum(offsets, counts - 1)
-
-
-def _stream(
-    groups: ViewGroups, images: np.ndarray, length: int, seed: int, epoch: int, tag: int,
-    dtype: np.dtype,
-) -> np.ndarray:
-    """`length` dataset indices (`dtype`): passes over `images`, each a fresh permutation and
-    view draw. Views are drawn in chunks (the generator's uniforms come out the same as in one
-    call), so that drawing an epoch holds little beyond the permutation and the result."""
-    out = np.empty(length, dtype=dtype)
-    have = 0
-    pass_index = 0
-    while have < length:
-        rng = np.random.default_rng([seed, epoch, pass_index, tag])
-        order = rng.permutation(len(images))
-        for start in range(0, min(len(order), length - have), PICK_CHUNK):
-            picked = pick_views(groups, images[order[start : start + PICK_CHUNK]], rng)
-            take = min(len(picked), length - have)
-            out[have : have + take] = picked[:take]
-            have += take
-        pass_index += 1
-    return out
-
-
-class EpochOrder(Protocol):
-    """How a stream of an epoch orders its images: the part of the sequence a sampler mode
-    leaves open. `stream` returns `length` dataset indices of `dtype` for the images of
-    `domain` (None: of the whole mix), passes after passes, deterministic from `seed`, `epoch`
-    and `tag` (the stream's slot). `fingerprint` is what else fixes the order (saved with the
-    sampler's state and compared on resume)."""
-
-    def stream(self, domain: int | None, length: int, seed: int, epoch: int, tag: int,
-               dtype: np.dtype) -> np.ndarray: ...
-
-    def fingerprint(self) -> dict[str, Any]: ...
-
-
-class ImageOrder:
-    """Every pass of a stream is a fresh permutation of its images (the default order)."""
-
-    def __init__(self, groups: ViewGroups) -> None:
-        self.groups = groups
-
-    def stream(self, domain: int | None, length: int, seed: int, epoch: int, tag: int,
-               dtype: np.dtype) -> np.ndarray:
-        """See `EpochOrder.stream`."""
-        num_images = len(self.groups.image_first)
-        image_dtype = index_dtype(num_images)
-        if domain is None:
-            images = np.arange(num_images, dtype=image_dtype)
-        else:
-            images = np.flatnonzero(self.groups.image_domain == domain).astype(image_dtype)
-        return _stream(self.groups, images, length, seed, epoch, tag, dtype)
-
-    def fingerprint(self) -> dict[str, Any]:
-        """No shard window (states saved before the field existed read as the same)."""
-        return {"shard_window": 0}
-
-
 class ViewEpochSampler(Sampler[int]):
     """Yields this rank's dataset indices for one epoch (see the module docstring).
 
@@ -174,18 +104,21 @@ class ViewEpochSampler(Sampler[int]):
             raise ConfigError(f"batch_size: expected a positive count or None, found {batch_size}")
         if seed < 0:
             raise ConfigError(f"seed: expected a non-negative integer, found {seed}")
-        self.groups = data
-        self.order: EpochOrder = ImageOrder(data) if order is None else order
+        self.groups = view_groups(data)
+        self.order: EpochOrder = ImageOrder(self.groups) if order is None else order
         self.seed = int(seed)
         self.mode: SamplingMode = mode
         self.rank = rank
         self.world_size = world_size
-        num_images = len(data.image_first)
+        num_images = self.groups.num_images
         if num_images == 0:
             raise ConfigError("sampler: the dataset has no usable image (every sample skipped?)")
         # Domains with at least one image, in id order; empty domains take no share. Their
-        # image lists are made when an epoch's order is drawn, not kept.
-        self._domains, sizes = np.unique(np.asarray(data.image_domain), return_counts=True)
+        # images are found from the groups' runs when an epoch's order is drawn.
+        spans = self.groups.domain_spans()
+        self._domains = np.unique(spans[:, 0])
+        sizes = np.array([(spans[spans[:, 0] == d, 2] - spans[spans[:, 0] == d, 1]).sum()
+                          for d in self._domains], dtype=np.int64)
         if mode == "uniform":
             default_size = num_images
             default_block = 1
@@ -199,8 +132,19 @@ class ViewEpochSampler(Sampler[int]):
         self.padded_size = -(-self.epoch_size // per_round) * per_round
         self.samples_per_rank = self.padded_size // world_size
         # The dtype of dataset indices: what the epoch order is kept as.
-        items = int(data.image_first[-1]) + int(data.image_count[-1])
+        last = np.array([num_images - 1])
+        items = int(self.groups.first_of(last)[0] + self.groups.count_of(last)[0])
         self._dtype = index_dtype(items)
+        # The streams: (domain or None, images, tag) of each slot of the round-robin.
+        self._slots = ([(None, num_images, 0)] if mode == "uniform" else
+                       [(int(d), int(n), 1 + k) for k, (d, n) in
+                        enumerate(zip(self._domains, sizes, strict=True))])
+        # What iteration holds: this rank's share of the epoch (4 bytes per position, divided
+        # by the world size) or, when that is more than one pass over the images
+        # (teacher_balanced cycles its small domains; a large epoch_size), the current pass of
+        # each stream (4 bytes per image), drawn when the positions reach it.
+        self.by_pass = self.samples_per_rank > num_images
+        self._passes: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
         self.epoch = 0
         self.start_index = 0
         self._yielded = 0
@@ -208,17 +152,21 @@ class ViewEpochSampler(Sampler[int]):
         self._cached: tuple[int, np.ndarray] | None = None
 
     # -- the sequence -------------------------------------------------------------------------
-    def global_sequence(self, epoch: int) -> np.ndarray:
-        """All ranks' dataset indices of `epoch`, in the order one process would read them."""
+    def global_sequence(self, epoch: int, scratch: bool = False) -> np.ndarray:
+        """All ranks' dataset indices of `epoch`, in the order one process would read them.
+        With `scratch`, in a mapping of its own (`scratch_array`): for a transient sequence."""
         length = self.padded_size
+        empty = scratch_array if scratch else np.empty
         if self.mode == "uniform":
-            return self.order.stream(None, length, self.seed, epoch, 0, self._dtype)
+            sequence = empty(length, self._dtype)
+            self.order.stream(None, sequence, self.seed, epoch, 0)
+            return sequence
         n_domains = len(self._domains)
         per_domain = -(-length // n_domains)
-        sequence = np.empty((per_domain, n_domains), dtype=self._dtype)
+        sequence = empty((per_domain, n_domains), self._dtype)
         for slot, domain in enumerate(self._domains):
-            sequence[:, slot] = self.order.stream(int(domain), per_domain, self.seed, epoch,
-                                                  1 + slot, self._dtype)
+            # Each domain's stream is written straight into its column (no copy of it).
+            self.order.stream(int(domain), sequence[:, slot], self.seed, epoch, 1 + slot)
         # Round-robin: position k reads domain k % n_domains, element k // n_domains of it.
         return sequence.reshape(-1)[:length]
 
@@ -226,8 +174,15 @@ class ViewEpochSampler(Sampler[int]):
         """This rank's dataset indices for `epoch`: its blocks of the global sequence."""
         if self._cached is not None and self._cached[0] == epoch:
             return self._cached[1]
-        blocks = self.global_sequence(epoch).reshape(-1, self.world_size, self.block)
-        mine = np.ascontiguousarray(blocks[:, self.rank, :].reshape(-1))
+        self._cached = None  # the previous epoch's order goes before this one is drawn
+        if self.world_size == 1:
+            mine = self.global_sequence(epoch)
+            self._cached = (epoch, mine)
+            return mine
+        # Several ranks: the global sequence is a transient, this rank's share is kept.
+        blocks = self.global_sequence(epoch, scratch=True).reshape(-1, self.world_size,
+                                                                   self.block)
+        mine = blocks[:, self.rank, :].reshape(-1).copy()
         self._cached = (epoch, mine)
         return mine
 
@@ -243,16 +198,62 @@ class ViewEpochSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        sequence = self.rank_sequence(self.epoch)
-        start = self.start_index
+        epoch, start, end = self.epoch, self.start_index, self.samples_per_rank
         self._yielded = 0
         self._resume_base = start
         # A later iteration of the same epoch starts from its beginning again.
         self.start_index = 0
-        for chunk in range(start, len(sequence), _YIELD_CHUNK):
-            for index in sequence[chunk : chunk + _YIELD_CHUNK].tolist():
+        if self.by_pass:
+            self._cached = None
+            self._passes = {k: v for k, v in self._passes.items() if v[0][0] == epoch}
+        else:
+            self._passes = {}
+            sequence = self.rank_sequence(epoch)
+        for chunk in range(start, end, _YIELD_CHUNK):
+            stop = min(end, chunk + _YIELD_CHUNK)
+            values = (self.rank_positions(epoch, chunk, stop) if self.by_pass
+                      else sequence[chunk:stop])
+            for index in values.tolist():
                 self._yielded += 1
                 yield index
+
+    def rank_positions(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        """This rank's dataset indices at its positions [lo, hi) of `epoch` (the same as
+        `rank_sequence(epoch)[lo:hi]`), drawn a pass at a time: each stream keeps only the pass
+        the positions are in."""
+        j = np.arange(lo, hi, dtype=np.int64)
+        span = self.block * self.world_size
+        g = j // self.block * span + self.rank * self.block + j % self.block
+        n_slots = len(self._slots)
+        slot, element = g % n_slots, g // n_slots
+        out = np.empty(len(j), dtype=self._dtype)
+        for k in np.unique(slot).tolist():
+            at = np.flatnonzero(slot == k)
+            size = self._slots[k][1]
+            passes = element[at] // size
+            for p in np.unique(passes).tolist():
+                here = at[passes == p]
+                out[here] = self._pass(epoch, k, p)[element[here] - p * size]
+        return out
+
+    def _pass(self, epoch: int, slot: int, index: int) -> np.ndarray:
+        """Pass `index` of stream `slot` in `epoch`; a stream keeps one pass at a time, in a
+        mapping of its own (`scratch_array`) that goes back to the system when replaced."""
+        held = self._passes.get(slot)
+        if held is not None and held[0] == (epoch, index):
+            return held[1]
+        self._passes.pop(slot, None)
+        domain, size, tag = self._slots[slot]
+        values = scratch_array(size, self._dtype)
+        self.order.stream(domain, values, self.seed, epoch, tag, first_pass=index)
+        self._passes[slot] = ((epoch, index), values)
+        return values
+
+    @property
+    def held_nbytes(self) -> int:
+        """Bytes of the epoch's order the sampler holds now (its share, or its streams' passes)."""
+        share = self._cached[1].nbytes if self._cached is not None else 0
+        return share + sum(values.nbytes for _, values in self._passes.values())
 
     def __len__(self) -> int:
         return self.samples_per_rank - self.start_index
@@ -265,7 +266,7 @@ class ViewEpochSampler(Sampler[int]):
             "mode": self.mode,
             "epoch_size": self.epoch_size,
             "global_block": self.block * self.world_size,
-            "num_images": int(len(self.groups.image_first)),
+            "num_images": int(self.groups.num_images),
             **self.order.fingerprint(),
         }
 

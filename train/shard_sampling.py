@@ -12,7 +12,7 @@ shards:
    one training image: held-out and unusable images are not in the item table);
 2. the permutation is cut into windows of W consecutive shards;
 3. the images of a window are shuffled together, and one usable view of each is drawn exactly as
-   in image order (`train.sampling.pick_views`).
+   in image order (`train.image_order.pick_views`).
 
 A pass reads every image of its stream once, so the epoch keeps image order's guarantees: every
 image once per pass, domains balanced round-robin by `teacher_balanced`, the held-out split and
@@ -41,35 +41,38 @@ from typing import Any, Protocol
 import numpy as np
 
 from cache_format.errors import ConfigError
-from train.sampling import PICK_CHUNK, ViewGroups, index_dtype, pick_views
+from train.image_order import PICK_CHUNK, ViewGroups, index_dtype, pick_views
 
 
 class ShardedGroups(ViewGroups, Protocol):
     """What the shard order needs beyond `ViewGroups` (`train.item_table.ItemTable` has it):
-    each image's index in its dataset (ascending within a dataset) and where each dataset's
-    images begin in the table."""
+    where each dataset's images begin in the table and in the whole mix, the table position
+    where a range of a dataset's image indices begins, and each item's (dataset, sample)."""
 
-    image_index: np.ndarray  # unsigned [num_images], ascending within each dataset
-    image_offsets: np.ndarray  # int64 [datasets + 1]
+    views_per_image: int
+    image_offsets: np.ndarray  # int64 [datasets + 1]: table positions
+    source_offsets: np.ndarray  # int64 [datasets + 1]: images of the mix, table or not
+
+    def positions_before(self, dataset: int, indices: np.ndarray) -> np.ndarray: ...
+
+    def locate_many(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def shard_starts(groups: ShardedGroups, per_shard: int) -> np.ndarray:
     """Table positions where each non-empty (dataset, shard) begins, then the number of images.
 
     Within a dataset the table lists images by ascending index, so a shard's training images
-    are one contiguous range: shard k is `start[k] : start[k + 1]`.
+    are one contiguous range: shard k is `start[k] : start[k + 1]`. Computed per shard, never
+    per image.
     """
-    num_images = len(groups.image_first)
     parts = []
     for d in range(len(groups.image_offsets) - 1):
-        lo, hi = int(groups.image_offsets[d]), int(groups.image_offsets[d + 1])
-        if lo == hi:
-            continue
-        shard = groups.image_index[lo:hi] // per_shard
-        changes = np.flatnonzero(shard[1:] != shard[:-1]) + 1
-        parts.append(np.concatenate([[lo], lo + changes]))
-    parts.append(np.array([num_images]))
-    return np.concatenate(parts).astype(index_dtype(num_images + 1))
+        size = int(groups.source_offsets[d + 1] - groups.source_offsets[d])
+        bounds = groups.positions_before(d, np.arange(0, size + per_shard, per_shard))
+        bounds = np.minimum(bounds, int(groups.image_offsets[d + 1]))
+        parts.append(bounds[:-1][bounds[:-1] < bounds[1:]])
+    parts.append(np.array([groups.num_images]))
+    return np.concatenate(parts).astype(index_dtype(groups.num_images + 1))
 
 
 def _ranges(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -110,33 +113,29 @@ class ShardWindowOrder:
     def locate_shards(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dataset id, shard within the dataset) of each dataset index in `items` (int64
         arrays): what a prefetcher fetches next, and what the tests check locality with."""
-        first = self.groups.image_first
-        image = np.searchsorted(first, np.asarray(items).astype(first.dtype), side="right") - 1
-        dataset = np.searchsorted(self.groups.image_offsets, image, side="right") - 1
-        shard = self.groups.image_index[image].astype(np.int64) // self.images_per_shard
-        return dataset.astype(np.int64), shard
+        dataset, sample = self.groups.locate_many(np.asarray(items, dtype=np.int64))
+        return dataset, sample // self.groups.views_per_image // self.images_per_shard
 
-    def stream(self, domain: int | None, length: int, seed: int, epoch: int, tag: int,
-               dtype: np.dtype) -> np.ndarray:
-        """`length` dataset indices of the images of `domain` (None: all), passes after
-        passes (see `train.sampling.EpochOrder`)."""
+    def stream(self, domain: int | None, out: np.ndarray, seed: int, epoch: int, tag: int,
+               first_pass: int = 0) -> None:
+        """Fill `out` with dataset indices of the images of `domain` (None: all), passes after
+        passes (see `train.image_order.EpochOrder`)."""
         starts = self.shard_start[:-1]
         sizes = np.diff(self.shard_start).astype(np.int64)
         if domain is None:
             shards = np.arange(len(starts))
         else:
-            shards = np.flatnonzero(self.groups.image_domain[starts] == domain)
+            shards = np.flatnonzero(self.groups.domain_of(starts.astype(np.int64)) == domain)
         if not len(shards):
             raise ConfigError(f"shard order: no shard holds an image of domain {domain}")
-        out = np.empty(length, dtype=dtype)
+        length = len(out)
         have = 0
-        pass_index = 0
+        pass_index = first_pass
         while have < length:
             rng = np.random.default_rng([seed, epoch, pass_index, tag])
             order = shards[rng.permutation(len(shards))]
             have = self._one_pass(starts[order], sizes[order], rng, out, have)
             pass_index += 1
-        return out
 
     def _one_pass(self, starts: np.ndarray, sizes: np.ndarray, rng: np.random.Generator,
                   out: np.ndarray, have: int) -> int:
