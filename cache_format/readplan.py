@@ -22,6 +22,10 @@ from cache_format.sharded_layout import ShardedLayout
 #: Private to torch: without it no slot counts as free, so every one-sample read builds a new
 #: SampleSlot (buffers and tensors), slower but still correct.
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+if not getattr(sys, "_is_gil_enabled", lambda: True)():
+    # Free-threaded Python: another thread's references are not in sys.getrefcount's exact
+    # count, so "nobody else holds it" cannot be told: never reuse a slot.
+    _storage_use_count = None
 
 
 class TokenSlot(NamedTuple):
