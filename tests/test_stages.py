@@ -63,7 +63,8 @@ class FinishedRun:
 def two_stage_run(cache_base: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     """The uninterrupted two-stage run, trained once for the tests that check it or compare
     with it (each run costs both stages). Tests only read its folder; one that reruns it works
-    on a copy."""
+    on a copy. It draws its loss curves (a module fixture is set up before the function-scoped
+    switch of tests/conftest.py that turns them off)."""
     config = two_stage_toml(cache_base, tmp_path_factory.mktemp("two-stage") / "reference.toml")
     cfg = resolve_paths(load_train_config(config), config)
     threads = torch.get_num_threads()
