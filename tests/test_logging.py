@@ -174,6 +174,7 @@ def test_logging_config_is_checked_and_free_to_change_on_resume() -> None:
 
 
 # -- a run ---------------------------------------------------------------------------------------
+@pytest.mark.loss_curves
 def test_a_run_writes_tensorboard_and_the_all_teacher_figure(
     cache_base: Path, tmp_path: Path
 ) -> None:

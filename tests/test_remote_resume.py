@@ -54,7 +54,10 @@ def test_sigkill_mid_upload_then_rerun_gives_the_clean_build(
         while _done_marks(fs, url.removeprefix("s3://")) == 0:
             assert proc.poll() is None, (tmp_path / "build.log").read_text()
             assert time.monotonic() < deadline, "the build never finished a token shard"
-            time.sleep(0.02)
+            # Each poll lists the bucket twice, served by the server thread of this process:
+            # polling faster starves the build it waits for (10 token shards, well over 0.1 s
+            # apart, stay between the first done mark and the last).
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

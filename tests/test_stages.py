@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -49,16 +50,39 @@ def two_stage_toml(cache_base: Path, path: Path, **top: Any) -> Path:
     return path
 
 
-def test_two_stages_run_in_order_and_carry_the_student_over(
-    cache_base: Path, tmp_path: Path
-) -> None:
-    config = two_stage_toml(cache_base, tmp_path / "train.toml")
+@dataclasses.dataclass(frozen=True)
+class FinishedRun:
+    """A finished run of `two_stage_toml`: its resolved config (out_dir = the run folder) and
+    what `fit_run` returned."""
+
+    cfg: TrainConfig
+    summary: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(cache_base: Path, tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    """The uninterrupted two-stage run, trained once for the tests that check it or compare
+    with it (each run costs both stages). Tests only read its folder; one that reruns it works
+    on a copy. It draws its loss curves (a module fixture is set up before the function-scoped
+    switch of tests/conftest.py that turns them off)."""
+    config = two_stage_toml(cache_base, tmp_path_factory.mktemp("two-stage") / "reference.toml")
     cfg = resolve_paths(load_train_config(config), config)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in every test here (one_thread) and in the CLI runs it meets
+    try:
+        return FinishedRun(cfg, fit_run(cfg, progress="off"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_two_stages_run_in_order_and_carry_the_student_over(
+    two_stage_run: FinishedRun, tmp_path: Path
+) -> None:
+    cfg, summary = two_stage_run.cfg, two_stage_run.summary
     stage_cfgs = cfg.stage_configs()
     assert [c.student.img_size for c in stage_cfgs] == [28, 42]
     assert [c.optim.lr for c in stage_cfgs] == [cfg.optim.lr, 1e-3]
     assert stage_cfgs[1].optim.warmup_fraction == 0.0 and stage_cfgs[1].seed == cfg.seed + 1
-    summary = fit_run(cfg, progress="off")
     run = Path(cfg.out_dir)
     for stage in ("00-g2", "01-g3"):
         for name in ("config.json", "sizes.json", "metrics.jsonl", "checkpoints/last.pt",
@@ -83,21 +107,21 @@ def test_two_stages_run_in_order_and_carry_the_student_over(
     # The optimizer restarted: stage 2's schedule is its own (no warmup: its peak at once).
     g3_lrs = [r["lr"] for r in merged if r["kind"] == "train" and r["stage"] == "g3"]
     assert g3_lrs[0] == pytest.approx(stage_cfgs[1].base_lr(1)) and g3_lrs[-1] < g3_lrs[0]
-    # Rerunning the finished run trains nothing more.
-    again = fit_run(cfg, progress="off")
-    assert again["step"] == 20 and len(read_metrics(run)) == len(merged)
-    assert latest_stage_dir(run) == run / "stages" / "01-g3"
+    # Rerunning the finished run trains nothing more (on a copy: the run is shared).
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    again = fit_run(dataclasses.replace(cfg, out_dir=str(copy)), progress="off")
+    assert again["step"] == 20 and len(read_metrics(copy)) == len(merged)
+    assert latest_stage_dir(copy) == copy / "stages" / "01-g3"
     # `dune-train export RUN` on the staged run folder exports the last stage's student.
     paths = export_run(run, tmp_path / "export")
     assert load_file(paths["student_weights"])["pos_embed"].shape[1] == 9
 
 
 def test_max_steps_counts_over_the_stages_and_a_rerun_continues(
-    cache_base: Path, tmp_path: Path
+    two_stage_run: FinishedRun, tmp_path: Path
 ) -> None:
-    config = two_stage_toml(cache_base, tmp_path / "train.toml")
-    cfg = resolve_paths(load_train_config(config), config)
-    reference = fit_run(cfg, progress="off")["rows"]
+    cfg, reference = two_stage_run.cfg, two_stage_run.summary["rows"]
     out = tmp_path / "stopped"
     for stop in (5, 12, None):
         summary = fit_run(dataclasses.replace(cfg, out_dir=str(out), max_steps=stop),
@@ -115,11 +139,10 @@ def test_max_steps_counts_over_the_stages_and_a_rerun_continues(
         fit_run(changed, progress="off")
 
 
-def test_a_kill_in_the_second_stage_resumes_bit_exactly(cache_base: Path, tmp_path: Path) -> None:
-    reference_cfg_path = two_stage_toml(cache_base, tmp_path / "reference.toml")
-    reference_cfg = resolve_paths(load_train_config(reference_cfg_path), reference_cfg_path)
-    fit_run(reference_cfg, progress="off")
-    reference = Path(reference_cfg.out_dir)
+def test_a_kill_in_the_second_stage_resumes_bit_exactly(
+    two_stage_run: FinishedRun, cache_base: Path, tmp_path: Path
+) -> None:
+    reference = Path(two_stage_run.cfg.out_dir)
 
     config = two_stage_toml(cache_base, tmp_path / "killed.toml")
     out = tmp_path / "killed"

@@ -198,6 +198,7 @@ def test_init_from_a_checkpoint_at_another_grid_interpolates_pos_embed(tmp_path:
 
 
 # -- runs --------------------------------------------------------------------------------------
+@pytest.mark.loss_curves
 def test_short_run_learns_the_teachers_and_fills_the_run_folder(
     cache_base: Path, tmp_path: Path
 ) -> None:
