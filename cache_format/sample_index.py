@@ -243,8 +243,14 @@ class SampleIndex(IndexChunks):
         """Keys of `images` (image indices, any order, repeats allowed), one read per chunk."""
         rows = self._rows(images, self.num_images, "image")
         starts, stops = self._offsets(rows), self._offsets(rows + 1)
-        return [self._decode_key(self._key_bytes(a, b), i) for a, b, i in
-                zip(starts.tolist(), stops.tolist(), rows.tolist(), strict=True)]
+        # Decoded in the text's order, so that each key_utf8 chunk is read once even when the
+        # chunk cache holds only one (in the callers' random order, it was read per key).
+        order = np.argsort(starts, kind="stable")
+        keys: list[str] = [""] * rows.size
+        for at, a, b, i in zip(order.tolist(), starts[order].tolist(), stops[order].tolist(),
+                               rows[order].tolist(), strict=True):
+            keys[at] = self._decode_key(self._key_bytes(a, b), i)
+        return keys
 
     def view_params_of(self, samples: Sequence[int] | np.ndarray) -> np.ndarray:
         """View parameters of `samples`, float32 [n, P] (a new array), one read per chunk."""
