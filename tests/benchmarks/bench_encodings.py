@@ -396,6 +396,9 @@ def main() -> None:
     caches = derive(fp16, names, "cache")
     fidelity = {name: token_cosines(cache, fp16) for name, cache in caches.items()}
     rates = decode_rates(root, names, repeats=5 if args.quick else 20)
+    # Printed now, so that a run cut short by a time limit (the GPU script) still reports them.
+    print("decode GB/s:", {name: {k: round(v, 3) for k, v in r.items()}
+                           for name, r in rates.items()}, flush=True)
     scores = train_and_score(train_toml, caches, root, args.steps, list(range(args.seeds)))
     body = report(args, names, fidelity, rates, scores, time.perf_counter() - began)
     print(body)
