@@ -197,12 +197,13 @@ def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps
     """Train the same student from every cache with every seed; score each against the fp16
     cache with `dune-train eval`. Returns {encoding: {seed: eval metrics}}."""
     scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name in caches}
+    epochs, steps = whole_epochs(train_toml, caches["fp16"], root, steps)
     for seed in seeds:
         for name, cache in caches.items():
             out = root / "runs" / f"{name}-seed{seed}"
             cfg = with_overrides(load_train_config(train_toml), {
                 "data.cache": str(cache), "out_dir": str(out), "seed": seed, "max_steps": steps,
-                "epochs": 10**3, "eval_every": steps, "checkpoint_every": steps})
+                "epochs": epochs, "eval_every": steps, "checkpoint_every": steps})
             began = time.perf_counter()
             Trainer(resolve_paths(cfg, train_toml), progress="off").fit()
             result = eval_run(out, cache=str(caches["fp16"]))
@@ -211,6 +212,18 @@ def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps
                   f"{result.metrics['heldout/loss']:.5f}", flush=True)
             scores[name][seed] = result.metrics
     return scores
+
+
+def whole_epochs(train_toml: Path, cache: Path, root: Path, steps: int) -> tuple[int, int]:
+    """(epochs, steps): `steps` rounded up to whole epochs, so that the learning-rate schedule
+    (warmup, then cosine decay) ends where training stops. `max_steps` alone never changes the
+    schedule (train/config.py): a schedule over many more epochs would leave every student in
+    its warmup, at a few percent of the peak learning rate."""
+    cfg = with_overrides(load_train_config(train_toml), {
+        "data.cache": str(cache), "out_dir": str(root / "runs" / "probe"), "epochs": 1})
+    per_epoch = Trainer(resolve_paths(cfg, train_toml), progress="off").steps_per_epoch
+    epochs = max(1, -(-steps // per_epoch))
+    return epochs, epochs * per_epoch
 
 
 def mean_cos(metrics: dict[str, float]) -> float:
@@ -320,7 +333,8 @@ def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.nd
         f"{sizes.views_per_image} views, {sizes.heldout_images} held-out images per dataset. "
         f"Every compact cache is `dune-cache transcode`d from the fp16 one (identical views). "
         f"Student width {sizes.student_dim}, {sizes.student_depth} blocks, {args.steps} steps "
-        f"of {sizes.batch_size}, seeds {', '.join(map(str, seeds))} from every cache; every "
+        f"of {sizes.batch_size} (whole epochs: the learning-rate schedule ends where training "
+        f"stops), seeds {', '.join(map(str, seeds))} from every cache; every "
         "student scored by `dune-train eval RUN --cache <fp16 cache>` (the same fp16 targets "
         "for all). MB: `pair_footprint` of a ViT-L teacher at 448 px (cls + 1024 patch "
         "tokens, D = 1024, one view, 1 MB = 1e6 B). Token cosine: every stored token against "
@@ -399,6 +413,7 @@ def main() -> None:
     # Printed now, so that a run cut short by a time limit (the GPU script) still reports them.
     print("decode GB/s:", {name: {k: round(v, 3) for k, v in r.items()}
                            for name, r in rates.items()}, flush=True)
+    args.steps = whole_epochs(train_toml, fp16, root, args.steps)[1]  # what the students run
     scores = train_and_score(train_toml, caches, root, args.steps, list(range(args.seeds)))
     body = report(args, names, fidelity, rates, scores, time.perf_counter() - began)
     print(body)
