@@ -310,16 +310,12 @@ def decode_tokens_torch(
     # Same operations in the same order as decode_tokens (no fused multiply-add), so CPU, GPU
     # and numpy decoding agree bit for bit and the stored statistics describe exactly this.
     if spec.is_int4:
+        # Fused and chunked (int4.decode_torch), the same operations as the numpy path.
         scale = scale.to(device=device)
-        out = int4.dequantize_torch(values, scale, dim)
-        if spec.name == "int4h":
-            out = int4.hadamard_torch(out)
-        fallback = int4.negative_first_scale_torch(scale)
-        if bool(fallback.any()):
-            out = out * torch.where(fallback.unsqueeze(-1), _fallback_gain_torch(std), std)
-        else:
-            out = out * std
-        return out + mean
+        gain = (_fallback_gain_torch(std)
+                if bool(int4.negative_first_scale_torch(scale).any()) else None)
+        return int4.decode_torch(values, scale, dim, rotate=spec.name == "int4h", gain=std,
+                                 mean=mean, fallback_gain=gain)
     scale = scale.to(device=device, dtype=torch.float32)
     fallback = scale < 0
     if not bool(fallback.any()):

@@ -1,6 +1,7 @@
 """Encodings judged by the student they train: every encoding of the format, one ruler.
 
-    .venv/bin/python tests/benchmarks/bench_encodings.py [--quick] [--steps N] [--root DIR]
+    .venv/bin/python tests/benchmarks/bench_encodings.py [--quick] [--seeds N] [--steps N]
+        [--encodings fp16,int8,...] [--root DIR]
 
 1. Builds one fp16 cache from three stand-in teachers whose tokens carry outlier channels like
    pretrained ViTs' (tests/benchmarks/outlier_teacher.py: 4 channels at 20-100x the spread, with
@@ -12,15 +13,20 @@
    decode speed (`EncodedTokens.decode`, float32 GB out per second) on one CPU core and, when
    there is one, on the GPU, on a synthetic ViT-L-sized batch (8 samples x 1025 tokens x 1024,
    outlier channels) written through the same writer and transcoded the same way.
-3. Trains the same student (same seed, steps, batches) from each cache, plus the fp16 cache with
-   a second seed, and scores every student with `dune-train eval RUN --cache <fp16 cache>`
-   (`train.run_eval.eval_run`): held-out loss and cosine against the same fp16 targets.
-   The fp16 seed-to-seed spread says how large a difference noise alone makes.
+3. Trains the same student from each cache with each of `--seeds` seeds and scores every
+   student with `dune-train eval RUN --cache <fp16 cache>` (`train.run_eval.eval_run`):
+   held-out loss and cosine against the same fp16 targets. Two students of one seed start from
+   the same weights and see the same batches, so they differ only through their targets: the
+   per-seed difference of an encoding's student from the fp16 student is paired, and its mean
+   over seeds gets a 95% t interval. The seed-to-seed spread of the fp16 students themselves
+   (what an unpaired comparison would have to beat) is reported beside it.
 
 Writes the section `bench_encodings` of docs/benchmarks.md, with the machine and whether the
 issue's goal holds: an encoding at or below 0.55 MB per image per ViT-L teacher at 448 px whose
-student lands within 1% of the fp16-cache student's held-out loss. `--quick`: a few minutes on
-two CPU cores (small data, 150 steps: the students are far from converged).
+student lands within 1% of the fp16-cache student's held-out loss. Met when the whole interval
+of some small encoding lies inside +-1%, not met when every one lies beyond, else "cannot
+tell". `--quick`: a few minutes on two CPU cores (small data, 150 steps: the students are far
+from converged).
 """
 
 from __future__ import annotations
@@ -186,25 +192,38 @@ def _rate(encoded: dict[str, Any], device: str, repeats: int) -> float:
     return out_bytes / best / 1e9
 
 
-def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps: int
-                    ) -> dict[str, dict[str, float]]:
-    """Train the same student from every cache (and fp16 with seed 1); score each against the
-    fp16 cache with `dune-train eval`. Returns {label: eval metrics}."""
-    runs = [(name, cache, 0) for name, cache in caches.items()] + [("fp16", caches["fp16"], 1)]
-    scores = {}
-    for name, cache, seed in runs:
-        label = name if seed == 0 else f"{name} (seed {seed})"
-        out = root / "runs" / f"{name}-seed{seed}"
-        cfg = with_overrides(load_train_config(train_toml), {
-            "data.cache": str(cache), "out_dir": str(out), "seed": seed, "max_steps": steps,
-            "epochs": 10**3, "eval_every": steps, "checkpoint_every": steps})
-        began = time.perf_counter()
-        Trainer(resolve_paths(cfg, train_toml), progress="off").fit()
-        result = eval_run(out, cache=str(caches["fp16"]))
-        print(f"{label}: trained {steps} steps in {time.perf_counter() - began:.0f}s, "
-              f"held-out loss vs fp16 targets {result.metrics['heldout/loss']:.5f}", flush=True)
-        scores[label] = result.metrics
+def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps: int,
+                    seeds: list[int]) -> dict[str, dict[int, dict[str, float]]]:
+    """Train the same student from every cache with every seed; score each against the fp16
+    cache with `dune-train eval`. Returns {encoding: {seed: eval metrics}}."""
+    scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name in caches}
+    epochs, steps = whole_epochs(train_toml, caches["fp16"], root, steps)
+    for seed in seeds:
+        for name, cache in caches.items():
+            out = root / "runs" / f"{name}-seed{seed}"
+            cfg = with_overrides(load_train_config(train_toml), {
+                "data.cache": str(cache), "out_dir": str(out), "seed": seed, "max_steps": steps,
+                "epochs": epochs, "eval_every": steps, "checkpoint_every": steps})
+            began = time.perf_counter()
+            Trainer(resolve_paths(cfg, train_toml), progress="off").fit()
+            result = eval_run(out, cache=str(caches["fp16"]))
+            print(f"{name} seed {seed}: trained {steps} steps in "
+                  f"{time.perf_counter() - began:.0f}s, held-out loss vs fp16 targets "
+                  f"{result.metrics['heldout/loss']:.5f}", flush=True)
+            scores[name][seed] = result.metrics
     return scores
+
+
+def whole_epochs(train_toml: Path, cache: Path, root: Path, steps: int) -> tuple[int, int]:
+    """(epochs, steps): `steps` rounded up to whole epochs, so that the learning-rate schedule
+    (warmup, then cosine decay) ends where training stops. `max_steps` alone never changes the
+    schedule (train/config.py): a schedule over many more epochs would leave every student in
+    its warmup, at a few percent of the peak learning rate."""
+    cfg = with_overrides(load_train_config(train_toml), {
+        "data.cache": str(cache), "out_dir": str(root / "runs" / "probe"), "epochs": 1})
+    per_epoch = Trainer(resolve_paths(cfg, train_toml), progress="off").steps_per_epoch
+    epochs = max(1, -(-steps // per_epoch))
+    return epochs, epochs * per_epoch
 
 
 def mean_cos(metrics: dict[str, float]) -> float:
@@ -212,68 +231,101 @@ def mean_cos(metrics: dict[str, float]) -> float:
     return float(np.mean(values))
 
 
-def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.ndarray],
-           rates: dict[str, dict[str, float]], scores: dict[str, dict[str, float]],
-           elapsed: float) -> str:
-    """The markdown section: the table, the seed spread and the verdict on the goal."""
+#: Two-sided 95% quantiles of Student's t by degrees of freedom (no scipy in the environment).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228}
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """Per-seed relative differences of one encoding's student against the fp16 student of the
+    same seed (same initial weights, same batches: only the targets differ), and their summary.
+    """
+
+    diffs: np.ndarray  # loss_enc / loss_fp16 - 1, one per seed
+    cos_diffs: np.ndarray  # mean held-out cosine, enc - fp16, one per seed
+
+    @property
+    def mean(self) -> float:
+        return float(self.diffs.mean())
+
+    @property
+    def sd(self) -> float:
+        return float(self.diffs.std(ddof=1)) if len(self.diffs) > 1 else float("nan")
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """The 95% t interval of the mean paired difference."""
+        n = len(self.diffs)
+        half = T95[min(n - 1, 10)] * self.sd / np.sqrt(n) if n > 1 else float("inf")
+        return self.mean - half, self.mean + half
+
+    def verdict(self, goal: float) -> str:
+        """"within" when the whole interval lies inside +-goal, "outside" when it lies wholly
+        beyond it, "cannot tell" when it straddles a bound."""
+        low, high = self.interval
+        if -goal <= low and high <= goal:
+            return "within"
+        if high < -goal or low > goal:
+            return "outside"
+        return "cannot tell"
+
+
+def paired(scores: dict[str, dict[int, dict[str, float]]], name: str) -> Paired:
+    """`Paired` of encoding `name` against fp16 over the seeds both were trained with."""
+    seeds = sorted(scores[name])
     base = scores["fp16"]
-    base_loss, base_cos = base["heldout/loss"], mean_cos(base)
+    return Paired(
+        np.array([scores[name][s]["heldout/loss"] / base[s]["heldout/loss"] - 1 for s in seeds]),
+        np.array([mean_cos(scores[name][s]) - mean_cos(base[s]) for s in seeds]))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.2f}%"
+
+
+def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.ndarray],
+           rates: dict[str, dict[str, float]], scores: dict[str, dict[int, dict[str, float]]],
+           elapsed: float) -> str:
+    """The markdown section: per-encoding table, paired differences, verdict on the goal."""
+    seeds = sorted(scores["fp16"])
     gpu = any("cuda" in r for r in rates.values())
     header = ["encoding", "MB / image / ViT-L teacher @448", "token cos mean", "token cos p1",
-              "decode GB/s (1 CPU core)", *(["decode GB/s (GPU)"] if gpu else []),
-              "held-out loss", "vs fp16 student", "held-out cos", "vs fp16 student"]
-    rows, verdicts = [], []
-    for label, metrics in scores.items():
-        name = label.split(" ")[0]
-        loss, cos = metrics["heldout/loss"], mean_cos(metrics)
-        rel = loss / base_loss - 1
-        seeded = label != name
+              "decode GB/s (1 CPU core)", "decode GB/s (GPU)",
+              f"held-out loss (mean of {len(seeds)} seeds)", "held-out cos (mean)"]
+    rows = []
+    for name in names:
         cosines = fidelity[name]
-        rows.append([
-            label, "" if seeded else f"{projected_mb(name):.3f}",
-            "" if seeded else f"{cosines.mean():.6f}",
-            "" if seeded else f"{np.percentile(cosines, 1):.6f}",
-            "" if seeded else f"{rates[name]['cpu']:.2f}",
-            *([("" if seeded else f"{rates[name].get('cuda', float('nan')):.1f}")] if gpu else []),
-            f"{loss:.5f}", f"{100 * rel:+.2f}%", f"{cos:.5f}", f"{cos - base_cos:+.5f}",
-        ])
-        if not seeded and projected_mb(name) <= GOAL_MB:
-            verdicts.append((name, abs(rel) <= GOAL_LOSS, rel))
-    spread = scores["fp16 (seed 1)"]["heldout/loss"] / base_loss - 1
-    preset = PRESETS[args.preset]
-    met = [n for n, ok, _ in verdicts if ok]
-    if met:
-        verdict = (f"**Goal met** by {', '.join(met)}: at or below {GOAL_MB} MB per image per "
-                   f"ViT-L teacher at 448 px, and within 1% of the fp16-cache student's held-out "
-                   "loss.")
-    elif verdicts:
-        verdict = ("**Goal not met**: " + "; ".join(
-            f"{n} is small enough but its student is {100 * r:+.2f}% off" for n, _, r in verdicts)
-                   + ".")
-    else:
-        smallest = min(names, key=projected_mb)
-        verdict = (f"**Goal not met**: no encoding of the format is at or below {GOAL_MB} MB per "
-                   f"image per ViT-L teacher at 448 px (the smallest, {smallest}, stores "
-                   f"{projected_mb(smallest):.3f} MB).")
-    # Same seed, same batches: two caches' students differ only through their targets, so a
-    # difference between encodings is paired; the seed spread is what an unpaired rerun moves.
-    # Same seed, same batches: two caches' students differ only through their targets, so the
-    # differences between encodings are paired; the seed spread is what an unpaired rerun moves.
-    noise = (f" Students of one seed see the same batches and differ only through their "
-             f"targets; the fp16 student retrained with seed 1 moves the held-out loss by "
-             f"{100 * spread:+.2f}%"
-             + (", more than the 1% goal: at this size a 1% effect would hide in seed noise, so "
-                "judge the goal from the full run (without --quick, or on the GPU)."
-                if abs(spread) > GOAL_LOSS else ", under the 1% goal: the goal is judged above "
-                "seed noise."))
-    sizes = preset.sizes
+        losses = [scores[name][s]["heldout/loss"] for s in seeds]
+        coses = [mean_cos(scores[name][s]) for s in seeds]
+        rows.append([name, f"{projected_mb(name):.3f}", f"{cosines.mean():.6f}",
+                     f"{np.percentile(cosines, 1):.6f}", f"{rates[name]['cpu']:.2f}",
+                     f"{rates[name]['cuda']:.1f}" if gpu else "blocked: no GPU",
+                     f"{np.mean(losses):.5f}", f"{np.mean(coses):.5f}"])
+    pair_header = ["encoding", *[f"seed {s}" for s in seeds], "mean", "sd",
+                   "95% interval", "held-out cos, mean diff", "within 1%?"]
+    pair_rows, small = [], {}
+    for name in names:
+        if name == "fp16":
+            continue
+        p = paired(scores, name)
+        low, high = p.interval
+        pair_rows.append([name, *[_pct(d) for d in p.diffs], f"**{_pct(p.mean)}**",
+                          f"{100 * p.sd:.2f}%", f"[{_pct(low)}, {_pct(high)}]",
+                          f"{p.cos_diffs.mean():+.5f}", p.verdict(GOAL_LOSS)])
+        if projected_mb(name) <= GOAL_MB:
+            small[name] = p
+    base_losses = np.array([scores["fp16"][s]["heldout/loss"] for s in seeds])
+    seed_sd = float(base_losses.std(ddof=1) / base_losses.mean()) if len(seeds) > 1 else 0.0
+    verdict = goal_statement(small, names)
+    sizes, preset = PRESETS[args.preset].sizes, PRESETS[args.preset]
     return "\n".join([
         "## bench_encodings: encodings judged by the student they train",
         "",
-        f"`bench_encodings.py{' --quick' if args.quick else ''}` (encodings: "
-        f"{', '.join(names)}; {elapsed / 60:.0f} min). Machine: {machine_description()}; "
-        f"load average {os.getloadavg()[0]:.1f} at the end (shared: the decode speeds move "
-        "with it).",
+        f"`bench_encodings.py{' --quick' if args.quick else ''} --seeds {len(seeds)}` "
+        f"(encodings: {', '.join(names)}; {elapsed / 60:.0f} min). Machine: "
+        f"{machine_description()}; load average {os.getloadavg()[0]:.1f} at the end (shared: "
+        "the decode speeds move with it).",
         "",
         f"Teachers: 3 stand-ins (`tests/benchmarks/outlier_teacher.py`: random-init ViT width "
         f"{preset.teacher_dim}, {preset.teacher_depth} blocks, 4 outlier channels at 20-100x "
@@ -281,19 +333,50 @@ def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.nd
         f"{sizes.views_per_image} views, {sizes.heldout_images} held-out images per dataset. "
         f"Every compact cache is `dune-cache transcode`d from the fp16 one (identical views). "
         f"Student width {sizes.student_dim}, {sizes.student_depth} blocks, {args.steps} steps "
-        f"of {sizes.batch_size}, seed 0 from every cache; every student scored by `dune-train "
-        f"eval RUN --cache <fp16 cache>` (the same fp16 targets for all). MB: "
-        f"`pair_footprint` of a ViT-L teacher at 448 px (cls + 1024 patch tokens, D = 1024, "
-        f"one view, 1 MB = 1e6 B). Token cosine: every stored token against the fp16 cache's. "
-        f"Decode: `EncodedTokens.decode` of 8 x 1025 x 1024 synthetic tokens (outlier "
-        f"channels), float32 GB out per second, best of repeats"
-        + ("." if any("cuda" in r for r in rates.values()) else "; no GPU on this machine "
+        f"of {sizes.batch_size} (whole epochs: the learning-rate schedule ends where training "
+        f"stops), seeds {', '.join(map(str, seeds))} from every cache; every "
+        "student scored by `dune-train eval RUN --cache <fp16 cache>` (the same fp16 targets "
+        "for all). MB: `pair_footprint` of a ViT-L teacher at 448 px (cls + 1024 patch "
+        "tokens, D = 1024, one view, 1 MB = 1e6 B). Token cosine: every stored token against "
+        "the fp16 cache's. Decode: `EncodedTokens.decode` of 8 x 1025 x 1024 synthetic tokens "
+        "(outlier channels), float32 GB out per second, best of repeats"
+        + ("." if gpu else "; GPU: blocked, no GPU on this machine "
            "(tests/benchmarks/device/run.sh measures it there)."),
         "",
         markdown_table(header, rows),
         "",
-        verdict + noise,
+        "Paired held-out loss differences against the fp16-cache student of the same seed "
+        "(same initial weights and batches: the two students differ only through their "
+        "targets), loss / loss_fp16 - 1; 95% interval: mean +- t(n-1) x sd / sqrt(n). "
+        f"For scale, the fp16 students' own held-out loss varies by {100 * seed_sd:.2f}% (sd) "
+        "from seed to seed, the noise an unpaired comparison would carry.",
+        "",
+        markdown_table(pair_header, pair_rows),
+        "",
+        verdict,
     ])
+
+
+def goal_statement(small: dict[str, Paired], names: list[str]) -> str:
+    """The plain verdict on the issue's goal from the paired intervals of the small encodings."""
+    if not small:
+        smallest = min(names, key=projected_mb)
+        return (f"**Goal not met**: no encoding is at or below {GOAL_MB} MB per image per ViT-L "
+                f"teacher at 448 px (the smallest, {smallest}, stores "
+                f"{projected_mb(smallest):.3f} MB).")
+    goal = (f"an encoding at or below {GOAL_MB} MB per image per ViT-L teacher at 448 px whose "
+            "student lands within 1% of the fp16-cache student's held-out loss")
+    within = [n for n, p in small.items() if p.verdict(GOAL_LOSS) == "within"]
+    detail = "; ".join(
+        f"{n}: mean {_pct(p.mean)}, 95% interval [{_pct(p.interval[0])}, {_pct(p.interval[1])}]"
+        for n, p in small.items())
+    if within:
+        return (f"**Goal met** ({goal}) by {', '.join(within)}: the whole 95% interval of the "
+                f"paired difference lies inside +-1% ({detail}).")
+    if all(p.verdict(GOAL_LOSS) == "outside" for p in small.values()):
+        return f"**Goal not met** ({goal}): every interval lies beyond 1% ({detail})."
+    return (f"**Cannot tell** whether the goal ({goal}) is met: an interval straddles the 1% "
+            f"bound ({detail}); more seeds would narrow it.")
 
 
 def main() -> None:
@@ -303,6 +386,10 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=None,
                         help="where caches and runs go (default: a temp folder)")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit the docs")
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="seeds 0..N-1; every encoding's student is trained with each")
+    parser.add_argument("--encodings", default=",".join(ENCODING_NAMES),
+                        help="comma-separated encodings to compare (fp16 is always included)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: 1 with --quick, else torch's default)")
     args = parser.parse_args()
@@ -316,12 +403,18 @@ def main() -> None:
     args.steps = args.steps or preset.steps
     root = args.root or Path(tempfile.mkdtemp(prefix="bench-encodings-"))
     began = time.perf_counter()
-    names = list(ENCODING_NAMES)
+    names = ["fp16", *[n for n in args.encodings.split(",") if n and n != "fp16"]]
+    for name in names:
+        EncodingSpec(name=name)  # a name the format does not know fails here, before any work
     fp16, train_toml = build_fp16(root, preset)
     caches = derive(fp16, names, "cache")
     fidelity = {name: token_cosines(cache, fp16) for name, cache in caches.items()}
     rates = decode_rates(root, names, repeats=5 if args.quick else 20)
-    scores = train_and_score(train_toml, caches, root, args.steps)
+    # Printed now, so that a run cut short by a time limit (the GPU script) still reports them.
+    print("decode GB/s:", {name: {k: round(v, 3) for k, v in r.items()}
+                           for name, r in rates.items()}, flush=True)
+    args.steps = whole_epochs(train_toml, fp16, root, args.steps)[1]  # what the students run
+    scores = train_and_score(train_toml, caches, root, args.steps, list(range(args.seeds)))
     body = report(args, names, fidelity, rates, scores, time.perf_counter() - began)
     print(body)
     if not args.no_write:
