@@ -33,6 +33,7 @@ import torch
 
 from cache_format import int4
 from cache_format.errors import ConfigError, InvalidTokensError
+from cache_format.serde import check_choice
 
 ENCODING_NAMES = ("fp16", "bf16", "int8", "int4", "int4h")
 #: Encodings that standardize with a per-pair calibration and store per-token scales.
@@ -76,15 +77,8 @@ class EncodingSpec:
     level: int = 3
 
     def __post_init__(self) -> None:
-        if self.name not in ENCODING_NAMES:
-            raise ConfigError(
-                f"encoding.name: expected one of {', '.join(ENCODING_NAMES)}, found {self.name!r}",
-                hint=UNKNOWN_ENCODING_HINT,
-            )
-        if self.codec not in CODEC_NAMES:
-            raise ConfigError(
-                f"encoding.codec: expected one of {', '.join(CODEC_NAMES)}, found {self.codec!r}"
-            )
+        check_choice(self.name, ENCODING_NAMES, "encoding.name", hint=UNKNOWN_ENCODING_HINT)
+        check_choice(self.codec, CODEC_NAMES, "encoding.codec")
         if self.codec == "zstd" and not 1 <= self.level <= 22:
             raise ConfigError(f"encoding.level: zstd levels are 1..22, found {self.level}")
         if self.codec == "blosc" and not 0 <= self.level <= 9:

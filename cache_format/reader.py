@@ -19,6 +19,7 @@ import zarr
 
 from cache_format import layout, shards
 from cache_format.errors import (
+    FOREIGN_CACHE_HINT,
     CacheCorruptionError,
     CacheNotFoundError,
     CacheVersionError,
@@ -205,7 +206,7 @@ class CacheReader(MetadataReader):
             raise CacheVersionError(
                 f"{self.location}: {lay.label}: record layout {layout.RECORD_ATTR}={found!r} "
                 f"differs from the expected {expected!r}",
-                hint="this cache was not written by this dune-distill")
+                hint=FOREIGN_CACHE_HINT)
         return lay, fields
 
     def _plan(self, dataset: str, teachers: Sequence[str] | None) -> ReadPlan:

@@ -20,7 +20,9 @@ import zarr
 
 from cache_format import layout, shards
 from cache_format.errors import (
+    FOREIGN_CACHE_HINT,
     REPAIR_DAMAGED,
+    VERIFY_HINT,
     CacheCorruptionError,
     CacheVersionError,
     ConfigError,
@@ -93,7 +95,7 @@ class SampleIndex(IndexChunks):
             raise CacheVersionError(
                 f"dataset {dataset!r} ({group.path}): {index.num_samples} index rows, the "
                 f"manifest says {num_samples}",
-                hint="this cache was not written by this dune-distill")
+                hint=FOREIGN_CACHE_HINT)
         return index
 
     def _init_state(self) -> None:
@@ -118,7 +120,7 @@ class SampleIndex(IndexChunks):
             problem = f"{offsets.shape[0]} key offsets for {n} samples at {v} views per image"
         if problem:
             raise CacheVersionError(f"dataset {self.dataset!r}: index arrays disagree: {problem}",
-                                    hint="this cache was not written by this dune-distill")
+                                    hint=FOREIGN_CACHE_HINT)
 
     @property
     def _row_nbytes(self) -> int:
@@ -237,7 +239,7 @@ class SampleIndex(IndexChunks):
         except UnicodeDecodeError as exc:
             raise CacheCorruptionError(
                 f"dataset {self.dataset!r}, key of image {image}: not UTF-8 ({exc})",
-                hint="the cache is damaged: run `dune-cache verify`") from None
+                hint=VERIFY_HINT) from None
 
     def keys_of(self, images: Sequence[int] | np.ndarray) -> list[str]:
         """Keys of `images` (image indices, any order, repeats allowed), one read per chunk."""

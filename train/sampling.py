@@ -57,6 +57,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from cache_format.errors import ConfigError
+from cache_format.serde import check_choice
 from train.image_order import (
     EpochOrder,
     ImageOrder,
@@ -91,8 +92,7 @@ class ViewEpochSampler(Sampler[int]):
         batch_size: int | None = None,
         order: EpochOrder | None = None,
     ) -> None:
-        if mode not in SAMPLING_MODES:
-            raise ConfigError(f"sampling mode: expected one of {SAMPLING_MODES}, found {mode!r}")
+        check_choice(mode, SAMPLING_MODES, "sampling mode")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(
                 f"rank/world_size: expected 0 <= rank < world_size, found rank={rank}, "
