@@ -26,8 +26,6 @@ key `dune_distill`, which the reference ignores.
 from __future__ import annotations
 
 import argparse
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cache_format.dinov2_keys import fold_cls_slot, holds_cls_slot, timm_key
 from cache_format.errors import CheckpointError
 from cache_format.serde import from_dict, to_dict
 from train.config import ProjectorConfig, TrainConfig
@@ -50,7 +49,6 @@ REFERENCE_ARCHS = {
 }
 EXTRAS_KEY = "dune_distill"
 DUNE_FILE_HINT = "pass a .pth written by naver/dune or by `dune-train export --format dune`"
-_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.(.*)$")
 
 
 @dataclass
@@ -265,23 +263,17 @@ def encoder_from_reference(src: dict[str, Tensor], where: str) -> dict[str, Tens
     The one copy of the rule: `heads.dune_checkpoint` reads released checkpoints through it."""
     out: dict[str, Tensor] = {}
     for key, value in src.items():
-        if key == "mask_token":  # masked-image training only
-            continue
-        chunked = _CHUNKED_BLOCK.match(key)
-        if key == "register_tokens":
-            key = "reg_token"
-        elif chunked:
-            key = f"blocks.{chunked.group(1)}.{chunked.group(2)}"
-        out[key] = value
+        new = timm_key(key)
+        if new is not None:  # mask_token: masked-image training only
+            out[new] = value
     pos, cls = out.get("pos_embed"), out.get("cls_token")
     if pos is None or cls is None:
         raise CheckpointError(
             f"{where}: no encoder.pos_embed / encoder.cls_token in the checkpoint's model",
             hint=DUNE_FILE_HINT,
         )
-    if math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:  # stored with the cls slot
-        out["cls_token"] = cls + pos[:, :1]
-        out["pos_embed"] = pos[:, 1:]
+    if holds_cls_slot(pos):
+        out["cls_token"], out["pos_embed"] = fold_cls_slot(cls, pos)
     return out
 
 

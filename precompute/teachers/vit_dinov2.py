@@ -25,7 +25,6 @@ size (one interpolation from the trained grid, as in the reference).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import timm
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cache_format.dinov2_keys import fold_cls_slot, holds_cls_slot, is_square, timm_key
 from cache_format.errors import ConfigError
 from cache_format.manifest import TOKEN_TYPES
 from precompute.teachers.checkpoints import (
@@ -49,7 +49,6 @@ DINOV2_HUB = "vit_large_patch14_reg4_dinov2.lvd142m"
 DINOV2_CHECKPOINT = "dinov2_vitl14_reg4_pretrain.pth"
 DINOV2_IMG_SIZE = 518  # 37 x 14: the grid of the released position embeddings
 INTERPOLATE_OFFSET = 0.1  # DINOv2's historical offset on the interpolation scale factor
-_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _ORIGINAL_NAMES = {"reg_token": "register_tokens"}  # timm name -> DINOv2 release name
 
 
@@ -131,10 +130,6 @@ def create_dinov2_vit(
     )
 
 
-def _is_square(n: int) -> bool:
-    return n > 0 and math.isqrt(n) ** 2 == n
-
-
 def map_dinov2_keys(
     state: dict[str, torch.Tensor], target: nn.Module, *, file_prefix: str = ""
 ) -> MappedState:
@@ -147,22 +142,21 @@ def map_dinov2_keys(
     original: dict[str, str] = {}
     ignored: list[str] = []
     for key, value in state.items():
-        if key == "mask_token":  # used only by DINOv2's masked-image training
+        new = timm_key(key)
+        if new is None:  # used only by DINOv2's masked-image training
             ignored.append(file_prefix + key)
             continue
-        new = "reg_token" if key == "register_tokens" else _CHUNKED_BLOCK.sub(r"blocks.\1.", key)
         tensors[new] = value
         original[new] = file_prefix + key
     pos = tensors.get("pos_embed")
     if pos is not None and pos.ndim == 3 and "cls_token" in tensors:
-        if not _is_square(pos.shape[1]) and _is_square(pos.shape[1] - 1):
-            # Original layout: the cls entry of pos_embed is a constant added to the cls token.
-            tensors["cls_token"] = tensors["cls_token"] + pos[:, :1]
-            tensors["pos_embed"] = pos = pos[:, 1:]
+        if holds_cls_slot(pos):
+            tensors["cls_token"], tensors["pos_embed"] = fold_cls_slot(tensors["cls_token"], pos)
+            pos = tensors["pos_embed"]
             original["cls_token"] = f"{file_prefix}cls_token (+ {file_prefix}pos_embed[:, 0])"
         stored = target.pos_embed
         if (
-            _is_square(pos.shape[1])
+            is_square(pos.shape[1])
             and pos.shape[2] == stored.shape[2]
             and pos.shape[1] != stored.shape[1]
         ):
