@@ -22,10 +22,19 @@ def machine_description() -> str:
     """One line naming the CPU (or GPU), core count, memory, torch version and git commit."""
     cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        for line in info:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+        # Hosts named alike differ in vector units, which move CPU rates by tens of percent
+        # (the crc32c pass, the student's matmuls): name the widest one.
+        flags = next((set(line.split(":", 1)[1].split()) for line in info
+                      if line.startswith("flags")), set())
+        names = {"avx512f": "AVX-512", "avx2": "AVX2", "sse4_2": "SSE4.2"}
+        widest = next((name for flag, name in names.items() if flag in flags), None)
+        if widest:
+            cpu += f" ({widest})"
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
