@@ -395,7 +395,3 @@ class BufferPool:
         if len(sets) < self._per_key:
             sets.append(arrays)
         return arrays
-        arrays = make(key)
-        if len(sets) < self._per_key:
-            sets.append(arrays)
-        return arrays
