@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cache_format.encodings import ENCODING_NAMES
 from cache_format.errors import run_cli
 from heads.datasets import OnBad, Task
 
@@ -39,12 +40,8 @@ class DataKind(enum.StrEnum):
     depth_folder = "depth-folder"
 
 
-class Encoding(enum.StrEnum):
-    """How the features cache stores tokens."""
-
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int8 = "int8"
+#: How the features cache stores tokens: every encoding of the cache format, by its name.
+Encoding = enum.StrEnum("Encoding", {name: name for name in ENCODING_NAMES})
 
 
 Device = Annotated[str, typer.Option(help="Torch device: cpu, cuda, cuda:1, ...")]

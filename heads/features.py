@@ -216,7 +216,7 @@ def _write_split(writer: CacheWriter, source: LabelledSource, split: str, encode
         if not added:
             calibration = ({tok: fit_calibration(x[valid] if valid.any() else x)
                             for tok, x in tokens.items()}
-                           if cfg.encoding == "int8" else None)  # int8 needs calibration
+                           if EncodingSpec(cfg.encoding).has_scale else None)
             writer.add_teacher(split, fingerprint, calibration)
             added = True
         writer.write_index_shard(split, shard, np.zeros((stop - start, 0), np.float32), status)

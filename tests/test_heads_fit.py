@@ -98,10 +98,13 @@ def test_pca_png_size_not_constant_and_panels_differ_between_encoders(
 
 def test_cli_features_fit_eval_compare(tmp_path: Path, data: dict[str, Path]) -> None:
     runner = CliRunner()
-    for name, spec in (("a", "teacher:test_vit_p14"), ("b", "teacher:test_vit_p16")):
+    # b's features in a calibrated 4-bit encoding: every encoding of the format is offered
+    for name, spec, encoding in (("a", "teacher:test_vit_p14", "fp16"),
+                                 ("b", "teacher:test_vit_p16", "int4")):
         feats, run = tmp_path / f"feats-{name}", tmp_path / "runs" / name
         result = runner.invoke(app, ["features", spec, str(data["classification"]), "--out",
-                                     str(feats), "--task", "classification", "--grid", "4"])
+                                     str(feats), "--task", "classification", "--grid", "4",
+                                     "--encoding", encoding])
         assert result.exit_code == 0, result.output
         result = runner.invoke(app, ["fit", "classification", "--features", str(feats),
                                      "--out", str(run), "--lr", "0.01", "--lr", "0.1",
