@@ -345,7 +345,6 @@ def test_recycled_buffers_never_overwrite_what_a_caller_holds(tmp_path: Path) ->
         for sample in (3, 1):
             assert torch.equal(values(sample), expected[sample])
             assert id(values(sample)) != first
-    with open_cache(tmp_path / "c", threads=1) as reader:
         # A field whose `.data` was replaced no longer watches the record, and a kept view of
         # another field hides that from the storage's use count: only its data pointer tells.
         patch = reader.read_encoded("ds", [1])["t1"]["patch"]
