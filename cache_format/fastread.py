@@ -52,6 +52,11 @@ _DECOMPRESSORS: dict[str, Any] = {"zstd": Zstd(), "blosc": Blosc()}
 #: C-contiguous arrays); the bytes of one row of all outputs together are the array's
 #: `sample_nbytes`.
 ReadTarget = tuple[ShardedLayout, Sequence[np.ndarray]]
+#: What `ShardReader.read_records` fills: (array, scatter list [record buffer uint8 [1, R],
+#: 4-byte checksum buffer], the chunk length of a stored uncompressed record, or -1 for a
+#: compressed array),
+#: made once by whoever keeps the buffers (readplan.SampleSlot).
+RecordTarget = tuple[ShardedLayout, list[Any], int]
 #: Live readers, reset in a forked child (see _reset_after_fork).
 _READERS: weakref.WeakSet[ShardReader] = weakref.WeakSet()
 
@@ -166,28 +171,10 @@ class ShardReader:
     def read(self, samples: Sequence[int], targets: Sequence[ReadTarget]) -> None:
         """Fill the output arrays of every target with `samples`, verifying each chunk's crc32c.
 
-        This is the random-access hot path: one positional read and one checksum pass per
-        sample and array, everything else kept to a few dict lookups.
+        The batch hot path (one sample: `read_records`): one positional read and one checksum
+        pass per sample and array, everything else kept to a few dict lookups.
         """
         cached_index = self._index_cache.get
-        if len(samples) == 1 and self._local:  # one sample: no work items, no thread pool
-            sample = samples[0]
-            files: LocalFiles = self.files  # type: ignore[assignment]
-            token = files.begin()
-            try:
-                for lay, outs in targets:
-                    shard, local = divmod(sample, lay.samples_per_shard)
-                    hit = cached_index((lay.path, shard))  # inlined shard_index() hit
-                    index, key = hit if hit is not None else self.shard_index(lay, shard)
-                    offset, nbytes = _unpack_entry(index, 16 * local)
-                    if offset == _MISSING_INT:
-                        _fill(outs, lay.fill_value)
-                    else:
-                        self._read_chunk(files.fd(key), lay, sample, offset, nbytes, outs,
-                                         _crc_value, _crc_extend)
-            finally:
-                files.end(token)
-            return
         # One work item per present chunk: (layout, sample, key, offset, nbytes, row buffers).
         items: list[tuple[ShardedLayout, int, str, int, int, Sequence[np.ndarray]]] = []
         for lay, outs in targets:
@@ -213,6 +200,31 @@ class ShardReader:
             self._run(items, self._read_local)
         finally:
             self.files.end(token)  # type: ignore[union-attr]
+
+    def read_records(self, sample: int, targets: Sequence[RecordTarget]) -> None:
+        """Fill each target's record buffer with sample `sample`, verifying its crc32c.
+
+        The one-sample hot path (a random read through `CacheReader.read_encoded`), where a
+        few microseconds of Python are a tenth of a small record's read: the common case, a
+        stored uncompressed record of a local file, is one `os.preadv` into the prepared
+        scatter list and one checksum pass; anything else (a missing or compressed chunk, a
+        remote file, a short read or a checksum that does not match) goes through `read`,
+        which reads again and names what is wrong.
+        """
+        if not self._local:
+            self.read((sample,), [(lay, scatter[:1]) for lay, scatter, _ in targets])
+            return
+        cached_index = self._index_cache.get
+        preadv = self.files.preadv  # type: ignore[union-attr]
+        for lay, scatter, plain_nbytes in targets:
+            shard, local = divmod(sample, lay.samples_per_shard)
+            hit = cached_index((lay.path, shard))  # inlined shard_index() hit
+            index, key = hit if hit is not None else self.shard_index(lay, shard)
+            offset, nbytes = _unpack_entry(index, 16 * local)
+            if (nbytes != plain_nbytes or preadv(key, scatter, offset) != nbytes
+                    or (self.verify_checksums and _crc_value(scatter[0])
+                        != int.from_bytes(scatter[1], "little"))):
+                self.read((sample,), [(lay, scatter[:1])])
 
     def _run(self, items: list, work: Any) -> None:
         """`work(items, threaded)`, on the calling thread or split over the pool's."""

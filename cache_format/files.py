@@ -70,6 +70,25 @@ class LocalFiles:
         fd = self._fds.get(key)
         return fd if fd is not None else self._open(key)
 
+    def preadv(self, key: str, buffers: list[Any], offset: int) -> int:
+        """`os.preadv` of file `key` at `offset` into `buffers`: the bytes read, or -1 when the
+        file does not exist. `begin`, `fd` and `end` in one call, for the one-sample read
+        (fastread.ShardReader.read_records), whose few microseconds of Python count."""
+        token = next(self._tokens)
+        self._active[token] = None
+        try:
+            fd = self._fds.get(key)
+            if fd is None:
+                fd = self._open(key)
+                if fd is None:
+                    return -1
+            return os.preadv(fd, buffers, offset)
+        finally:
+            del self._active[token]
+            if self._retired:
+                with self._lock:
+                    self._close_retired()
+
     def _open(self, key: str) -> int | None:
         with self._lock:
             fd = self._fds.get(key)
@@ -372,9 +391,12 @@ class BufferPool:
         self._local = threading.local()
 
     def get(self, key: Any, make: Callable[[Any], T],
-            free: Callable[[T], bool] = arrays_unreferenced) -> T:  # type: ignore[assignment]
+            free: Callable[[T], bool | None] = arrays_unreferenced  # type: ignore[assignment]
+            ) -> T:
         """A set for `key`: a free one (`free(set)`) of those `make(key)` built earlier, else
-        new.
+        new. `free(set)` says True (hand it out), False (still in use) or None (never free
+        again, e.g. a one-sample slot whose tensor the caller changed in place: the pool drops
+        it, so that it takes no place a usable set could have).
 
         Equal keys must mean equal sets; the set returned belongs to the pool: do not change
         it. An array of a set may be a view of a buffer that only the set's arrays reference.
@@ -389,8 +411,12 @@ class BufferPool:
             while len(by_key) > self._keys:
                 del by_key[next(iter(by_key))]
         for arrays in sets:
-            if free(arrays):
+            usable = free(arrays)
+            if usable:
                 return arrays
+            if usable is None:  # rare: drop every dead set, then look again
+                sets[:] = [other for other in sets if free(other) is not None]
+                return self.get(key, make, free)
         arrays = make(key)
         if len(sets) < self._per_key:
             sets.append(arrays)

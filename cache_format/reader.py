@@ -246,16 +246,36 @@ class CacheReader(MetadataReader):
         objects, once the caller drops them and every view of them (readplan.SampleSlot).
         """
         # The random-access hot path: a few microseconds of Python per call are a tenth of a
-        # sample's read time, so no per-call objects beyond what is returned (docs/benchmarks.md).
+        # sample's read time, so no per-call objects beyond what is returned, and one sample
+        # (what a random-access trainer asks for) is read right here (docs/benchmarks.md).
         plan = self._plans.get((dataset, teachers if teachers is None else tuple(teachers)))
         if plan is None:
             plan = self._plan(dataset, teachers)
-        if isinstance(indices, np.ndarray):
-            samples = indices.reshape(-1).tolist()
+        if type(indices) is list and len(indices) == 1:
+            sample = int(indices[0])
         else:
-            samples = [int(i) for i in indices]
-        if len(samples) == 1:
-            return self._read_one(dataset, plan, samples[0])
+            if isinstance(indices, np.ndarray):
+                samples = indices.reshape(-1).tolist()
+            else:
+                samples = [int(i) for i in indices]
+            if len(samples) != 1:
+                return self._read_batch(dataset, plan, samples)
+            sample = samples[0]
+        # One sample: into a prepared SampleSlot (its record buffers, tensors and
+        # EncodedTokens made once), whose objects the result holds.
+        if not 0 <= sample < plan.num_samples:
+            self._out_of_range(dataset, plan, [sample])
+        shard = sample // plan.samples_per_shard
+        for teacher, _, _, _, _, done, _ in plan.parts:
+            if not done[shard]:
+                self._require_done(dataset, teacher, [sample])
+        slot = self._buffers.get(plan, SampleSlot, SampleSlot.free)
+        self._fast.read_records(sample, slot.targets)
+        return slot.result()
+
+    def _read_batch(self, dataset: str, plan: ReadPlan, samples: list[int]
+                    ) -> dict[str, dict[str, EncodedTokens]]:
+        """`read_encoded` of any number of samples but one, into recycled batch arrays."""
         if samples and (min(samples) < 0 or max(samples) >= plan.num_samples):
             self._out_of_range(dataset, plan, samples)
         sps = plan.samples_per_shard
@@ -275,20 +295,6 @@ class CacheReader(MetadataReader):
                 tensor(outs[values]), None if scale is None else tensor(outs[scale]), spec,
                 mean, std) for tok, values, scale, mean, std in toks}
         return result
-
-    def _read_one(self, dataset: str, plan: ReadPlan, sample: int
-                  ) -> dict[str, dict[str, EncodedTokens]]:
-        """`read_encoded` of one sample: into a prepared SampleSlot (its record buffers, tensors
-        and EncodedTokens made once), whose objects the result holds."""
-        if not 0 <= sample < plan.num_samples:
-            self._out_of_range(dataset, plan, [sample])
-        shard = sample // plan.samples_per_shard
-        for part in plan.parts:
-            if not part.done[shard]:
-                self._require_done(dataset, part.teacher, [sample])
-        slot = self._buffers.get(plan, SampleSlot, SampleSlot.free)
-        self._fast.read((sample,), slot.targets)
-        return slot.result()
 
     @staticmethod
     def _out_of_range(dataset: str, plan: ReadPlan, samples: Sequence[int]) -> None:

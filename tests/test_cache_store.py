@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,7 @@ def test_recycled_buffers_never_overwrite_what_a_caller_holds(tmp_path: Path) ->
             return reader.read_encoded("ds", [sample])["t1"]["patch"].values
 
         expected = {s: values(s).clone() for s in (1, 2, 3)}
+        expected_scale = {1: reader.read_encoded("ds", [1])["t1"]["patch"].scale.clone()}
         torch_view = values(1)[0, 2:]  # only a torch view of the tensor survives
         numpy_view = values(2).numpy()[0]  # only a numpy view survives
         scale = reader.read_encoded("ds", [3])["t1"]["patch"].scale  # another field survives
@@ -343,6 +345,21 @@ def test_recycled_buffers_never_overwrite_what_a_caller_holds(tmp_path: Path) ->
         for sample in (3, 1):
             assert torch.equal(values(sample), expected[sample])
             assert id(values(sample)) != first
+        # A field whose `.data` was replaced no longer watches the record, and a kept view of
+        # another field hides that from the storage's use count: only its data pointer tells.
+        patch = reader.read_encoded("ds", [1])["t1"]["patch"]
+        scale_view = patch.scale[:, :2]
+        patch.values.data = torch.zeros_like(patch.values)
+        del patch
+        assert torch.equal(values(2), expected[2])
+        assert torch.equal(scale_view, expected_scale[1][:, :2])
+        # Slots that can never be reused leave the pool: after more of them than the pool
+        # keeps per plan, a one-sample read's objects are kept and reused again.
+        for sample in (1, 2, 4, 5, 6):
+            values(sample).add_(1)
+        kept = weakref.ref(reader.read_encoded("ds", [1])["t1"]["patch"])
+        assert kept() is not None
+        assert reader.read_encoded("ds", [2])["t1"]["patch"] is kept()
 
 
 def test_fsspec_configuration_reaches_every_filesystem_the_cache_opens(
