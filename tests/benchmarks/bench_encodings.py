@@ -209,9 +209,10 @@ def _rate(encoded: dict[str, Any], device: str, repeats: int) -> float:
 
 def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps: int,
                     seeds: list[int], jobs: int,
-                    threads: int) -> dict[str, dict[int, dict[str, float]]]:
+                    threads: int) -> tuple[dict[str, dict[int, dict[str, float]]], int]:
     """Train the same student from every cache with every seed; score each against the fp16
-    cache with `dune-train eval`. Returns {encoding: {seed: eval metrics}}.
+    cache with `dune-train eval`. Returns ({encoding: {seed: eval metrics}}, how many of the
+    students were reused rather than trained).
 
     `jobs` students train at once, each in its own process with `threads` torch threads. A
     student whose run folder already holds a score for these steps (a run cut short and
@@ -225,24 +226,27 @@ def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps
     else:  # spawned, not forked: the parent holds torch's thread pool and open caches
         pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
         results = pool.map(student, todo)
-    for (name, seed), metrics in zip(todo, results, strict=True):
+    reused = 0
+    for (name, seed), (metrics, was_reused) in zip(todo, results, strict=True):
         scores[name][seed] = metrics
+        reused += was_reused
     if jobs > 1:
         pool.shutdown()
-    return scores
+    return scores, reused
 
 
 def train_one(train_toml: Path, caches: dict[str, Path], root: Path, steps: int, epochs: int,
-              threads: int, job: tuple[str, int]) -> dict[str, float]:
+              threads: int, job: tuple[str, int]) -> tuple[dict[str, float], bool]:
     """Train one student (encoding, seed) and return its `dune-train eval` metrics against the
-    fp16 cache; reuse the score a previous run of the bench left for the same steps."""
+    fp16 cache, and whether they were reused: the score a previous run of the bench left for
+    the same steps."""
     name, seed = job
     out = root / "runs" / f"{name}-seed{seed}"
     done = out / "bench-score.json"
     if done.is_file():
         saved = json.loads(done.read_text())
         if saved.get("steps") == steps and saved.get("epochs") == epochs:
-            return saved["metrics"]
+            return saved["metrics"], True
         shutil.rmtree(out)  # trained for another length: train again from scratch
     elif out.exists():
         shutil.rmtree(out)  # cut short before its score: its checkpoints are not this run's
@@ -256,7 +260,7 @@ def train_one(train_toml: Path, caches: dict[str, Path], root: Path, steps: int,
     done.write_text(json.dumps({"steps": steps, "epochs": epochs, "metrics": metrics}))
     print(f"{name} seed {seed}: trained {steps} steps in {time.perf_counter() - began:.0f}s, "
           f"held-out loss vs fp16 targets {metrics['heldout/loss']:.5f}", flush=True)
-    return metrics
+    return metrics, False
 
 
 def whole_epochs(train_toml: Path, cache: Path, root: Path, steps: int) -> tuple[int, int]:
@@ -269,6 +273,13 @@ def whole_epochs(train_toml: Path, cache: Path, root: Path, steps: int) -> tuple
     per_epoch = Trainer(resolve_paths(cfg, train_toml), progress="off").steps_per_epoch
     epochs = max(1, -(-steps // per_epoch))
     return epochs, epochs * per_epoch
+
+
+def seed_list(seeds: list[int]) -> str:
+    """"0-39" for a contiguous run of seeds, else the seeds one by one."""
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}"
+    return ", ".join(map(str, seeds))
 
 
 def mean_cos(metrics: dict[str, float]) -> float:
@@ -289,8 +300,9 @@ def paired_of(scores: dict[str, dict[int, dict[str, float]]], name: str) -> Pair
 
 def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.ndarray],
            rates: dict[str, dict[str, float]], scores: dict[str, dict[int, dict[str, float]]],
-           elapsed: float) -> str:
-    """The markdown section: per-encoding table, paired differences, verdict on the goal."""
+           elapsed: float, reused: int) -> str:
+    """The markdown section: per-encoding table, paired differences, verdict on the goal.
+    `reused`: how many students came from earlier runs under the same --root."""
     seeds = sorted(scores["fp16"])
     gpu = any("cuda" in r for r in rates.values())
     header = ["encoding", "MB / image / ViT-L teacher @448", "token cos mean", "token cos p1",
@@ -336,6 +348,8 @@ def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.nd
                    f"image per ViT-L teacher at 448 px (the smallest, {smallest}, stores "
                    f"{projected_mb(smallest):.3f} MB).")
     sizes, preset = PRESETS[args.preset].sizes, PRESETS[args.preset]
+    reused_note = (f" ({reused} of the {len(seeds) * len(names)} students trained by earlier "
+                   "runs under the same --root, not in this run's minutes)" if reused else "")
     return "\n".join([
         "## bench_encodings: encodings judged by the student they train",
         "",
@@ -351,7 +365,7 @@ def report(args: argparse.Namespace, names: list[str], fidelity: dict[str, np.nd
         f"Every compact cache is `dune-cache transcode`d from the fp16 one (identical views). "
         f"Student width {sizes.student_dim}, {sizes.student_depth} blocks, {args.steps} steps "
         f"of {sizes.batch_size} (whole epochs: the learning-rate schedule ends where training "
-        f"stops), seeds {', '.join(map(str, seeds))} from every cache; every "
+        f"stops), seeds {seed_list(seeds)} from every cache{reused_note}; every "
         "student scored by `dune-train eval RUN --cache <fp16 cache>` (the same fp16 targets "
         "for all). MB: `pair_footprint` of a ViT-L teacher at 448 px (cls + 1024 patch "
         "tokens, D = 1024, one view, 1 MB = 1e6 B). Token cosine: every stored token against "
@@ -411,9 +425,9 @@ def main() -> None:
     print("decode GB/s:", {name: {k: round(v, 3) for k, v in r.items()}
                            for name, r in rates.items()}, flush=True)
     args.steps = whole_epochs(train_toml, fp16, root, args.steps)[1]  # what the students run
-    scores = train_and_score(train_toml, caches, root, args.steps, list(range(args.seeds)),
-                             args.jobs, threads)
-    body = report(args, names, fidelity, rates, scores, time.perf_counter() - began)
+    scores, reused = train_and_score(train_toml, caches, root, args.steps,
+                                     list(range(args.seeds)), args.jobs, threads)
+    body = report(args, names, fidelity, rates, scores, time.perf_counter() - began, reused)
     print(body)
     if not args.no_write:
         write_section("bench_encodings", body)
