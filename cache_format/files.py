@@ -6,6 +6,7 @@ Also `BufferPool`, which recycles the large output arrays of batch reads.
 from __future__ import annotations
 
 import errno
+import inspect
 import itertools
 import os
 import sys
@@ -311,11 +312,48 @@ class FsspecFiles:
         except FileNotFoundError:
             return None
 
+    def copy_to(self, key: str, local_path: str) -> int | None:
+        """Copy the object `key` into the local file `local_path` (created or replaced; the
+        caller owns it, also when this fails) and return its bytes, or None when the object
+        does not exist. One request, streamed: the filesystem's `get_file` writes the body in
+        chunks as it arrives (s3fs 64 KiB, fsspec's generic copy `fs.blocksize`), so a process
+        holds a chunk, never the object (a shard object can be hundreds of MB). Retried like
+        every request; each attempt rewrites the file from byte 0, so a retry after a partial
+        copy never leaves a mixed file."""
+        from fsspec.asyn import AsyncFileSystem
+
+        path = f"{self.root}/{key}"
+        fs = self.fs
+
+        def attempt() -> None:
+            with open(local_path, "wb") as out:  # truncated: the attempt starts at byte 0
+                if isinstance(fs, AsyncFileSystem):  # s3fs, gcsfs, http: one GET streamed
+                    fs.get_file(path, local_path, **_one_request(fs))  # to a path they open
+                else:  # the generic copy, given a path, first asks if `path` is a folder
+                    fs.get_file(path, out)
+
+        open(local_path, "wb").close()  # a missing local folder fails here, not as "no object"
+        try:
+            self._call(key, attempt)
+        except FileNotFoundError:
+            return None
+        return os.path.getsize(local_path)
+
     def reinit_after_fork(self) -> None:
         """Nothing to do now: the child makes its filesystem on first use (`fs`)."""
 
     def close(self) -> None:
         """Nothing to close."""
+
+
+def _one_request(fs: Any) -> dict[str, Any]:
+    """`get_file` options that keep a copy to one request: s3fs splits an object larger than
+    its block size (50 MB) into parallel ranged GETs after a first GET (up to `max_concurrency`
+    parts in memory at once) unless asked for one part at a time."""
+    get_file = getattr(fs, "_get_file", None)
+    if get_file is not None and "max_concurrency" in inspect.signature(get_file).parameters:
+        return {"max_concurrency": 1}
+    return {}
 
 
 Files = LocalFiles | FsspecFiles

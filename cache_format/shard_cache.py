@@ -3,9 +3,10 @@ processes of one node.
 
 Training from an object store reads each token shard file many times (every sample is a ranged
 request of tens of milliseconds). `CachedFiles` puts a local folder in front of the remote
-store: the first read of a shard file fetches the whole object in one request into the folder,
-and every read after that is a positional read of the local copy. Every DataLoader worker of a
-node opens the same folder, so a shard fetched by one is local for all.
+store: the first read of a shard file fetches the whole object in one request into the folder
+(streamed to disk in chunks: a fill never holds the object in memory), and every read after
+that is a positional read of the local copy. Every DataLoader worker of a node opens the same
+folder, so a shard fetched by one is local for all.
 
 All state is on disk, nothing is held only in one process's memory:
 - a shard's local copy is `<dir>/<namespace>/<store key>`; `namespace` is a hash of the remote
@@ -85,7 +86,8 @@ def cache_namespace(location: str, manifest_sha: str | None) -> str:
 
 class DiskShardCache:
     """The on-disk LRU folder (see the module docstring). `fill(key, fetch)` makes the local copy
-    of `key` exist; `fetch()` returns the object's bytes, or None when it does not exist."""
+    of `key` exist; `fetch(path)` writes the object to a temporary file and returns its bytes,
+    or None when it does not exist."""
 
     def __init__(self, directory: str, max_bytes: int, namespace: str) -> None:
         if max_bytes < 1:
@@ -145,9 +147,11 @@ class DiskShardCache:
         self._touched[key] = now
         return True
 
-    def fill(self, key: str, fetch: Callable[[], bytes | None]) -> bool:
+    def fill(self, key: str, fetch: Callable[[str], int | None]) -> bool:
         """Make the local copy of `key` exist (fetching it once across all processes); False when
-        the remote object does not exist."""
+        the remote object does not exist. `fetch(path)` writes the object to the local file
+        `path` (a temporary file of this folder) and returns its bytes, or None when it does not
+        exist: streamed to disk, so a fill never holds the object in memory."""
         if self.touch(key):
             return True
         path = self.path(key)
@@ -155,18 +159,17 @@ class DiskShardCache:
         def fill_locked() -> bool:
             if os.path.exists(path):  # another process or thread filled it meanwhile
                 return True
-            data = fetch()
-            if data is None:
-                return False
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = os.path.join(self.root, f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}")
             try:
-                with open(tmp, "wb") as out:
-                    out.write(data)
+                size = fetch(tmp)
+                if size is None:  # absence is never copied: the next fill asks again
+                    _unlink_quietly(tmp)
+                    return False
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 # Counted before the rename, so that a copy in place is never left uncounted.
-                usage[0] = self._count(lambda n: n + len(data))
+                usage[0] = self._count(lambda n: n + size)
                 os.replace(tmp, path)
-            except BaseException:  # a full disk, an interrupt: leave no temporary file
+            except BaseException:  # a failed fetch, a full disk, an interrupt: no temporary file
                 _unlink_quietly(tmp)
                 raise
             return True
@@ -290,8 +293,9 @@ class ShardCacheSpec:
 
 class CachedFiles:
     """The `Files` of a remote cache's token shards, read through a `DiskShardCache`: each
-    shard object is fetched whole (one request, retried like every remote read) and then read
-    locally. `discard(key)` drops a damaged copy (the reader asks after a checksum mismatch)."""
+    shard object is fetched whole (one request streamed to disk, retried like every remote
+    read: `FsspecFiles.copy_to`) and then read locally. `discard(key)` drops a damaged copy
+    (the reader asks after a checksum mismatch)."""
 
     def __init__(self, remote: FsspecFiles, cache: DiskShardCache,
                  max_open: int = MAX_OPEN_COPIES) -> None:
@@ -306,7 +310,7 @@ class CachedFiles:
     def fill(self, key: str) -> bool:
         """Make the local copy of `key` exist (the prefetcher calls this ahead of the reads);
         False when the remote object does not exist."""
-        return self.cache.fill(key, lambda: self.remote.read_all(key))
+        return self.cache.fill(key, lambda tmp: self.remote.copy_to(key, tmp))
 
     def _local(self, key: str, read: Callable[[], object]) -> object:
         # A copy another process evicted between the fill and the open is fetched again.

@@ -12,15 +12,19 @@ from it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from cache_format.configfile import with_overrides
 from cache_format.errors import BadImageError, ConfigError
+from cache_format.files import FsspecFiles
 from cache_format.reader import open_cache
+from cache_format.shard_cache import CachedFiles, DiskShardCache
 from precompute.cli import app
 from precompute.config import load_build_config
 from precompute.dataset_keys import DatasetConfig
@@ -167,3 +171,26 @@ def test_training_reads_the_cache_from_the_bucket(
         # and the view rows of both shards traveled with them (one chunk per index shard)
         rows = [p for p in shards.rglob("*") if p.is_file() and "/index_rows/c/" in p.as_posix()]
         assert len(rows) == 2
+
+
+def test_a_shard_cache_fill_is_one_get_streamed_to_disk(s3_server: S3Server,
+                                                        tmp_path: Path) -> None:
+    """An object larger than s3fs's block size (which s3fs would fetch as parallel ranged
+    GETs) is filled with one GET, byte for byte; a missing one costs one request and leaves
+    nothing; an empty one is copied (an object store refuses a range of an empty object)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, default_block_size=1 << 16)
+    root = s3_server.url("fill").removeprefix("s3://")
+    data = np.random.default_rng(0).integers(0, 256, 1 << 18, dtype=np.uint8).tobytes()
+    fs.pipe_file(f"{root}/obj", data)
+    fs.pipe_file(f"{root}/empty", b"")
+    sent: list[str] = []  # every HTTP request the client sends, retries included
+    fs.s3.meta.events.register("before-send.s3",
+                               lambda request, **_: sent.append(request.method))
+    files = CachedFiles(FsspecFiles(fs, root), DiskShardCache(str(tmp_path), 1 << 30, "ns"))
+    assert files.fill("obj") and sent == ["GET"]
+    assert Path(files.cache.path("obj")).read_bytes() == data
+    assert not files.fill("missing") and files.fill("empty") and sent == ["GET"] * 3
+    assert sorted(os.listdir(files.cache.root)) == [".locks", "empty", "obj"]
+    assert files.cache.usage() == len(data)

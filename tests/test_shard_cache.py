@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import pickle
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +20,11 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 from cache_format.encodings import EncodingSpec
-from cache_format.errors import CacheCorruptionError, ConfigError
+from cache_format.errors import CacheCorruptionError, ConfigError, RemoteReadError
+from cache_format.files import FsspecFiles, RetryPolicy
 from cache_format.reader import open_cache
 from cache_format.records import OpenSettings
-from cache_format.shard_cache import DiskShardCache
+from cache_format.shard_cache import CachedFiles, DiskShardCache
 from cache_format.testing import build_tiny_cache
 from train.config import DataConfig
 from train.shard_prefetch import ShardPrefetchSampler
@@ -32,19 +35,35 @@ SAMPLES = 10 * 2  # tiny_manifest: 2 views per image, 4 samples per shard -> 5 s
 
 
 class CountingFileSystem(MemoryFileSystem):
-    """A memory filesystem counting the reads of token shard objects."""
+    """A memory filesystem counting the requests for token shard objects and view-row chunks
+    that an object store would answer: every whole or ranged read (`cat_file`), every open for
+    reading (a streamed copy, `get_file`, reads one opened object: one GET) and every size or
+    existence check (`info`: a HEAD)."""
 
     protocol = "dunetestcount"
     token_reads = 0
     row_reads = 0  # of view-row chunks
 
+    @classmethod
+    def _count(cls, path: str) -> None:
+        if TOKENS in path:
+            cls.token_reads += 1
+        if ROWS in path:
+            cls.row_reads += 1
+
     def cat_file(self, path: str, start: int | None = None, end: int | None = None,
                  **kwargs: object) -> bytes:
-        if TOKENS in path:
-            type(self).token_reads += 1
-        if ROWS in path:
-            type(self).row_reads += 1
+        self._count(path)
         return super().cat_file(path, start=start, end=end, **kwargs)
+
+    def info(self, path: str, **kwargs: object) -> dict:
+        self._count(path)
+        return super().info(path, **kwargs)
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> object:
+        if "r" in mode:
+            self._count(path)
+        return super()._open(path, mode, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +74,14 @@ def remote() -> str:
     url = f"{CountingFileSystem.protocol}://shard-cache-test"
     build_tiny_cache(url, EncodingSpec("int8"), datasets=(("ds", 10),), invalid=())
     return url
+
+
+def _writes(data: bytes | None) -> Callable[[str], int | None]:
+    """A fill's fetch that writes `data` to the temporary file (None: no such object)."""
+    def fetch(tmp: str) -> int | None:
+        return None if data is None else Path(tmp).write_bytes(data)
+
+    return fetch
 
 
 def _tokens(reader: object, samples: list[int]) -> np.ndarray:
@@ -114,45 +141,117 @@ def test_a_damaged_local_copy_is_fetched_again(remote: str, tmp_path: Path) -> N
         assert copy.read_bytes() == bytes(CountingFileSystem.store[key].getbuffer())
 
 
-def test_damage_the_fresh_copy_still_has_is_reported(tmp_path: Path) -> None:
-    import fsspec
-
-    fsspec.register_implementation(CountingFileSystem.protocol, CountingFileSystem, clobber=True)
-    url = f"{CountingFileSystem.protocol}://shard-cache-damaged"
-    build_tiny_cache(url, EncodingSpec("int8"), datasets=(("ds", 10),), invalid=())
-    key = f"{url}/datasets/ds/teachers/t1/tokens/c/0/0"
-    data = bytearray(CountingFileSystem.store[key].getbuffer())
+def test_damage_the_fresh_copy_still_has_is_reported(remote: str, tmp_path: Path) -> None:
+    key = f"{remote}/datasets/ds/teachers/t1/tokens/c/0/0"
+    good = bytes(CountingFileSystem.store[key].getbuffer())
+    data = bytearray(good)
     data[20] ^= 0xFF
     CountingFileSystem().pipe_file(key, bytes(data))
-    with open_cache(url, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached, \
-            pytest.raises(CacheCorruptionError, match="sample 0: chunk checksum mismatch in "
-                          "shard file .*shard-cache-damaged/datasets/ds/teachers/t1/tokens/c/0"):
-        _tokens(cached, list(range(SAMPLES)))
+    try:
+        with open_cache(remote, shard_cache_dir=tmp_path, shard_cache_bytes=1 << 30) as cached, \
+                pytest.raises(CacheCorruptionError, match="sample 0: chunk checksum mismatch in "
+                              "shard file .*shard-cache-test/datasets/ds/teachers/t1/tokens/c/0"):
+            _tokens(cached, list(range(SAMPLES)))
+    finally:  # the module's other tests read the same object
+        CountingFileSystem().pipe_file(key, good)
 
 
 def test_the_cache_stays_under_its_bound_evicting_the_least_recently_used(
         tmp_path: Path) -> None:
     cache = DiskShardCache(str(tmp_path), max_bytes=250, namespace="ns")
     for key in ("a/c/0", "b/c/0"):
-        assert cache.fill(key, lambda: b"x" * 100)
+        assert cache.fill(key, _writes(b"x" * 100))
     os.utime(cache.path("b/c/0"), (time.time() - 100, time.time() - 100))  # b: long unused
     reader = os.open(cache.path("b/c/0"), os.O_RDONLY)  # another process reads b
     try:
-        assert cache.fill("c/c/0", lambda: b"y" * 100)
+        assert cache.fill("c/c/0", _writes(b"y" * 100))
         assert not os.path.exists(cache.path("b/c/0"))
         assert os.path.exists(cache.path("a/c/0")) and cache.usage() == 200
         assert os.pread(reader, 100, 0) == b"x" * 100  # an open file survives its unlink
     finally:
         os.close(reader)
-    assert not cache.fill("missing/c/0", lambda: None)
+    assert not cache.fill("missing/c/0", _writes(None))
+
+
+class ChunkedFileSystem(MemoryFileSystem):
+    """A memory filesystem whose objects are read in `blocksize` chunks (fsspec's generic
+    `get_file` copy) and whose next opens for reading fail after the first chunk with the
+    queued errors (a connection dropped mid-body)."""
+
+    protocol = "dunetestchunks"
+    blocksize = 1 << 18
+    failures: list[BaseException] = []
+    opens = 0
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> object:
+        stored = super()._open(path, mode, **kwargs)
+        if "r" not in mode:
+            return stored
+        type(self).opens += 1
+        failure = self.failures.pop(0) if self.failures else None
+        chunks = 0
+
+        class Body:  # the stored object, read chunk by chunk
+            size = stored.size
+
+            def __enter__(self) -> Body:
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+            def read(self, n: int) -> bytes:
+                nonlocal chunks
+                chunks += 1
+                if failure is not None and chunks == 2:
+                    raise failure
+                return stored.read(n)
+
+        return Body()
+
+
+def test_a_fill_streams_the_object_to_disk_and_a_failed_copy_leaves_nothing(
+        tmp_path: Path) -> None:
+    """A fill of an object 16 chunks long holds a few chunks in memory, copies it byte for
+    byte in one request; a copy that fails mid-body is retried from byte 0, and one that fails
+    for good (or is interrupted) leaves no temporary file and counts no bytes."""
+    fs = ChunkedFileSystem()
+    data = np.random.default_rng(0).integers(0, 256, 16 << 18, dtype=np.uint8).tobytes()
+    fs.pipe_file("/chunks/obj", data)
+    no_wait = RetryPolicy(attempts=2, first_delay_s=0.0, max_delay_s=0.0)
+    cache = DiskShardCache(str(tmp_path), max_bytes=1 << 30, namespace="ns")
+    ChunkedFileSystem.opens, ChunkedFileSystem.failures = 0, []
+    for failures in ([KeyboardInterrupt()], [ConnectionResetError("reset")] * 2):
+        ChunkedFileSystem.failures = failures
+        files = CachedFiles(FsspecFiles(fs, "/chunks", no_wait), cache)
+        with pytest.raises((KeyboardInterrupt, RemoteReadError)):
+            files.fill("obj")
+        assert not ChunkedFileSystem.failures  # every failure was met
+        assert os.listdir(cache.root) == [".locks"]  # no temporary file, no copy
+        assert cache._count(lambda n: n) == 0
+    assert ChunkedFileSystem.opens == 3
+    ChunkedFileSystem.failures = [ConnectionResetError("reset")]  # once, then the retry
+    tracemalloc.start()
+    try:
+        assert files.fill("obj")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The chunk being read, the one before it, and the failed attempt's last chunk (its
+    # traceback is kept for the error message until the retry returns).
+    assert peak < 4 * ChunkedFileSystem.blocksize <= len(data) / 4, peak
+    assert ChunkedFileSystem.opens == 5  # the failed attempt and its retry
+    assert Path(cache.path("obj")).read_bytes() == data
+    assert cache._count(lambda n: n) == len(data) and cache.usage() == len(data)
+    assert not files.fill("missing") and sorted(os.listdir(cache.root)) == [".locks", "obj"]
 
 
 def _fill_slowly(directory: str, log: str) -> None:
-    def fetch() -> bytes:
+    def fetch(tmp: str) -> int:
         with open(log, "a") as out:
             out.write("fetch\n")
         time.sleep(0.2)
-        return b"z" * 1000
+        return Path(tmp).write_bytes(b"z" * 1000)
 
     DiskShardCache(directory, 1 << 20, "ns").fill("d/tokens/c/3/0/0", fetch)
 
