@@ -18,6 +18,7 @@ import torch
 import zarr
 
 from cache_format import layout, shards
+from cache_format.bufferpool import BufferPool
 from cache_format.errors import (
     FOREIGN_CACHE_HINT,
     CacheCorruptionError,
@@ -26,7 +27,7 @@ from cache_format.errors import (
     ConfigError,
 )
 from cache_format.fastread import ShardReader
-from cache_format.files import BufferPool, FsspecFiles, files_for
+from cache_format.files import FsspecFiles, files_for
 from cache_format.manifest import (
     MANIFEST_SHA_ATTR,
     ROOT_ATTR,
