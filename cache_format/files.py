@@ -350,6 +350,24 @@ def _one_request(fs: Any) -> dict[str, Any]:
     return {}
 
 
+def read_store_options(location: str, storage_options: dict[str, Any] | None
+                       ) -> dict[str, Any] | None:
+    """The storage options of a read-only zarr store at `location`: zarr reads a metadata
+    document or chunk without a range, and s3fs then asks for the object's size first (a HEAD,
+    a second round trip per object) to split large objects into parallel parts; with one part
+    at a time it sends the GET alone (a missing object is still a 404: FileNotFoundError).
+    Local paths and filesystems without `max_concurrency` keep the options as given."""
+    if local_path(location) is not None:
+        return storage_options
+    import fsspec
+
+    protocol = fsspec.core.split_protocol(location)[0]
+    fs_class = fsspec.get_filesystem_class(protocol)
+    if "max_concurrency" not in inspect.signature(fs_class.__init__).parameters:
+        return storage_options
+    return {**(storage_options or {}), "max_concurrency": 1}
+
+
 Files = LocalFiles | FsspecFiles
 
 

@@ -20,7 +20,7 @@ import zarr
 from cache_format import layout, shards
 from cache_format.encodings import EncodingSpec
 from cache_format.errors import CacheNotFoundError, ConfigError
-from cache_format.files import files_for, tree_nbytes, tree_sizes
+from cache_format.files import files_for, read_store_options, tree_nbytes, tree_sizes
 from cache_format.locations import is_url, local_path
 from cache_format.manifest import MANIFEST_SHA_ATTR, Manifest
 from cache_format.pairmeta import PairMeta
@@ -57,7 +57,8 @@ class MetadataReader:
         pid, group = self._opened
         if pid != os.getpid():
             group = zarr.open_group(self.source, mode="r", zarr_format=3,
-                                    storage_options=self.settings.storage_options)
+                                    storage_options=read_store_options(
+                                        self.source, self.settings.storage_options))
             self._opened = (os.getpid(), group)
         return group
 

@@ -29,13 +29,17 @@ class PairMeta:
         self.label = f"{dataset}/{teacher}"
         self.columns = columns
         self._files = files
-        self._arrays = {name: PlainArray.from_array(group[name],  # type: ignore[arg-type]
-                                                    f"{self.label}, array {name!r}")
+        # One listing opens every array of the pair (each zarr.json read once, concurrently).
+        # A required array the listing lacks is asked for by name: a listing is not trusted
+        # to say it is absent.
+        listed = {a.basename: a for a in group.array_values()}  # type: ignore[union-attr]
+        self._arrays = {name: PlainArray.from_array(
+                            listed[name] if name in listed else group[name],  # type: ignore[arg-type]
+                            f"{self.label}, array {name!r}")
                         for name in (layout.SHARD_META, layout.SUMMARY)}
-        self._calib = {a.basename: PlainArray.from_array(a, f"{self.label}, array "
-                                                         f"{a.basename!r}")
-                       for a in group.array_values()  # type: ignore[union-attr]
-                       if a.basename.endswith(("_calib_mean", "_calib_std"))}
+        self._calib = {name: PlainArray.from_array(a, f"{self.label}, array {name!r}")
+                       for name, a in listed.items()
+                       if name.endswith(("_calib_mean", "_calib_std"))}
 
     def calibration(self, tok: str) -> tuple[np.ndarray, np.ndarray]:
         """The int8 calibration (mean, std) float32 [D] of token type `tok`, checksums

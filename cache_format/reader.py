@@ -27,7 +27,7 @@ from cache_format.errors import (
     ConfigError,
 )
 from cache_format.fastread import ShardReader
-from cache_format.files import FsspecFiles, files_for
+from cache_format.files import FsspecFiles, files_for, read_store_options
 from cache_format.manifest import (
     MANIFEST_SHA_ATTR,
     ROOT_ATTR,
@@ -83,7 +83,8 @@ def open_cache(path: str | os.PathLike[str], *, threads: int = 4,
                             shard_cache_bytes=shard_cache_bytes)
     try:
         group = zarr.open_group(location, mode="r", zarr_format=3,
-                                storage_options=settings.storage_options)
+                                storage_options=read_store_options(
+                                    location, settings.storage_options))
     except FileNotFoundError:
         raise CacheNotFoundError(f"{location}: no cache there",
                                  hint="build one with `dune-cache build`") from None
@@ -122,6 +123,7 @@ class CacheReader(MetadataReader):
         super().__init__(group, manifest, location, settings)
         self._fast = fast
         self._layouts: dict[tuple[str, str, str], ShardedLayout] = {}
+        self._record_attrs: dict[tuple[str, str], Any] = {}  # the token arrays' RECORD_ATTR
         self._done: dict[tuple[str, str], bytearray] = {}
         self._plans: dict[tuple[str, tuple[str, ...] | None], ReadPlan] = {}
         self._buffers = BufferPool()
@@ -156,6 +158,8 @@ class CacheReader(MetadataReader):
             self._layouts[key] = ShardedLayout.from_array(array, label)  # type: ignore[arg-type]
             if name == layout.TOKENS:
                 self._pair_of_path[self._layouts[key].path] = (dataset, teacher)
+                # kept for `_records`: asking the group again would read zarr.json again
+                self._record_attrs[(dataset, teacher)] = array.attrs.get(layout.RECORD_ATTR)
         return self._layouts[key]
 
     def _expected_records(self, lay: ShardedLayout, shard: int) -> np.ndarray | None:
@@ -200,8 +204,7 @@ class CacheReader(MetadataReader):
         lay = self._layout(dataset, teacher, layout.TOKENS)
         fields = layout.record_fields(self.encoding, fp.token_types, self.manifest.num_tokens,
                                       fp.dim)
-        attrs = self._group[f"{layout.teacher_path(dataset, teacher)}/{layout.TOKENS}"].attrs
-        found = attrs.get(layout.RECORD_ATTR)
+        found = self._record_attrs[(dataset, teacher)]
         expected = layout.record_attr(fields)
         if found != expected or lay.sample_nbytes != expected["nbytes"]:
             raise CacheVersionError(

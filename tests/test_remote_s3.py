@@ -138,6 +138,46 @@ def test_info_and_verify_run_on_the_bucket_and_find_a_damaged_object(
     assert "dataset 'rooms', teacher 'dino'" in result.output
 
 
+def test_opening_a_pair_asks_each_object_once_without_size_checks(
+        s3_server: S3Server, s3_cache: tuple[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a run reads of a pair at start (root, sample index, statuses, completeness,
+    calibration, record layout) costs GETs and one listing of the pair's group, no HEAD: zarr's
+    store reads a whole object without s3fs's size probe, the pair's arrays open from one
+    listing, the token array's zarr.json is not read a third time. A missing cache is still one
+    GET answered 404: absence is read, not assumed. (Before: 41 requests to open, 18 of them
+    HEADs; 53 with the first read.)"""
+    import s3fs
+
+    from cache_format.errors import CacheNotFoundError
+
+    sent: list[tuple[str, str]] = []
+    call = s3fs.S3FileSystem._call_s3
+
+    async def counted(self, method: str, *args: object, **kwargs: object) -> object:
+        sent.append((method, str(kwargs.get("Key") or kwargs.get("Prefix"))))
+        return await call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", counted)
+    s3fs.S3FileSystem.clear_instance_cache()  # no listing cached by an earlier test's client
+    url, _ = s3_cache
+    with open_cache(url) as reader:
+        reader.status_counts("rooms")
+        assert reader.pair_complete("rooms", "dino")
+        assert reader.calibration("rooms", "dino", "patch") is not None
+        methods = [m for m, _ in sent]
+        assert "head_object" not in methods, [s for s in sent if s[0] == "head_object"]
+        assert methods.count("list_objects_v2") == 1, sent
+        opened = len(sent)
+        # the first read: the token array's layout (its zarr.json, once), then the shard's
+        # index (a size request and a ranged GET: fastread.py) and the sample's record
+        reader.read_encoded("rooms", [0], ["dino"])
+    assert (opened, len(sent)) == (21, 30), sent
+    sent.clear()
+    with pytest.raises(CacheNotFoundError):
+        open_cache(s3_server.url("nothing"))
+    assert [m for m, _ in sent] == ["get_object"]
+
+
 @pytest.mark.parametrize("shard_cache", [False, True], ids=["direct", "shard-cache"])
 def test_training_reads_the_cache_from_the_bucket(
         s3_cache: tuple[str, Path], tmp_path: Path, shard_cache: bool) -> None:
