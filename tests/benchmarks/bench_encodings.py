@@ -207,8 +207,8 @@ def _rate(encoded: dict[str, Any], device: str, repeats: int) -> float:
     return out_bytes / best / 1e9
 
 
-def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps: int,
-                    seeds: list[int], jobs: int,
+def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, epochs: int,
+                    steps: int, seeds: list[int], jobs: int,
                     threads: int) -> tuple[dict[str, dict[int, dict[str, float]]], int]:
     """Train the same student from every cache with every seed; score each against the fp16
     cache with `dune-train eval`. Returns ({encoding: {seed: eval metrics}}, how many of the
@@ -217,7 +217,6 @@ def train_and_score(train_toml: Path, caches: dict[str, Path], root: Path, steps
     `jobs` students train at once, each in its own process with `threads` torch threads. A
     student whose run folder already holds a score for these steps (a run cut short and
     started again with the same --root) is not trained again."""
-    epochs, steps = whole_epochs(train_toml, caches["fp16"], root, steps)
     todo = [(name, seed) for seed in seeds for name in caches]
     student = functools.partial(train_one, train_toml, caches, root, steps, epochs, threads)
     scores: dict[str, dict[int, dict[str, float]]] = {name: {} for name in caches}
@@ -424,8 +423,8 @@ def main() -> None:
     # Printed now, so that a run cut short by a time limit (the GPU script) still reports them.
     print("decode GB/s:", {name: {k: round(v, 3) for k, v in r.items()}
                            for name, r in rates.items()}, flush=True)
-    args.steps = whole_epochs(train_toml, fp16, root, args.steps)[1]  # what the students run
-    scores, reused = train_and_score(train_toml, caches, root, args.steps,
+    epochs, args.steps = whole_epochs(train_toml, fp16, root, args.steps)  # what students run
+    scores, reused = train_and_score(train_toml, caches, root, epochs, args.steps,
                                      list(range(args.seeds)), args.jobs, threads)
     body = report(args, names, fidelity, rates, scores, time.perf_counter() - began, reused)
     print(body)
