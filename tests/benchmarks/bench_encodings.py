@@ -256,7 +256,10 @@ def train_one(train_toml: Path, caches: dict[str, Path], root: Path, steps: int,
     began = time.perf_counter()
     Trainer(resolve_paths(cfg, train_toml), progress="off").fit()
     metrics = eval_run(out, cache=str(caches["fp16"])).metrics
-    done.write_text(json.dumps({"steps": steps, "epochs": epochs, "metrics": metrics}))
+    # Written whole, then renamed: a bench killed mid-write leaves no half score to reuse.
+    partial = done.with_suffix(".partial")
+    partial.write_text(json.dumps({"steps": steps, "epochs": epochs, "metrics": metrics}))
+    os.replace(partial, done)
     print(f"{name} seed {seed}: trained {steps} steps in {time.perf_counter() - began:.0f}s, "
           f"held-out loss vs fp16 targets {metrics['heldout/loss']:.5f}", flush=True)
     return metrics, False
